@@ -1,0 +1,310 @@
+"""One request end to end: encode -> vision stage -> prefill (layer stage) -> decode -> report.
+
+See docs/architecture.md for the walk of a request and the invariants each step keeps.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from . import attention
+from .adapters import adapter_for
+from .adapters.base import ImageTokens
+from .decoding import GenerationArgs, TokenChooser, kv_cache_bytes
+from .errors import InputError, PolicyError
+from .layer_stage import LayerStage, gather_seq
+from .policy import Policy, default_policy_for, load_policy
+from .stats import Stats
+
+log = logging.getLogger("vlmfast")
+
+AUTO = "auto"
+
+
+@dataclass
+class GenerateOutput:
+    text: str
+    token_ids: list[int]
+    stats: Stats
+    kept: list[torch.Tensor] = field(default_factory=list, repr=False)
+    """per image, the indices of the visual tokens that entered the language model"""
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _load_image(x: Any, where: str):
+    from PIL import Image
+
+    if isinstance(x, Image.Image):
+        return x.convert("RGB") if x.mode != "RGB" else x
+    if isinstance(x, (str, Path)):
+        try:
+            with Image.open(x) as im:
+                return im.convert("RGB")
+        except (OSError, ValueError) as e:
+            raise InputError(f"{where}: cannot open image file {str(x)!r}: {e}") from None
+    try:
+        import numpy as np
+
+        if isinstance(x, np.ndarray) and x.ndim == 3 and x.shape[2] in (3, 4):
+            return Image.fromarray(x.astype("uint8")).convert("RGB")
+    except ImportError:  # pragma: no cover
+        pass
+    raise InputError(
+        f"{where}: expected a PIL image, an HxWx3 uint8 array or an image file path, got {type(x).__name__}"
+    )
+
+
+def _normalise(images, prompt) -> tuple[list[list], list[str], bool]:
+    """Accept one request (prompt str) or a batch (list of prompts); return per-sample image lists."""
+    single = isinstance(prompt, str)
+    prompts = [prompt] if single else prompt
+    if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise InputError(f"prompt must be a string or a non-empty list of strings, got {type(prompt).__name__}")
+    if single:
+        per = [images]
+    else:
+        if images is None:
+            per = [None] * len(prompts)
+        elif isinstance(images, (list, tuple)) and len(images) == len(prompts):
+            per = list(images)
+        else:
+            n = len(images) if isinstance(images, (list, tuple)) else 1
+            raise InputError(f"a batch of {len(prompts)} prompts needs a list of {len(prompts)} image lists, got {n}")
+    out = []
+    for i, imgs in enumerate(per):
+        if imgs is None:
+            imgs = []
+        elif not isinstance(imgs, (list, tuple)):
+            imgs = [imgs]
+        out.append([_load_image(im, f"images[{i}][{j}]" if not single else f"images[{j}]") for j, im in enumerate(imgs)])
+    return out, list(prompts), single
+
+
+class VLMAccelerator:
+    """Wrap a loaded transformers VLM and apply a policy to every ``generate`` call.
+
+    ``policy``: a shipped name (``"llava-1.5-7b"``), a YAML path, a dict, a :class:`Policy`, ``None`` for no
+    methods, or ``"auto"`` (default) for the shipped policy matching the model's name, else no methods.
+    The model is never modified outside a call: hooks and the attention implementation are installed for
+    the call and removed after it, even on error.
+    """
+
+    def __init__(self, model, processor=None, policy: Any = AUTO):
+        self.model = model
+        self.adapter = adapter_for(model)
+        self.processor = processor if processor is not None else self._load_processor(model)
+        name = getattr(model, "name_or_path", "") or ""
+        if isinstance(policy, str) and policy == AUTO:
+            self.policy, why = default_policy_for(name)
+            self.policy_origin = why
+            log.info("vlmfast: policy for %s: %s", name or type(model).__name__, why)
+        else:
+            self.policy = load_policy(policy)
+            self.policy_origin = f"given: {self.policy.source}"
+        self.policy.check(self.adapter.info())
+        if len(self.policy.vision_pruners) > 1:
+            raise PolicyError(f"{self.policy.source}: at most one vision-stage pruner per policy is supported")
+
+    @classmethod
+    def from_pretrained(cls, model_id_or_path: str, policy: Any = AUTO, *, local_files_only: bool = False,
+                        dtype: Any = "auto", device_map: Any = None, **model_kwargs) -> "VLMAccelerator":
+        """Load model + processor from a hub id, a local folder, or a vlmfast zoo name, then wrap them."""
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        from .zoo import resolve
+
+        path = resolve(model_id_or_path)
+        try:
+            model = AutoModelForImageTextToText.from_pretrained(
+                path, dtype=dtype, device_map=device_map, local_files_only=local_files_only, **model_kwargs
+            )
+            processor = AutoProcessor.from_pretrained(path, local_files_only=local_files_only)
+        except OSError as e:
+            raise InputError(
+                f"cannot load {model_id_or_path!r} (local_files_only={local_files_only}): {e}"
+            ) from None
+        model.eval()
+        return cls(model, processor, policy=policy)
+
+    @staticmethod
+    def _load_processor(model):
+        from transformers import AutoProcessor
+
+        name = getattr(model, "name_or_path", "") or ""
+        if not name:
+            raise InputError("the model has no name_or_path to load its processor from; pass processor=...")
+        try:
+            return AutoProcessor.from_pretrained(name)
+        except OSError as e:
+            raise InputError(f"cannot load the processor of {name!r}: {e}; pass processor=...") from None
+
+    # -- public API ------------------------------------------------------------------------------------------
+    def generate(self, images=None, prompt: str | Sequence[str] = "", *, max_new_tokens: int = 64,
+                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                 repetition_penalty: float = 1.0, seed: int | None = None):
+        """Answer one request (``prompt`` a string, ``images`` an image or a list) or a batch (``prompt`` a
+        list, ``images`` a list of per-prompt image lists). Returns a GenerateOutput or a list of them."""
+        args = GenerationArgs(max_new_tokens, do_sample, temperature, top_p, top_k, repetition_penalty, seed)
+        batch_images, prompts, single = _normalise(images, prompt)
+        outs = self._run(batch_images, prompts, args)
+        return outs[0] if single else outs
+
+    # -- the walk of a request -------------------------------------------------------------------------------
+    def _run(self, batch_images: list[list], prompts: list[str], args: GenerationArgs) -> list[GenerateOutput]:
+        model, adapter, policy = self.model, self.adapter, self.policy
+        device = model.device
+        t_start = _now(device)
+        with torch.inference_mode(), adapter.preserved_state():
+            inputs = adapter.prepare(self.processor, batch_images, prompts)
+            t_pre = _now(device)
+            # 1-2. encode, vision stage
+            image_mask = adapter.image_token_mask(inputs)
+            positions = adapter.positions(inputs)
+            vp = policy.vision_pruners[0] if policy.vision_pruners else None
+            attn_layer = adapter.resolve_vision_layer(vp.attention_layer()) if vp and vp.needs_attention else None
+            images = adapter.image_tokens(inputs, attn_layer)
+            t_vis = _now(device)
+            n_feat = sum(im.n_tokens for im in images)
+            if n_feat != int(image_mask.sum()):
+                raise InputError(f"the processor produced {int(image_mask.sum())} image placeholders but the vision "
+                                 f"tower {n_feat} features; check the processor matches the model")
+            kept = [vp.select(im) if vp else torch.arange(im.n_tokens, device=device) for im in images]
+            t_score = _now(device)
+            embeds, mask, positions, image_mask = self._assemble(inputs, images, kept, image_mask, positions)
+            valid = mask.bool()
+            # 3. prefill, with layer-stage pruners driven by hooks + the attention function
+            stage = LayerStage(policy.layer_pruners, image_mask, valid)
+            session = attention.AttentionSession(base="") if policy.layer_pruners else None
+            if session is not None:
+                stage.register(session)
+            with ExitStack() as stack:
+                stack.enter_context(attention.installed(model, session))
+                stack.enter_context(stage.hooks(adapter.decoder_layers))
+                t_llm = _now(device)
+                out = model(inputs_embeds=embeds, attention_mask=mask,
+                            position_ids=adapter.model_position_ids(positions), use_cache=True, logits_to_keep=1)
+                t_first = _now(device)
+                cache = out.past_key_values
+                kv = kv_cache_bytes(cache)
+                adapter.set_decode_state(positions, valid)
+                # 5. decode
+                tokens, n_steps, t_dec = self._decode(out.logits[:, -1].float(), cache, inputs["input_ids"], mask,
+                                                      positions, valid, args)
+        attn_s = adapter.last_attention_s if attn_layer is not None else 0.0
+        layer_counts = self._layer_profile(image_mask, valid, stage)
+        outs = []
+        for b in range(len(prompts)):
+            ids = tokens[b]
+            n_in = int(adapter.image_token_mask(inputs)[b].sum())
+            n_kept = int((image_mask[b] & valid[b]).sum())
+            st = Stats(
+                visual_tokens_in=n_in, visual_tokens_kept=n_kept,
+                visual_tokens_final=layer_counts[b][-1] if layer_counts[b] else n_kept,
+                layer_avg_visual_tokens=sum(layer_counts[b]) / max(1, len(layer_counts[b])),
+                stages=self._stage_report(b, batch_images, images, kept, vp, stage),
+                preprocess_s=t_pre - t_start, vision_s=t_vis - t_pre - attn_s, scoring_s=t_score - t_vis + attn_s,
+                llm_prefill_s=t_first - t_llm, prefill_s=t_first - t_pre,
+                decode_ms_per_token=(1000 * t_dec / n_steps) if n_steps else None,
+                new_tokens=len(ids), kv_bytes=kv[b],
+            )
+            text = self.processor.batch_decode([ids], skip_special_tokens=True)[0].strip()
+            first = sum(len(x) for x in batch_images[:b])
+            outs.append(GenerateOutput(text=text, token_ids=ids, stats=st, kept=kept[first:first + len(batch_images[b])]))
+        return outs
+
+    def _assemble(self, inputs, images: list[ImageTokens], kept: list[torch.Tensor], image_mask, positions):
+        """Embed the prompt, scatter image features, drop unkept image tokens, re-pad on the left."""
+        input_ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        embeds = self.model.get_input_embeddings()(input_ids)
+        if images:
+            feats = torch.cat([im.features for im in images]).to(embeds.dtype)
+            embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), feats)
+        if all(k.numel() == im.n_tokens for k, im in zip(kept, images)):
+            return embeds, mask, positions, image_mask
+        flat = torch.cat([torch.zeros(im.n_tokens, dtype=torch.bool, device=input_ids.device).index_fill_(0, k, True)
+                          for im, k in zip(images, kept)])
+        keep = mask.bool() & ~image_mask
+        keep[image_mask] = flat
+        width = int(keep.sum(1).max())
+        # stable sort puts dropped tokens first and kept tokens last, both in their original order
+        idx = torch.argsort(keep.to(torch.int8), dim=1, stable=True)[:, -width:]
+        new_mask = keep.gather(1, idx)
+        positions = torch.stack([gather_seq(p, idx) for p in positions]).masked_fill(~new_mask[None], 0)
+        return gather_seq(embeds, idx), new_mask.to(mask.dtype), positions, image_mask.gather(1, idx) & new_mask
+
+    def _decode(self, logits, cache, prompt_ids, mask, positions, valid, args: GenerationArgs):
+        model, adapter = self.model, self.adapter
+        cfg = model.generation_config
+        eos = cfg.eos_token_id
+        eos = torch.tensor([eos] if isinstance(eos, int) else (eos or []), device=logits.device)
+        pad = cfg.pad_token_id if cfg.pad_token_id is not None else (int(eos[0]) if eos.numel() else 0)
+        chooser = TokenChooser(args, logits.device)
+        next_pos = positions.masked_fill(~valid[None], -1).amax(-1, keepdim=True) + 1  # (R, B, 1)
+        finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+        history = prompt_ids
+        generated = []
+        n_steps, t0 = 0, _now(logits.device)
+        for step in range(args.max_new_tokens):
+            tok = chooser(history, logits)
+            tok = torch.where(finished, torch.full_like(tok, pad), tok)
+            generated.append(tok)
+            history = torch.cat([history, tok[:, None]], 1)
+            if eos.numel():
+                finished |= torch.isin(tok, eos)
+            if bool(finished.all()) or step == args.max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=adapter.model_position_ids(next_pos),
+                        past_key_values=cache, use_cache=True)
+            logits = out.logits[:, -1].float()
+            next_pos = next_pos + 1
+            n_steps += 1
+        t_dec = _now(logits.device) - t0
+        gen = torch.stack(generated, 1)
+        tokens = []
+        for b in range(gen.shape[0]):
+            row = gen[b].tolist()
+            if eos.numel():
+                for i, t in enumerate(row):
+                    if t in eos.tolist():
+                        row = row[:i]
+                        break
+            tokens.append(row)
+        return tokens, n_steps, t_dec
+
+    def _layer_profile(self, image_mask, valid, stage: LayerStage) -> list[list[int]]:
+        """Visual tokens present in each decoder layer, per sample."""
+        n_layers = len(self.adapter.decoder_layers)
+        base = (image_mask & valid).sum(1).tolist()
+        prof = [[base[b]] * n_layers for b in range(len(base))]
+        for st, rep in zip(stage.stages, stage.report):
+            for b, k in enumerate(rep["visual_tokens_kept"]):
+                for layer in range(st.layer, n_layers):
+                    prof[b][layer] = k
+        return prof
+
+    def _stage_report(self, b, batch_images, images, kept, vp, stage: LayerStage) -> list[dict]:
+        rows = []
+        if vp is not None:
+            first = sum(len(x) for x in batch_images[:b])
+            own = range(first, first + len(batch_images[b]))
+            rows.append({"stage": "vision", "method": vp.method_name, "layer": None,
+                         "visual_tokens_in": sum(images[i].n_tokens for i in own),
+                         "visual_tokens_kept": sum(int(kept[i].numel()) for i in own)})
+        for rep in stage.report:
+            rows.append({**rep, "visual_tokens_in": rep["visual_tokens_in"][b],
+                         "visual_tokens_kept": rep["visual_tokens_kept"][b]})
+        return rows
+

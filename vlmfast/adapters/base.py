@@ -1,0 +1,185 @@
+"""The adapter contract: everything that differs between model families lives behind it.
+
+An adapter knows, for one family, how to build inputs with the model's own processor, where the image
+tokens are, how the vision tower is run and how one of its layers' attention is read, what the grid of each
+image is, and how positions are laid out (1-D for LLaVA, 4-row M-RoPE for Qwen2-VL).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+
+@dataclass
+class ImageTokens:
+    """One image as the language model sees it.
+
+    ``features``: (n, d_model) projected features, one row per LLM image token, in raster order.
+    ``grid``: (t, h, w) of those tokens (n == t*h*w).
+    ``attention``: (N, N) head-averaged self-attention of the scoring vision layer over the image's patches
+    (CLS row/column removed), or None when no pruner asked for it. ``patches_per_token`` patches (consecutive
+    in that matrix) make one LLM token (4 for Qwen2-VL's 2x2 merger, 1 for LLaVA).
+    ``cls_attention``: (N,) attention the CLS token pays to each patch, when the tower has a CLS token.
+    """
+
+    features: torch.Tensor
+    grid: tuple[int, int, int]
+    attention: torch.Tensor | None = None
+    patches_per_token: int = 1
+    cls_attention: torch.Tensor | None = None
+
+    @property
+    def n_tokens(self) -> int:
+        return self.features.shape[0]
+
+
+@dataclass
+class ModelInfo:
+    """What a policy needs to know about a model to validate itself."""
+
+    family: str
+    num_layers: int
+    num_vision_layers: int
+    name: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Adapter(ABC):
+    family: str = ""
+    model_classes: tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.last_attention_s = 0.0  # time spent reading the vision layer's attention in the last call
+
+    @classmethod
+    def supports(cls, model: nn.Module) -> bool:
+        return any(c.__name__ in cls.model_classes for c in type(model).__mro__)
+
+    # -- structure -------------------------------------------------------------------------------------------
+    @property
+    def text_config(self):
+        return self.model.config.get_text_config()
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.model.language_model
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.language_model.layers
+
+    def info(self) -> ModelInfo:
+        return ModelInfo(
+            family=self.family, num_layers=len(self.decoder_layers), num_vision_layers=len(self.vision_layers),
+            name=getattr(self.model, "name_or_path", "") or "",
+        )
+
+    @property
+    @abstractmethod
+    def vision_layers(self) -> nn.ModuleList: ...
+
+    @abstractmethod
+    def default_vision_layer(self) -> int:
+        """Index of the vision layer whose output becomes the LLM's image features."""
+
+    def resolve_vision_layer(self, layer: int | None) -> int:
+        n = len(self.vision_layers)
+        if layer is None:
+            return self.default_vision_layer()
+        return layer + n if layer < 0 else layer
+
+    # -- inputs ----------------------------------------------------------------------------------------------
+    def prompt_text(self, processor, prompt: str, n_images: int) -> str:
+        """The model's chat format for one user turn with ``n_images`` images followed by ``prompt``."""
+        content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": prompt}]
+        conversation = [{"role": "user", "content": content}]
+        if getattr(processor, "chat_template", None):
+            return processor.apply_chat_template(conversation, add_generation_prompt=True)
+        return self.fallback_prompt(prompt, n_images)
+
+    @abstractmethod
+    def fallback_prompt(self, prompt: str, n_images: int) -> str: ...
+
+    def prepare(self, processor, images: list[list[Any]], prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Tokenise a batch (left padding) with the model's own processor."""
+        texts = [self.prompt_text(processor, p, len(imgs)) for p, imgs in zip(prompts, images)]
+        flat = [im for imgs in images for im in imgs]
+        tok = processor.tokenizer
+        side = tok.padding_side
+        tok.padding_side = "left"
+        try:
+            enc = processor(images=flat or None, text=texts, padding=True, return_tensors="pt")
+        finally:
+            tok.padding_side = side
+        device = self.model.device
+        return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in enc.items()}
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    def image_token_mask(self, inputs) -> torch.Tensor:
+        return inputs["input_ids"] == self.image_token_id
+
+    # -- vision ----------------------------------------------------------------------------------------------
+    @abstractmethod
+    def image_tokens(self, inputs, attention_layer: int | None) -> list[ImageTokens]:
+        """Run the vision tower once; return each image's features (and the chosen layer's attention)."""
+
+    @contextmanager
+    def capture_inputs(self, module: nn.Module) -> Iterator[dict]:
+        """Record the keyword inputs (hidden_states and friends) of one call to ``module``."""
+        seen: dict = {}
+
+        def hook(mod, args, kwargs):
+            seen.update(kwargs)
+            if args:
+                seen["hidden_states"] = args[0]
+            for i, a in enumerate(args[1:], 1):
+                seen[f"arg{i}"] = a
+
+        handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            yield seen
+        finally:
+            handle.remove()
+
+    # -- positions -------------------------------------------------------------------------------------------
+    @abstractmethod
+    def positions(self, inputs) -> torch.Tensor:
+        """Position ids of the full (unpruned) sequence, shape (R, B, L); row 0 is the 1-D text position."""
+
+    @abstractmethod
+    def model_position_ids(self, positions: torch.Tensor) -> torch.Tensor:
+        """Turn (R, B, L) positions into what the model's forward takes as ``position_ids``."""
+
+    def set_decode_state(self, positions: torch.Tensor, valid: torch.Tensor) -> None:
+        """Store whatever the model keeps between steps (Qwen2-VL's ``rope_deltas``). Default: nothing."""
+
+    @contextmanager
+    def preserved_state(self) -> Iterator[None]:
+        """Restore per-request model state (e.g. ``rope_deltas``) after a call."""
+        yield
+
+
+def text_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """1-D positions from a left-padded mask, as ``generate`` builds them (pads get 0)."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.masked_fill(attention_mask == 0, 0)
+
+
+def head_mean_attention(q: torch.Tensor, k: torch.Tensor, scaling: float, chunk: int = 1024) -> torch.Tensor:
+    """softmax(q k^T * scaling) averaged over heads. q, k: (H, N, d) -> (N, N), computed in query chunks."""
+    out = torch.empty(q.shape[1], k.shape[1], dtype=torch.float32, device=q.device)
+    kt = k.float().transpose(-1, -2)
+    for s in range(0, q.shape[1], chunk):
+        logits = torch.matmul(q[:, s : s + chunk].float(), kt) * scaling
+        out[s : s + chunk] = logits.softmax(-1).mean(0)
+    return out

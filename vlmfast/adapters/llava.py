@@ -1,0 +1,75 @@
+"""LLaVA-1.5 (``LlavaForConditionalGeneration``): CLIP tower with a CLS token, 1-D positions."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .base import Adapter, ImageTokens, head_mean_attention, text_positions
+
+
+class LlavaAdapter(Adapter):
+    family = "llava"
+    model_classes = ("LlavaForConditionalGeneration",)
+
+    @property
+    def vision_layers(self):
+        tower = self.model.model.vision_tower
+        tower = getattr(tower, "vision_model", tower)  # CLIPVisionModel wraps a CLIPVisionTransformer in 4.x
+        return tower.encoder.layers
+
+    def default_vision_layer(self) -> int:
+        # hidden_states[i] is the output of layer i-1; LLaVA feeds hidden_states[vision_feature_layer].
+        f = self.model.config.vision_feature_layer
+        if isinstance(f, (list, tuple)):
+            f = f[-1]
+        n = len(self.vision_layers)
+        return f + n if f < 0 else f - 1
+
+    def fallback_prompt(self, prompt: str, n_images: int) -> str:
+        return "USER: " + "<image>\n" * n_images + prompt + " ASSISTANT:"
+
+    def image_tokens(self, inputs, attention_layer: int | None) -> list[ImageTokens]:
+        pixel_values = inputs.get("pixel_values")
+        if pixel_values is None:
+            return []
+        cfg = self.model.config
+        has_cls = cfg.vision_feature_select_strategy == "default"
+        kwargs = {}
+        if "image_sizes" in inputs:
+            kwargs["image_sizes"] = inputs["image_sizes"]
+        if attention_layer is None:
+            feats = self.model.model.get_image_features(pixel_values=pixel_values, **kwargs).pooler_output
+            attn = [None] * len(feats)
+        else:
+            attn_module = self.vision_layers[attention_layer].self_attn
+            with self.capture_inputs(attn_module) as seen:
+                feats = self.model.model.get_image_features(pixel_values=pixel_values, **kwargs).pooler_output
+            t0 = time.perf_counter()
+            attn = self._attention(attn_module, seen["hidden_states"])
+            self.last_attention_s = time.perf_counter() - t0
+        out = []
+        for f, a in zip(feats, attn):
+            side = int(round(f.shape[0] ** 0.5))
+            if side * side != f.shape[0]:
+                raise ValueError(f"LLaVA image has {f.shape[0]} tokens, which is not a square grid")
+            cls_row = None
+            if a is not None and has_cls:
+                cls_row, a = a[0, 1:], a[1:, 1:]
+            out.append(ImageTokens(features=f, grid=(1, side, side), attention=a, cls_attention=cls_row))
+        return out
+
+    @staticmethod
+    def _attention(module, hidden_states: torch.Tensor) -> list[torch.Tensor]:
+        b, n, _ = hidden_states.shape
+        h, d = module.num_heads, module.head_dim
+        q = module.q_proj(hidden_states).view(b, n, h, d).transpose(1, 2)
+        k = module.k_proj(hidden_states).view(b, n, h, d).transpose(1, 2)
+        return [head_mean_attention(q[i], k[i], module.scale) for i in range(b)]
+
+    def positions(self, inputs) -> torch.Tensor:
+        return text_positions(inputs["attention_mask"])[None]
+
+    def model_position_ids(self, positions: torch.Tensor) -> torch.Tensor:
+        return positions[0]

@@ -1,0 +1,93 @@
+"""Qwen2-VL (``Qwen2VLForConditionalGeneration``): no CLS token, 2x2 patch merger, 3-D M-RoPE positions."""
+
+from __future__ import annotations
+
+import time
+
+from contextlib import contextmanager
+
+import torch
+
+from .base import Adapter, ImageTokens, head_mean_attention, text_positions
+
+
+class Qwen2VLAdapter(Adapter):
+    family = "qwen2_vl"
+    model_classes = ("Qwen2VLForConditionalGeneration",)
+
+    @property
+    def vision_layers(self):
+        return self.model.model.visual.blocks
+
+    def default_vision_layer(self) -> int:
+        return len(self.vision_layers) - 1  # the merger reads the last block's output
+
+    def fallback_prompt(self, prompt: str, n_images: int) -> str:
+        vision = "<|vision_start|><|image_pad|><|vision_end|>" * n_images
+        return f"<|im_start|>user\n{vision}{prompt}<|im_end|>\n<|im_start|>assistant\n"
+
+    @property
+    def merge(self) -> int:
+        return self.model.config.vision_config.spatial_merge_size
+
+    def image_tokens(self, inputs, attention_layer: int | None) -> list[ImageTokens]:
+        pixel_values = inputs.get("pixel_values")
+        if pixel_values is None:
+            return []
+        grid_thw = inputs["image_grid_thw"]
+        if attention_layer is None:
+            feats = self.model.model.get_image_features(pixel_values, grid_thw).pooler_output
+            attn = [None] * len(feats)
+        else:
+            module = self.vision_layers[attention_layer].attn
+            with self.capture_inputs(module) as seen:
+                feats = self.model.model.get_image_features(pixel_values, grid_thw).pooler_output
+            t0 = time.perf_counter()
+            attn = self._attention(module, seen)
+            self.last_attention_s = time.perf_counter() - t0
+        m = self.merge
+        return [
+            ImageTokens(features=f, grid=(int(t), int(h) // m, int(w) // m), attention=a, patches_per_token=m * m)
+            for f, a, (t, h, w) in zip(feats, attn, grid_thw.tolist())
+        ]
+
+    @staticmethod
+    def _attention(module, seen: dict) -> list[torch.Tensor]:
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
+
+        x = seen["hidden_states"]
+        cu = seen.get("cu_seqlens", seen.get("arg1"))
+        n = x.shape[0]
+        q, k, _ = module.qkv(x).reshape(n, 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        cos, sin = seen["position_embeddings"]
+        q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+        q, k = q.transpose(0, 1), k.transpose(0, 1)  # (H, N, d)
+        bounds = cu.tolist()
+        return [head_mean_attention(q[:, s:e], k[:, s:e], module.scaling) for s, e in zip(bounds[:-1], bounds[1:])]
+
+    def positions(self, inputs) -> torch.Tensor:
+        mask = inputs["attention_mask"]
+        rope, _ = self.model.model.get_rope_index(
+            inputs["input_ids"], inputs["mm_token_type_ids"], inputs.get("image_grid_thw"),
+            inputs.get("video_grid_thw"), attention_mask=mask,
+        )
+        return torch.cat([text_positions(mask)[None], rope], dim=0)
+
+    def model_position_ids(self, positions: torch.Tensor) -> torch.Tensor:
+        return positions
+
+    def set_decode_state(self, positions: torch.Tensor, valid: torch.Tensor) -> None:
+        # Decoding continues at max(position)+1 on all three axes; HF stores that offset relative to the
+        # (shortened) sequence length as ``rope_deltas``. vlmfast passes explicit positions, but keeps the
+        # model's own state consistent so nothing inside transformers reads a stale delta.
+        rows = positions[1:].masked_fill(~valid[None], -1)
+        max_pos = rows.amax(dim=(0, 2))
+        self.model.model.rope_deltas = (max_pos + 1 - valid.shape[1]).unsqueeze(1)
+
+    @contextmanager
+    def preserved_state(self):
+        before = self.model.model.rope_deltas
+        try:
+            yield
+        finally:
+            self.model.model.rope_deltas = before

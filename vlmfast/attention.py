@@ -1,0 +1,105 @@
+"""vlmfast's attention function, registered through transformers' ``AttentionInterface``.
+
+While an accelerator call runs, the language model's attention implementation is switched to
+``vlmfast_<base>`` (e.g. ``vlmfast_sdpa``): a function that lets the active session's observers look at each
+layer's queries and keys (FastV's scores; later sparse patterns, VAR, grounding capture) and then calls the
+model's original implementation, so outputs are bit-identical when no observer changes anything. A matching
+mask function is registered under the same name (without it transformers silently drops the causal mask).
+On exit the original implementation is restored. Nothing is registered or patched at import time.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+Observer = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor | None], None]
+
+_ACTIVE: ContextVar["AttentionSession | None"] = ContextVar("vlmfast_attention_session", default=None)
+_PREFIX = "vlmfast_"
+
+
+class AttentionSession:
+    """Per-call state: the base implementation to delegate to and per-layer observers."""
+
+    def __init__(self, base: str):
+        self.base = base
+        self.observers: dict[int, list[Observer]] = {}
+
+    def observe(self, layer_idx: int, fn: Observer) -> None:
+        self.observers.setdefault(layer_idx, []).append(fn)
+
+    def base_function(self, module: nn.Module) -> Callable:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        if self.base == "eager":  # eager is defined per model file
+            return sys.modules[type(module).__module__].eager_attention_forward
+        return ALL_ATTENTION_FUNCTIONS[self.base]
+
+    def __call__(self, module, query, key, value, attention_mask, **kwargs):
+        for fn in self.observers.get(getattr(module, "layer_idx", -1), ()):
+            fn(module, query, key, attention_mask)
+        return self.base_function(module)(module, query, key, value, attention_mask, **kwargs)
+
+
+def vlmfast_attention(module, query, key, value, attention_mask, **kwargs):
+    session = _ACTIVE.get()
+    if session is None:
+        raise RuntimeError(
+            "the vlmfast attention implementation was called outside a VLMAccelerator call; "
+            "restore the model's original attn_implementation (set_attn_implementation)"
+        )
+    return session(module, query, key, value, attention_mask, **kwargs)
+
+
+def _register(base: str) -> str:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    name = _PREFIX + base
+    AttentionInterface.register(name, vlmfast_attention)
+    mask_fn = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(base)
+    if mask_fn is None:
+        raise NotImplementedError(
+            f"vlmfast cannot wrap attention implementation {base!r}; use 'sdpa' or 'eager' "
+            f"(known mask functions: {sorted(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping)})"
+        )
+    AttentionMaskInterface.register(name, mask_fn)
+    return name
+
+
+@contextmanager
+def installed(model: nn.Module, session: AttentionSession | None) -> Iterator[None]:
+    """Route the language model's attention through ``session`` for the duration of the block."""
+    if session is None:
+        yield
+        return
+    text_cfg = model.config.get_text_config()
+    base = text_cfg._attn_implementation
+    if base.startswith(_PREFIX):
+        raise RuntimeError("vlmfast attention is already installed on this model (nested accelerator calls?)")
+    session.base = base
+    model.set_attn_implementation({"text_config": _register(base)})
+    token = _ACTIVE.set(session)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+        model.set_attn_implementation({"text_config": base})
+
+
+def last_query_attention(module, query, key, attention_mask) -> torch.Tensor:
+    """Head-averaged attention of the last query over all keys: (B, K). Handles GQA and bool/float masks."""
+    groups = query.shape[1] // key.shape[1]
+    k = key.repeat_interleave(groups, dim=1) if groups > 1 else key
+    scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
+    logits = torch.matmul(query[:, :, -1:].float(), k.float().transpose(-1, -2)) * scaling  # (B, H, 1, K)
+    if attention_mask is not None:
+        m = attention_mask[:, :, -1:, : k.shape[2]]
+        logits = logits.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else logits + m.float()
+    return logits.softmax(-1).mean(1)[:, 0]

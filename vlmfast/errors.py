@@ -1,0 +1,17 @@
+"""vlmfast's exceptions: each names what was wrong and what was expected."""
+
+
+class VlmfastError(Exception):
+    """Base class of every error vlmfast raises on purpose."""
+
+
+class PolicyError(VlmfastError, ValueError):
+    """A policy (file, dict or object) is invalid: unknown method, bad field, bad value."""
+
+
+class UnsupportedModelError(VlmfastError, TypeError):
+    """The model's class is not one of the families vlmfast has an adapter for."""
+
+
+class InputError(VlmfastError, ValueError):
+    """A request (images, prompt, generation arguments) is malformed."""

@@ -1,0 +1,178 @@
+"""Policies: which methods run on a model, with which hyper-parameters. A YAML file per model.
+
+    name: llava-1.5-7b
+    description: FoPru rank pruning, 25% of visual tokens
+    models: ["llava-hf/llava-1.5-7b-hf"]          # hub ids / paths this policy is the default for
+    methods:
+      - method: fopru
+        keep: 0.25
+        strategy: rank
+
+Everything is validated when the policy is loaded: unknown keys, unknown methods, values of the wrong type
+or out of range. Checks that need the model (a layer beyond its depth) run when the policy is bound to a
+model. Each error names the file, the field and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .adapters.base import ModelInfo
+from .errors import PolicyError
+from .pruners.base import LayerPruner, Method, VisionPruner
+from .registry import get_method
+
+POLICY_DIR = Path(__file__).parent / "policies"
+
+
+class _PolicyFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = None
+    description: str = ""
+    models: list[str] = Field(default_factory=list)
+    methods: list[dict[str, Any]] = Field(default_factory=list)
+
+
+def _format_errors(err: ValidationError, prefix: str) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        where = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
+        got = e.get("input")
+        got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+        parts.append(f"{where}: {e['msg']}{got_s}")
+    return "; ".join(parts)
+
+
+class Policy:
+    """A validated list of method instances plus metadata. Compare, print, and save it like a value."""
+
+    def __init__(self, methods: list[Method] | None = None, name: str | None = None, description: str = "",
+                 models: list[str] | None = None, source: str = "<object>"):
+        self.methods = list(methods or [])
+        self.name = name
+        self.description = description
+        self.models = list(models or [])
+        self.source = source
+        for m in self.methods:
+            if not isinstance(m, Method):
+                raise PolicyError(f"{source}: {m!r} is not a vlmfast method (expected e.g. FoPru(keep=0.25))")
+        layers = [m.layer for m in self.layer_pruners]
+        if len(set(layers)) != len(layers):
+            raise PolicyError(f"{source}: two layer pruners act at the same layer ({layers}); use one per layer")
+
+    # -- views -----------------------------------------------------------------------------------------------
+    @property
+    def vision_pruners(self) -> list[VisionPruner]:
+        return [m for m in self.methods if isinstance(m, VisionPruner)]
+
+    @property
+    def layer_pruners(self) -> list[LayerPruner]:
+        return [m for m in self.methods if isinstance(m, LayerPruner)]
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.methods
+
+    def check(self, info: ModelInfo) -> None:
+        """Validate against a concrete model; raises PolicyError naming the policy's source and field."""
+        for i, m in enumerate(self.methods):
+            try:
+                m.check(info)
+            except PolicyError as e:
+                raise PolicyError(f"{self.source}: methods[{i}] ({m.method_name}): {e} (model: {info.name or info.family})") from None
+
+    # -- (de)serialisation -----------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "<dict>") -> "Policy":
+        if not isinstance(data, dict):
+            raise PolicyError(f"{source}: a policy must be a mapping with a 'methods' list, got {type(data).__name__}")
+        try:
+            raw = _PolicyFile.model_validate(data)
+        except ValidationError as e:
+            raise PolicyError(f"{source}: {_format_errors(e, '')}") from None
+        methods = []
+        for i, entry in enumerate(raw.methods):
+            entry = dict(entry)
+            name = entry.pop("method", None)
+            if name is None:
+                raise PolicyError(f"{source}: methods[{i}]: missing 'method' (the method's name, e.g. 'fopru')")
+            try:
+                method_cls = get_method(name)
+            except PolicyError as e:
+                raise PolicyError(f"{source}: methods[{i}].method: {e}") from None
+            try:
+                methods.append(method_cls(**entry))
+            except ValidationError as e:
+                raise PolicyError(f"{source}: {_format_errors(e, f'methods[{i}] ({name})')}") from None
+        return cls(methods, name=raw.name, description=raw.description, models=raw.models, source=source)
+
+    def to_dict(self) -> dict:
+        out: dict[str, Any] = {}
+        if self.name:
+            out["name"] = self.name
+        if self.description:
+            out["description"] = self.description
+        if self.models:
+            out["models"] = self.models
+        out["methods"] = [{"method": m.method_name, **dataclasses.asdict(m)} for m in self.methods]
+        return out
+
+    def to_yaml(self, path: str | Path | None = None, header: str = "") -> str:
+        text = header + yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Policy) and self.methods == other.methods
+
+    def __repr__(self) -> str:
+        return f"Policy(name={self.name!r}, methods={self.methods!r})"
+
+    def describe(self) -> str:
+        if self.is_empty:
+            return "no methods (plain model)"
+        return " + ".join(repr(m) for m in self.methods)
+
+
+def shipped_policies() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(POLICY_DIR.glob("*.yaml"))}
+
+
+def load_policy(spec: "str | Path | dict | Policy | None") -> Policy:
+    """A policy from a shipped name, a YAML path, a dict, a Policy, or None (no methods)."""
+    if spec is None:
+        return Policy(source="<none>")
+    if isinstance(spec, Policy):
+        return spec
+    if isinstance(spec, dict):
+        return Policy.from_dict(spec)
+    shipped = shipped_policies()
+    path = shipped.get(str(spec)) or Path(spec)
+    if not path.is_file():
+        raise PolicyError(
+            f"policy {str(spec)!r} is neither a shipped policy ({', '.join(shipped) or 'none'}) nor a YAML file"
+        )
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise PolicyError(f"{path}: not valid YAML: {e}") from None
+    return Policy.from_dict(data, source=str(path))
+
+
+def default_policy_for(model_name: str) -> tuple[Policy, str]:
+    """The shipped policy whose ``models`` patterns match ``model_name``, else an empty policy; and why."""
+    name = (model_name or "").lower()
+    for stem, path in shipped_policies().items():
+        pol = load_policy(path)
+        for pattern in pol.models:
+            if name and fnmatch.fnmatch(name, pattern.lower()):
+                return pol, f"shipped policy '{stem}' (matches {pattern!r})"
+    return Policy(source="<none>"), f"no shipped policy matches {model_name or 'this model'!r}: no methods"

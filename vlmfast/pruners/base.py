@@ -1,0 +1,91 @@
+"""What a pruner is: a dataclass of hyper-parameters that answers "which visual tokens to keep".
+
+Two kinds, by where they act (see docs/architecture.md):
+
+* ``VisionPruner`` (stage ``vision``): after the vision tower, before the language model. Gets each image's
+  ``ImageTokens`` (features, grid, the scoring layer's attention) and returns the indices to keep.
+* ``LayerPruner`` (stage ``layer``): inside the language model. Before decoder layer ``layer`` it gets the
+  attention the last query paid to every key at layer ``layer - 1`` and returns a keep mask over the sequence.
+
+Scoring and selecting are separate functions so a new method is usually one ``score``.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from pydantic import ConfigDict
+from pydantic.dataclasses import dataclass
+
+from ..adapters.base import ImageTokens, ModelInfo
+from ..errors import PolicyError
+
+#: Every method dataclass is validated by pydantic: wrong types, out-of-range values and unknown fields fail
+#: when the policy is loaded.
+METHOD_CONFIG = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def method_dataclass(cls):
+    return dataclass(config=METHOD_CONFIG)(cls)
+
+
+def n_keep(n: int, ratio: float) -> int:
+    """floor(n * ratio), at least 1 (for n > 0); the epsilon absorbs float error (0.1 * 570 = 56.99...)."""
+    if n <= 0:
+        return 0
+    return max(1, min(n, int(n * ratio + 1e-6)))
+
+
+def topk_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest scores, in ascending index order (kept tokens keep their original order)."""
+    return torch.topk(scores, k, sorted=False).indices.sort().values
+
+
+@method_dataclass
+class Method:
+    method_name: ClassVar[str] = ""
+    stage: ClassVar[str] = ""
+
+    def check(self, info: ModelInfo) -> None:
+        """Validate against a concrete model (layer ranges); raise PolicyError naming the field."""
+
+
+@method_dataclass
+class VisionPruner(Method):
+    stage: ClassVar[str] = "vision"
+    #: set by the method: does it need the vision layer's attention, and which layer (None = feature layer)
+    needs_attention: ClassVar[bool] = True
+
+    def attention_layer(self) -> int | None:
+        return getattr(self, "layer", None)
+
+    def select(self, image: ImageTokens) -> torch.Tensor:
+        """Indices (ascending) of the image's tokens to keep."""
+        raise NotImplementedError
+
+    def check(self, info: ModelInfo) -> None:
+        layer = self.attention_layer()
+        n = info.num_vision_layers
+        if layer is not None and not -n <= layer < n:
+            raise PolicyError(
+                f"{self.method_name}.layer = {layer} is outside the vision tower, which has {n} layers "
+                f"(expected -{n} <= layer < {n})"
+            )
+
+
+@method_dataclass
+class LayerPruner(Method):
+    stage: ClassVar[str] = "layer"
+    layer: int = 2
+
+    def select(self, scores: torch.Tensor, image_mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """scores, image_mask, valid: (B, L). Return a (B, L) bool keep mask (non-image tokens must stay)."""
+        raise NotImplementedError
+
+    def check(self, info: ModelInfo) -> None:
+        if not 1 <= self.layer < info.num_layers:
+            raise PolicyError(
+                f"{self.method_name}.layer = {self.layer} is beyond the language model's depth: it has "
+                f"{info.num_layers} layers, so expected 1 <= layer < {info.num_layers}"
+            )

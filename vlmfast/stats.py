@@ -1,0 +1,56 @@
+"""What every result carries: visual tokens per stage, times, KV-cache bytes."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class Stats:
+    visual_tokens_in: int = 0
+    """visual tokens the model would process without vlmfast"""
+    visual_tokens_kept: int = 0
+    """visual tokens entering the language model (after vision-stage pruning)"""
+    visual_tokens_final: int = 0
+    """visual tokens in the deepest layer (after layer-stage pruning)"""
+    layer_avg_visual_tokens: float = 0.0
+    """visual tokens averaged over decoder layers (how FastV/PyramidDrop budgets are usually quoted)"""
+    stages: list[dict] = field(default_factory=list)
+    preprocess_s: float = 0.0
+    """processor time (tokenise, resize): not part of prefill"""
+    vision_s: float = 0.0
+    """vision tower + projector"""
+    scoring_s: float = 0.0
+    """vision-stage pruners' own cost (reading the vision attention, scoring, selecting)"""
+    llm_prefill_s: float = 0.0
+    prefill_s: float = 0.0
+    """time to first-token logits: vision + scoring + assembling inputs + LLM prefill"""
+    decode_ms_per_token: float | None = None
+    new_tokens: int = 0
+    kv_bytes: int = 0
+    """KV-cache bytes after prefill (this sample's share of the batch)"""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def table(self) -> str:
+        rows = [
+            ("visual tokens in", f"{self.visual_tokens_in}"),
+            ("visual tokens kept (LLM input)", f"{self.visual_tokens_kept}"),
+        ]
+        for st in self.stages:
+            where = f"layer {st['layer']}" if st.get("layer") is not None else st["stage"]
+            rows.append((f"  {st['method']} @ {where}", f"{st['visual_tokens_in']} -> {st['visual_tokens_kept']}"))
+        if any(st["stage"] == "layer" for st in self.stages):
+            rows.append(("visual tokens, layer average", f"{self.layer_avg_visual_tokens:.1f}"))
+        rows += [
+            ("prefill (s)", f"{self.prefill_s:.4f}"),
+            ("  vision tower (s)", f"{self.vision_s:.4f}"),
+            ("  pruning overhead (s)", f"{self.scoring_s:.4f}"),
+            ("  LLM prefill (s)", f"{self.llm_prefill_s:.4f}"),
+            ("decode (ms/token)", "-" if self.decode_ms_per_token is None else f"{self.decode_ms_per_token:.2f}"),
+            ("new tokens", f"{self.new_tokens}"),
+            ("KV cache (bytes)", f"{self.kv_bytes:,}"),
+        ]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -1,0 +1,46 @@
+"""Models vlmfast ships or builds by name, so everything runs offline.
+
+``resolve(name)`` returns a local folder for a zoo name (building it on first use into the cache
+directory, ``$VLMFAST_CACHE`` or ``~/.cache/vlmfast``), and returns any other string unchanged (a hub
+id or a path, for transformers to load).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from .tiny import tiny_llava, tiny_qwen2_vl
+
+#: name -> builder returning (model, processor); random weights, for mechanics and demos only.
+BUILT: dict[str, Callable] = {
+    "tiny-random-llava": tiny_llava,
+    "tiny-random-qwen2-vl": tiny_qwen2_vl,
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("VLMFAST_CACHE", Path.home() / ".cache" / "vlmfast"))
+
+
+def resolve(name: str) -> str:
+    if name not in BUILT:
+        return name
+    target = cache_dir() / "zoo" / name
+    if not (target / "config.json").is_file():
+        model, processor = BUILT[name]()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    return str(target)
+
+
+def available() -> list[str]:
+    return sorted(BUILT)

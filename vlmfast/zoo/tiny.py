@@ -1,0 +1,179 @@
+"""Tiny random-weight LLaVA and Qwen2-VL models built from configs, with offline processors.
+
+They use transformers' real classes (``LlavaForConditionalGeneration``, ``Qwen2VLForConditionalGeneration``,
+``LlavaProcessor``, ``Qwen2VLProcessor``) so every code path that runs on them runs on real checkpoints.
+Their weights are random: they exercise mechanics (shapes, positions, hooks), not accuracy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# A small closed vocabulary: enough words for prompts in tests, the CLI demo and the benchmark.
+WORDS = (
+    "what is in the image ? describe this picture a an the of and with on left right top bottom middle "
+    "red green blue yellow purple orange white black circle square triangle star hexagon cross shape "
+    "colour color how many are there is it yes no one two three four five six seven eight objects "
+    "object see do you where which background please answer briefly detail scene look at small big "
+    "large next to above below near count name"
+).split()
+
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
+    "{% else %} ASSISTANT: {% for item in message['content'] %}{% if item['type'] == 'text' %}"
+    "{{ item['text'] }}{% endif %}{% endfor %}</s>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %} ASSISTANT:{% endif %}"
+)
+
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _word_tokenizer(special: list[str], extra_words: tuple[str, ...] = ()):
+    """A word-level fast tokenizer over WORDS (+ ``extra_words``), with ``special`` tokens first."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab: dict[str, int] = {}
+    for tok in [*special, *WORDS, *extra_words, "USER", "ASSISTANT", ":", "user", "assistant", "system"]:
+        vocab.setdefault(tok, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.add_special_tokens(special)
+    tk.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(behavior="isolated")]
+    )
+    tk.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return tk, vocab
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """Sizes of a tiny model. Defaults give a model that builds and runs a forward in milliseconds."""
+
+    hidden: int = 32
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate: int = 64
+    vision_hidden: int = 32
+    vision_layers: int = 3
+    vision_heads: int = 4
+    image_size: int = 32  # LLaVA: pixels; grid = image_size // patch
+    patch: int = 4
+    seed: int = 0
+
+
+def tiny_llava(spec: TinySpec = TinySpec()):
+    """A random-weight ``LlavaForConditionalGeneration`` and its ``LlavaProcessor`` (offline)."""
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
+
+    special = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+    tk, vocab = _word_tokenizer(special)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    tok.padding_side = "left"
+    n_side = spec.image_size // spec.patch
+    cfg = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            image_size=spec.image_size, patch_size=spec.patch, hidden_size=spec.vision_hidden,
+            intermediate_size=2 * spec.vision_hidden, num_hidden_layers=spec.vision_layers,
+            num_attention_heads=spec.vision_heads, projection_dim=spec.vision_hidden,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=len(vocab), hidden_size=spec.hidden, intermediate_size=spec.intermediate,
+            num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
+            pad_token_id=vocab["<pad>"], bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"],
+            max_position_embeddings=4096,
+        ),
+        image_token_index=vocab["<image>"], image_seq_length=n_side * n_side,
+        vision_feature_layer=-2, vision_feature_select_strategy="default",
+        pad_token_id=vocab["<pad>"],
+    )
+    torch.manual_seed(spec.seed)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    model.generation_config.eos_token_id = vocab["</s>"]
+    model.generation_config.pad_token_id = vocab["<pad>"]
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": spec.image_size}, crop_size={"height": spec.image_size, "width": spec.image_size},
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=tok, patch_size=spec.patch,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, image_token="<image>",
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+    return model, processor
+
+
+def tiny_qwen2_vl(spec: TinySpec = TinySpec(patch=14, image_size=112)):
+    """A random-weight ``Qwen2VLForConditionalGeneration`` and its ``Qwen2VLProcessor`` (offline)."""
+    from transformers import (
+        PreTrainedTokenizerFast,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    special = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+               "<|image_pad|>", "<|video_pad|>"]
+    tk, vocab = _word_tokenizer(special)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, unk_token="<unk>", eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+    )
+    tok.padding_side = "left"
+    head_dim = spec.hidden // spec.heads
+    quarter = head_dim // 2 // 4  # mrope sections must sum to head_dim / 2
+    mrope = [head_dim // 2 - 2 * quarter, quarter, quarter]
+    cfg = Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=len(vocab), hidden_size=spec.hidden, intermediate_size=spec.intermediate,
+            num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
+            max_position_embeddings=4096, pad_token_id=vocab["<|endoftext|>"], eos_token_id=vocab["<|im_end|>"],
+            bos_token_id=None,
+        ),
+        vision_config=dict(
+            depth=spec.vision_layers, embed_dim=spec.vision_hidden, hidden_size=spec.hidden,
+            num_heads=spec.vision_heads, mlp_ratio=2, patch_size=spec.patch, spatial_merge_size=2,
+            temporal_patch_size=2,
+        ),
+        image_token_id=vocab["<|image_pad|>"], video_token_id=vocab["<|video_pad|>"],
+        vision_start_token_id=vocab["<|vision_start|>"], vision_end_token_id=vocab["<|vision_end|>"],
+    )
+    torch.manual_seed(spec.seed)
+    model = Qwen2VLForConditionalGeneration(cfg).eval()
+    model.generation_config.eos_token_id = vocab["<|im_end|>"]
+    model.generation_config.pad_token_id = vocab["<|endoftext|>"]
+    pixels = spec.image_size * spec.image_size
+    image_processor = Qwen2VLImageProcessor(
+        patch_size=spec.patch, merge_size=2, temporal_patch_size=2,
+        min_pixels=pixels // 4, max_pixels=pixels,
+    )
+    video_processor = Qwen2VLVideoProcessor(
+        patch_size=spec.patch, merge_size=2, temporal_patch_size=2, min_pixels=pixels // 4, max_pixels=pixels,
+    )
+    processor = Qwen2VLProcessor(
+        image_processor=image_processor, tokenizer=tok, video_processor=video_processor,
+        chat_template=QWEN_CHAT_TEMPLATE,
+    )
+    return model, processor
