@@ -1,0 +1,33 @@
+# `make run` and `make test` work on a fresh machine from a clean clone: they create .venv and install
+# what they need (torch 2.14.1 + torchvision 0.29.1, then vlmfast with its test extra).
+VENV  ?= .venv
+PY    := $(VENV)/bin/python
+STAMP := $(VENV)/.vlmfast-installed
+PYTEST_ARGS ?=
+
+.PHONY: install run test test-fast bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(VENV)/bin/vlmfast generate --model tiny-random-llava --policy llava-1.5-7b \
+	  --image examples/shapes.png --prompt "what objects do you see ?" --max-new-tokens 12
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+bench: install
+	mkdir -p out
+	$(VENV)/bin/vlmfast bench prefill --json out/bench_prefill.json --markdown
+
+clean:
+	rm -rf $(VENV) .pytest_cache out

@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny random-weight LLaVA and Qwen2-VL built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vlmfast.zoo.tiny import tiny_llava, tiny_qwen2_vl
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+BUILDERS = {"llava": tiny_llava, "qwen2_vl": tiny_qwen2_vl}
+
+
+@pytest.fixture(scope="session", params=sorted(BUILDERS))
+def family(request):
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def models():
+    return {name: fn() for name, fn in BUILDERS.items()}
+
+
+@pytest.fixture
+def tiny(models, family):
+    """(model, processor) of the parametrised family."""
+    return models[family]
+
+
+def make_image(seed: int = 0, size: int = 112, width: int | None = None) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((size, width or size, 3)) * 255).astype("uint8"))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("VLMFAST_CACHE", str(tmp_path_factory.getbasetemp() / "vlmfast-cache"))
+
+
+def reference_generate(model, processor, images, prompt, max_new_tokens=8):
+    """What plain transformers gives: ``model.generate`` with the model's own processor and chat format."""
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    inputs = processor(images=images or None, text=[text], return_tensors="pt")
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    ids = out[0, inputs["input_ids"].shape[1]:].tolist()
+    eos = model.generation_config.eos_token_id
+    return ids[: ids.index(eos)] if eos in ids else ids

@@ -1,0 +1,75 @@
+"""Loading by name/path (offline), VLMAccelerator(model) alone, the CLI and the prefill benchmark."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import make_image
+from vlmfast import InputError, VLMAccelerator
+from vlmfast.cli import main
+from vlmfast.zoo import resolve
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["tiny-random-llava", "tiny-random-qwen2-vl"])
+def test_from_pretrained_zoo_name_and_local_folder(name):
+    acc = VLMAccelerator.from_pretrained(name, policy=None)
+    out = acc.generate(images=[make_image(0)], prompt="what is in the image ?", max_new_tokens=4)
+    assert out.stats.visual_tokens_in > 0 and len(out.token_ids) <= 4
+    # the same folder by path, offline, and VLMAccelerator(model) loading the processor from the model's path
+    acc2 = VLMAccelerator.from_pretrained(resolve(name), policy=None, local_files_only=True)
+    acc3 = VLMAccelerator(acc2.model)
+    assert "no shipped policy" in acc3.policy_origin
+    assert acc3.generate(images=[make_image(0)], prompt="what is in the image ?", max_new_tokens=4).token_ids \
+        == out.token_ids
+
+
+def test_from_pretrained_missing_model_is_a_clear_error():
+    with pytest.raises(InputError, match="cannot load 'nobody/no-such-model' \\(local_files_only=True\\)"):
+        VLMAccelerator.from_pretrained("nobody/no-such-model", local_files_only=True)
+
+
+def test_cli_generate_prints_answer_and_stats(capsys):
+    rc = main(["generate", "--model", "tiny-random-llava", "--policy", "llava-1.5-7b",
+               "--image", str(ROOT / "examples" / "shapes.png"), "--prompt", "what objects do you see ?",
+               "--max-new-tokens", "5"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "answer:" in out and "fopru @ vision" in out and "64 -> 16" in out and "KV cache (bytes)" in out
+
+
+def test_cli_generate_json_and_errors(capsys):
+    rc = main(["generate", "--model", "tiny-random-llava", "--policy", "none", "--prompt", "hi ?",
+               "--max-new-tokens", "3", "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert rc == 0 and data["policy"]["methods"] == [] and "prefill_s" in data["stats"]
+    rc = main(["generate", "--model", "tiny-random-llava", "--policy", "nope", "--prompt", "hi"])
+    assert rc == 2 and "neither a shipped policy" in capsys.readouterr().err
+
+
+def test_bench_prefill_quick_rows(tmp_path):
+    path = tmp_path / "bench.json"
+    rc = subprocess.run([sys.executable, "-m", "vlmfast", "bench", "prefill", "--quick", "--repeats", "1",
+                         "--decode-tokens", "2", "--json", str(path)], capture_output=True, text=True, cwd=ROOT)
+    assert rc.returncode == 0, rc.stderr
+    rows = json.loads(path.read_text())
+    assert [(r["method"], r["keep"]) for r in rows] == [("full", 1.0)] + [
+        (m, k) for m in ("fopru", "fastv") for k in (0.5, 0.25, 0.1)]
+    keys = {"method", "keep", "visual_tokens_in", "visual_tokens_kept", "prefill_s", "speedup", "ideal_speedup",
+            "decode_ms_per_token", "kv_bytes"}
+    for r in rows:
+        assert keys <= set(r)
+        assert r["visual_tokens_kept"] == (r["visual_tokens_in"] if r["method"] == "full"
+                                           else max(1, int(r["visual_tokens_in"] * r["keep"] + 1e-6)))
+        assert r["ideal_speedup"] >= 1.0 - 1e-9
+    full = rows[0]
+    assert full["speedup"] == 1.0 and full["ideal_speedup"] == 1.0
+    fopru10 = next(r for r in rows if r["method"] == "fopru" and r["keep"] == 0.1)
+    assert fopru10["kv_bytes"] < full["kv_bytes"]
+    assert "speedup" in rc.stdout and "fopru" in rc.stdout

@@ -1,0 +1,98 @@
+"""FoPru and FastV on hand-made inputs with known answers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vlmfast.adapters.base import ImageTokens
+from vlmfast.pruners import FastV, FoPru, n_keep
+from vlmfast.pruners.fopru import significance
+
+
+def image(attn: torch.Tensor, grid=(1, 2, 2), ppt: int = 1) -> ImageTokens:
+    n = grid[0] * grid[1] * grid[2]
+    return ImageTokens(features=torch.zeros(n, 4), grid=grid, attention=attn, patches_per_token=ppt)
+
+
+def column_attention(received: list[float]) -> torch.Tensor:
+    """Every query attends with the same distribution -> column means = ``received``, row means constant."""
+    r = torch.tensor(received)
+    return (r / r.sum()).expand(len(received), -1).clone()
+
+
+def test_significance_picks_column_mean_when_it_varies_more():
+    a = column_attention([1, 5, 2, 8])
+    assert torch.allclose(significance(a), a.mean(0))
+
+
+def test_significance_picks_row_mean_when_it_varies_more():
+    a = column_attention([1, 1, 1, 1]) * torch.tensor([[0.1], [0.9], [0.5], [0.2]])  # rows scaled, columns flat
+    assert torch.allclose(significance(a), a.mean(1))
+
+
+def test_significance_sums_merged_patches():
+    a = column_attention([1, 2, 3, 4, 10, 20, 30, 40])
+    assert torch.allclose(significance(a, patches_per_token=4), torch.tensor([10.0, 100.0]) / 110 / 1)
+
+
+def test_rank_keeps_top_k_in_original_order():
+    received = [3, 9, 1, 7, 5, 8, 2, 6, 4]  # 3x3 grid
+    img = image(column_attention(received), grid=(1, 3, 3))
+    assert FoPru(keep=4 / 9, strategy="rank").select(img).tolist() == [1, 3, 5, 7]  # 9, 7, 8, 6
+    assert FoPru(keep=1 / 3, strategy="rank").select(img).tolist() == [1, 3, 5]
+
+
+def test_row_keeps_whole_rows_with_largest_sum():
+    # 3 rows of 3: row sums 13, 20, 12 -> keep 1 row = row 1 (indices 3..5); 2 rows = rows 0 and 1
+    received = [3, 9, 1, 7, 5, 8, 2, 6, 4]
+    img = image(column_attention(received), grid=(1, 3, 3))
+    assert FoPru(keep=0.34, strategy="row").select(img).tolist() == [3, 4, 5]
+    assert FoPru(keep=0.67, strategy="row").select(img).tolist() == [0, 1, 2, 3, 4, 5]
+
+
+def test_rank_and_row_differ_on_the_same_matrix():
+    received = [9, 1, 1, 1, 8, 8, 1, 1, 1]  # rank top-3 = {0, 4, 5}; best row = row 1 (3..5)
+    img = image(column_attention(received), grid=(1, 3, 3))
+    assert FoPru(keep=1 / 3, strategy="rank").select(img).tolist() == [0, 4, 5]
+    assert FoPru(keep=1 / 3, strategy="row").select(img).tolist() == [3, 4, 5]
+
+
+@pytest.mark.parametrize("n,ratio,expected", [(576, 0.25, 144), (576, 0.1, 57), (576, 0.5, 288), (576, 1.0, 576),
+                                              (570, 0.1, 57), (10, 0.01, 1), (0, 0.5, 0)])
+def test_n_keep_is_floor_with_minimum_one(n, ratio, expected):
+    assert n_keep(n, ratio) == expected
+
+
+@pytest.mark.parametrize("keep", [0.05, 0.1, 0.25, 0.5, 1.0])
+def test_fopru_exact_counts_sorted_unique(keep):
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(576, 576, generator=g).softmax(-1)
+    idx = FoPru(keep=keep).select(image(a, grid=(1, 24, 24)))
+    assert idx.numel() == n_keep(576, keep)
+    assert torch.equal(idx, idx.unique(sorted=True))
+    rows = FoPru(keep=keep, strategy="row").select(image(a, grid=(1, 24, 24)))
+    assert rows.numel() == n_keep(24, keep) * 24
+
+
+def test_fopru_merged_tokens_qwen_layout():
+    # 4 merged tokens of 4 patches each; token 2 receives the most attention, then token 0
+    received = [1, 1, 1, 1, 2, 0, 0, 0, 5, 5, 5, 5, 0, 0, 0, 1]
+    img = image(column_attention(received), grid=(1, 2, 2), ppt=4)
+    assert FoPru(keep=0.5).select(img).tolist() == [0, 2]
+
+
+def test_fastv_keeps_top_image_tokens_and_all_text():
+    scores = torch.tensor([[0.30, 0.01, 0.20, 0.05, 0.10, 0.02, 0.32]])
+    image_mask = torch.tensor([[False, True, True, True, True, True, False]])
+    valid = torch.ones_like(image_mask)
+    keep = FastV(layer=2, keep=0.4).select(scores, image_mask, valid)  # 5 image tokens -> keep 2: idx 2 and 4
+    assert keep.tolist() == [[True, False, True, False, True, False, True]]
+
+
+def test_fastv_ignores_padding_when_counting():
+    scores = torch.tensor([[0.9, 0.9, 0.1, 0.5, 0.2, 0.3]])
+    image_mask = torch.tensor([[True, True, True, True, True, False]])
+    valid = torch.tensor([[False, False, True, True, True, True]])  # the first two are left padding
+    keep = FastV(layer=2, keep=0.34).select(scores, image_mask, valid)  # 3 real image tokens -> keep 1 (idx 3)
+    assert keep[0, 2:].tolist() == [False, True, False, True]

@@ -1,0 +1,105 @@
+"""``vlmfast`` command line: generate, bench, policies, methods."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import VlmfastError
+
+
+def _generate(a) -> int:
+    from .accelerator import VLMAccelerator
+
+    policy = None if a.policy == "none" else a.policy
+    acc = VLMAccelerator.from_pretrained(a.model, policy=policy, local_files_only=a.local_files_only)
+    out = acc.generate(images=a.image or None, prompt=a.prompt, max_new_tokens=a.max_new_tokens,
+                       do_sample=a.temperature > 0, temperature=a.temperature or 1.0, top_p=a.top_p, seed=a.seed)
+    if a.json:
+        print(json.dumps({"text": out.text, "policy": acc.policy.to_dict(), "stats": out.stats.to_dict()}, indent=2))
+    else:
+        print(f"policy: {acc.policy.describe()}  [{acc.policy_origin}]")
+        print(f"answer: {out.text}\n")
+        print(out.stats.table())
+    return 0
+
+
+def _bench(a) -> int:
+    from .eval import bench_prefill
+
+    spec = bench_prefill.quick_spec() if a.quick else bench_prefill.PROXY
+    rows = bench_prefill.run(a.json, spec=spec, repeats=a.repeats, decode_tokens=a.decode_tokens,
+                             keeps=tuple(a.keep), threads=a.threads)
+    print(bench_prefill.table(rows, markdown=a.markdown))
+    if a.json:
+        print(f"\nwrote {a.json}")
+    return 0
+
+
+def _policies(a) -> int:
+    from .policy import load_policy, shipped_policies
+
+    for name, path in shipped_policies().items():
+        pol = load_policy(path)
+        print(f"{name:<16} {pol.describe()}\n{'':<16} {pol.description}")
+    return 0
+
+
+def _methods(a) -> int:
+    import dataclasses
+
+    from .registry import available, get_method
+
+    for name in available():
+        cls = get_method(name)
+        fields = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls))
+        print(f"{name:<8} [{cls.stage}]  {fields}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vlmfast", description="Faster, more trustworthy VLM inference by policy.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="answer a prompt about images with a policy, print the answer and stats")
+    g.add_argument("--model", required=True, help="hub id, local folder, or zoo name (tiny-random-llava, ...)")
+    g.add_argument("--image", action="append", help="image file (repeat for several)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--policy", default="auto", help="shipped name, YAML path, 'auto' (default) or 'none'")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--local-files-only", action="store_true")
+    g.add_argument("--json", action="store_true", help="print a JSON object instead of a table")
+    g.set_defaults(func=_generate)
+
+    b = sub.add_parser("bench", help="benchmarks (speed ratios measured side by side in one run)")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    bp = bsub.add_parser("prefill", help="full vs. FoPru and FastV prefill on a LLaVA-1.5-shaped proxy")
+    bp.add_argument("--json", help="write the rows as JSON to this path")
+    bp.add_argument("--repeats", type=int, default=5)
+    bp.add_argument("--decode-tokens", type=int, default=8)
+    bp.add_argument("--keep", type=float, nargs="+", default=[0.5, 0.25, 0.1])
+    bp.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    bp.add_argument("--quick", action="store_true", help="a tiny proxy (seconds; for smoke tests only)")
+    bp.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    bp.set_defaults(func=_bench)
+
+    sub.add_parser("policies", help="list shipped policies").set_defaults(func=_policies)
+    sub.add_parser("methods", help="list registered methods and their hyper-parameters").set_defaults(func=_methods)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except VlmfastError as e:
+        print(f"vlmfast: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

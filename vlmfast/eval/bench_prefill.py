@@ -1,0 +1,166 @@
+"""``vlmfast bench prefill``: full vs. FoPru and FastV, side by side in one process, on a LLaVA-1.5-shaped proxy.
+
+The proxy has LLaVA-1.5's layout (CLIP tower at 336 px / patch 14 -> 576 visual tokens + CLS, features from
+layer -2, a 2-layer projector, a Llama decoder with multi-head attention) at a width and depth that make one
+prefill take about a second on 2 CPU cores. Weights are random: this measures speed, not accuracy.
+
+Every configuration runs in the same process, interleaved round-robin over repeats (the machine is shared and
+noisy), and each row reports the median. ``speedup`` = full prefill time / this prefill time, measured in
+this run; ``ideal_speedup`` = FLOPs of the full prefill / FLOPs of this one (vision tower included in both,
+pruning's own scoring included in the pruned one), so ``speedup / ideal_speedup`` is the efficiency.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..accelerator import VLMAccelerator
+from ..policy import Policy
+from ..pruners import FastV, FoPru
+from ..zoo.tiny import TinySpec, tiny_llava
+
+PROMPT = (
+    "describe this picture in detail : what objects do you see , what colour and shape is each object , "
+    "where is each object in the scene , left or right , top or bottom , how many objects are there , "
+    "and is there a red circle next to a blue square ? please answer briefly"
+)
+
+#: LLaVA-1.5 layout at CPU-sized width/depth (see module docstring).
+PROXY = TinySpec(hidden=1024, layers=12, heads=16, kv_heads=16, intermediate=2816,
+                 vision_hidden=384, vision_layers=6, vision_heads=6, image_size=336, patch=14, seed=0)
+QUICK = TinySpec(hidden=64, layers=4, heads=4, kv_heads=4, intermediate=128,
+                 vision_hidden=32, vision_layers=3, vision_heads=4, image_size=112, patch=14, seed=0)
+
+
+@dataclass
+class Config:
+    method: str
+    keep: float
+    policy: Policy
+
+
+def configs(keeps=(0.5, 0.25, 0.1), fastv_layer: int = 2) -> list[Config]:
+    out = [Config("full", 1.0, Policy(source="<full>"))]
+    out += [Config("fopru", k, Policy([FoPru(keep=k)], source=f"fopru@{k}")) for k in keeps]
+    out += [Config("fastv", k, Policy([FastV(layer=fastv_layer, keep=k)], source=f"fastv@{k}")) for k in keeps]
+    return out
+
+
+# -- FLOPs (multiply-add = 2) -------------------------------------------------------------------------------
+def vision_flops(model) -> float:
+    vc = model.config.vision_config
+    n = (vc.image_size // vc.patch_size) ** 2 + 1
+    d, ff, layers = vc.hidden_size, vc.intermediate_size, vc.num_hidden_layers
+    per_layer = 2 * n * (4 * d * d + 2 * d * ff) + 4 * n * n * d
+    tc = model.config.text_config
+    projector = 2 * (n - 1) * (d * tc.hidden_size + tc.hidden_size * tc.hidden_size)
+    return layers * per_layer + projector
+
+
+def llm_layer_flops(model, n: int) -> float:
+    tc = model.config.text_config
+    d, ff = tc.hidden_size, tc.intermediate_size
+    hd = d // tc.num_attention_heads
+    q, kv = tc.num_attention_heads * hd, tc.num_key_value_heads * hd
+    linear = 2 * n * (d * q + 2 * d * kv + q * d + 3 * d * ff)
+    attn = 2 * n * n * q  # QK^T and AV over the causal half: 2 * (2 * n^2/2 * q)
+    return linear + attn
+
+
+def scoring_flops(model) -> float:
+    """FoPru reads one vision layer's attention: q, k projections and softmax(qk^T) over N+1 tokens."""
+    vc = model.config.vision_config
+    n = (vc.image_size // vc.patch_size) ** 2 + 1
+    return 2 * n * 2 * vc.hidden_size ** 2 + 2 * n * n * vc.hidden_size
+
+
+def prefill_flops(model, text_tokens: int, visual_in: int, cfg: Config, kept: int) -> float:
+    layers = model.config.text_config.num_hidden_layers
+    vis = vision_flops(model)
+    full = text_tokens + visual_in
+    if cfg.method == "full":
+        return vis + layers * llm_layer_flops(model, full)
+    if cfg.method == "fopru":
+        return vis + scoring_flops(model) + layers * llm_layer_flops(model, text_tokens + kept)
+    k = cfg.policy.layer_pruners[0].layer
+    return vis + k * llm_layer_flops(model, full) + (layers - k) * llm_layer_flops(model, text_tokens + kept)
+
+
+def build_proxy(spec: TinySpec = PROXY):
+    model, processor = tiny_llava(spec)
+    model.generation_config.eos_token_id = None  # random weights: never stop early, decode a fixed length
+    return model, processor
+
+
+def run(json_path: str | Path | None = None, *, spec: TinySpec = PROXY, repeats: int = 5, decode_tokens: int = 8,
+        keeps=(0.5, 0.25, 0.1), threads: int | None = None, progress: bool = True) -> list[dict]:
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model, processor = build_proxy(spec)
+    image = Image.fromarray((np.random.default_rng(0).random((spec.image_size, spec.image_size, 3)) * 255).astype("uint8"))
+    cfgs = configs(keeps)
+    accs = {id(c): VLMAccelerator(model, processor, policy=c.policy) for c in cfgs}
+    results: dict[int, list] = {id(c): [] for c in cfgs}
+    for c in cfgs:  # warm-up
+        accs[id(c)].generate(images=[image], prompt=PROMPT, max_new_tokens=2)
+    total = repeats * len(cfgs)
+    with tqdm(total=total, desc="bench prefill", disable=not progress) as bar:
+        for _ in range(repeats):
+            for c in cfgs:
+                out = accs[id(c)].generate(images=[image], prompt=PROMPT, max_new_tokens=decode_tokens + 1)
+                results[id(c)].append(out.stats)
+                bar.update(1)
+    rows = []
+    full_stats = results[id(cfgs[0])]
+    full_prefill = statistics.median(s.prefill_s for s in full_stats)
+    seq_len = len(processor(images=[image], text=[accs[id(cfgs[0])].adapter.prompt_text(processor, PROMPT, 1)])["input_ids"][0])
+    visual_in = full_stats[0].visual_tokens_in
+    text_tokens = seq_len - visual_in
+    f_full = prefill_flops(model, text_tokens, visual_in, cfgs[0], visual_in)
+    for c in cfgs:
+        st = results[id(c)]
+        prefill = statistics.median(s.prefill_s for s in st)
+        kept = st[0].visual_tokens_final
+        overhead = statistics.median(s.scoring_s for s in st)
+        rows.append({
+            "method": c.method, "keep": c.keep, "visual_tokens_in": visual_in,
+            "visual_tokens_kept": kept, "layer_avg_visual_tokens": round(st[0].layer_avg_visual_tokens, 1),
+            "prefill_s": round(prefill, 4), "speedup": round(full_prefill / prefill, 3),
+            "ideal_speedup": round(f_full / prefill_flops(model, text_tokens, visual_in, c, kept), 3),
+            "overhead_s": round(overhead, 4), "overhead_pct_of_full": round(100 * overhead / full_prefill, 2),
+            "decode_ms_per_token": round(statistics.median(s.decode_ms_per_token for s in st), 2),
+            "kv_bytes": st[0].kv_bytes, "seq_len": seq_len, "repeats": repeats,
+        })
+        rows[-1]["efficiency"] = round(rows[-1]["speedup"] / rows[-1]["ideal_speedup"], 3)
+    if json_path:
+        Path(json_path).write_text(json.dumps(rows, indent=2))
+    return rows
+
+
+COLUMNS = [("method", "method"), ("keep", "keep"), ("visual_tokens_kept", "vis kept"),
+           ("prefill_s", "prefill s"), ("speedup", "speedup"), ("ideal_speedup", "ideal"), ("efficiency", "eff"),
+           ("overhead_pct_of_full", "overhead %"), ("decode_ms_per_token", "decode ms/tok"), ("kv_bytes", "KV bytes")]
+
+
+def table(rows: list[dict], markdown: bool = False) -> str:
+    head = [h for _, h in COLUMNS]
+    body = [[f"{r[k]:,}" if k == "kv_bytes" else str(r[k]) for k, _ in COLUMNS] for r in rows]
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body])
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
+    fmt = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(b) for b in body])
+
+
+def quick_spec() -> TinySpec:
+    return replace(QUICK)
