@@ -41,13 +41,13 @@ class AttentionSession:
             return sys.modules[type(module).__module__].eager_attention_forward
         return ALL_ATTENTION_FUNCTIONS[self.base]
 
-    def __call__(self, module, query, key, value, attention_mask, **kwargs):
+    def __call__(self, module, query, key, value, attention_mask=None, **kwargs):
         for fn in self.observers.get(getattr(module, "layer_idx", -1), ()):
             fn(module, query, key, attention_mask)
         return self.base_function(module)(module, query, key, value, attention_mask, **kwargs)
 
 
-def vlmfast_attention(module, query, key, value, attention_mask, **kwargs):
+def vlmfast_attention(module, query, key, value, attention_mask=None, **kwargs):
     session = _ACTIVE.get()
     if session is None:
         raise RuntimeError(

@@ -1,0 +1,126 @@
+"""The mechanisms under the pruners, checked against independent computations."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from conftest import make_image
+from vlmfast import FastV, Policy, VLMAccelerator
+from vlmfast.adapters import adapter_for
+
+PROMPT = "what is in the image ?"
+
+
+def eager_vision_attention(model, family, inputs, layer):
+    """Head-mean attention of one vision layer from transformers' own eager attention function, recorded
+    through a registered attention implementation (independent of the adapter's recomputation)."""
+    from transformers import AttentionInterface
+
+    adapter = adapter_for(model)
+    eager = sys.modules[type(adapter.vision_layers[0]).__module__].eager_attention_forward
+    block = adapter.vision_layers[layer]
+    target = block.self_attn if family == "llava" else block.attn
+    seen = []
+
+    def recording(module, q, k, v, attention_mask=None, **kw):
+        kw.pop("is_causal", None)
+        out, w = eager(module, q, k, v, attention_mask, **kw)
+        if module is target:
+            seen.extend(w.mean(1).unbind(0))
+        return out, w
+
+    AttentionInterface.register("test_recording", recording)
+    base = model.config.vision_config._attn_implementation
+    model.set_attn_implementation({"vision_config": "test_recording"})
+    try:
+        with torch.inference_mode():
+            if family == "llava":
+                model.model.vision_tower(inputs["pixel_values"])
+            else:
+                model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+    finally:
+        model.set_attn_implementation({"vision_config": base})
+    return seen
+
+
+def test_captured_vision_attention_matches_eager(tiny, family):
+    model, processor = tiny
+    adapter = adapter_for(model)
+    imgs = [make_image(1), make_image(2)]
+    inputs = adapter.prepare(processor, [imgs], [PROMPT])
+    layer = adapter.default_vision_layer()
+    with torch.inference_mode():
+        toks = adapter.image_tokens(inputs, layer)
+    ref = eager_vision_attention(model, family, inputs, layer)
+    assert len(ref) == len(toks) == 2
+    for t, r in zip(toks, ref):
+        if family == "llava":  # CLS row/column split off
+            assert torch.allclose(t.attention, r[1:, 1:], atol=1e-5)
+            assert torch.allclose(t.cls_attention, r[0, 1:], atol=1e-5)
+        else:  # Qwen2-VL runs each image as its own chunk; 4 patches per merged token
+            assert torch.allclose(t.attention, r, atol=1e-5)
+            assert t.patches_per_token == 4 and t.attention.shape[0] == 4 * t.n_tokens
+
+
+def test_fastv_equals_manual_layer_by_layer_pruning(models):
+    """FastV via hooks == running layers 0..K-1 on the full sequence, ranking by eager attention of layer K-1,
+    and running layers K.. by hand on the kept tokens with their original positions."""
+    model, processor = models["llava"]
+    K, keep = 2, 0.25
+    acc = VLMAccelerator(model, processor, policy=Policy([FastV(layer=K, keep=keep)]))
+    img = make_image(3)
+    lm = acc.adapter.language_model
+    captured = {}
+    h = lm.norm.register_forward_hook(lambda m, a, o: captured.setdefault("final", o.clone()))
+    try:
+        acc.generate(images=[img], prompt=PROMPT, max_new_tokens=1)
+    finally:
+        h.remove()
+
+    inputs = acc.adapter.prepare(processor, [[img]], [PROMPT])
+    image_mask = acc.adapter.image_token_mask(inputs)[0]
+    model.set_attn_implementation({"text_config": "eager"})
+    try:
+        with torch.inference_mode():
+            out = model(**inputs, output_hidden_states=True, output_attentions=True)
+    finally:
+        model.set_attn_implementation({"text_config": "sdpa"})
+    scores = out.attentions[K - 1][0, :, -1].mean(0)
+    img_idx = image_mask.nonzero().squeeze(1)
+    n = int(len(img_idx) * keep)
+    top = img_idx[scores[img_idx].topk(n).indices]
+    kept = torch.cat([(~image_mask).nonzero().squeeze(1), top]).sort().values
+    with torch.inference_mode():
+        x = out.hidden_states[K][:, kept]
+        pos = kept[None]
+        cos_sin = lm.rotary_emb(x, pos)
+        for layer in lm.layers[K:]:
+            x = layer(x, attention_mask=None, position_embeddings=cos_sin, position_ids=pos)
+        final = lm.norm(x)
+    assert captured["final"].shape == final.shape
+    assert torch.allclose(captured["final"], final, atol=1e-4)
+
+
+def test_fastv_kv_cache_is_shorter_from_layer_k(models):
+    model, processor = models["qwen2_vl"]
+    acc = VLMAccelerator(model, processor, policy=Policy([FastV(layer=2, keep=0.25)]))
+    lengths = []
+    orig = model.forward
+
+    def spy(*a, **k):
+        out = orig(*a, **k)
+        if not lengths:
+            lengths.extend(layer.keys.shape[2] for layer in out.past_key_values.layers)
+        return out
+
+    model.forward = spy
+    try:
+        out = acc.generate(images=[make_image(4)], prompt=PROMPT, max_new_tokens=2)
+    finally:
+        del model.forward
+    dropped = out.stats.visual_tokens_in - out.stats.visual_tokens_final
+    assert dropped > 0
+    assert lengths[0] == lengths[1] and all(n == lengths[0] - dropped for n in lengths[2:])
+    assert out.stats.layer_avg_visual_tokens == (2 * out.stats.visual_tokens_in + 2 * out.stats.visual_tokens_final) / 4
