@@ -142,6 +142,7 @@ def run(json_path: str | Path | None = None, *, spec: TinySpec = PROXY, repeats:
         })
         rows[-1]["efficiency"] = round(rows[-1]["speedup"] / rows[-1]["ideal_speedup"], 3)
     if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(rows, indent=2))
     return rows
 
