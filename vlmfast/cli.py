@@ -37,6 +37,18 @@ def _bench(a) -> int:
     return 0
 
 
+def _eval(a) -> int:
+    from .eval import shapes_eval
+
+    policy = None if a.policy == "none" else a.policy
+    res = shapes_eval.run(a.model, policy, a.split, a.limit, a.task.split(","), a.json, blank=a.blank,
+                          batch=a.batch_size)
+    print(shapes_eval.table(res))
+    if a.json:
+        print(f"\nwrote {a.json}")
+    return 0
+
+
 def _policies(a) -> int:
     from .policy import load_policy, shipped_policies
 
@@ -86,6 +98,19 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--quick", action="store_true", help="a tiny proxy (seconds; for smoke tests only)")
     bp.add_argument("--markdown", action="store_true", help="print a Markdown table")
     bp.set_defaults(func=_bench)
+
+    e = sub.add_parser("eval", help="accuracy / hallucination evaluations")
+    esub = e.add_subparsers(dest="eval", required=True)
+    es = esub.add_parser("shapes", help="VQA, POPE and CHAIR on ShapesWorld (offline)")
+    es.add_argument("--model", default="tiny-llava-shapes")
+    es.add_argument("--policy", default="none", help="shipped name, YAML path, 'auto' or 'none' (default)")
+    es.add_argument("--split", default="test", choices=["train", "dev", "test"])
+    es.add_argument("--limit", type=int, default=200, help="number of scenes")
+    es.add_argument("--task", default="vqa,pope,chair", help="comma-separated subset of vqa,pope,chair")
+    es.add_argument("--blank", action="store_true", help="replace images by a gray image (chance control)")
+    es.add_argument("--batch-size", type=int, default=16)
+    es.add_argument("--json", help="write the metrics as JSON to this path")
+    es.set_defaults(func=_eval)
 
     sub.add_parser("policies", help="list shipped policies").set_defaults(func=_policies)
     sub.add_parser("methods", help="list registered methods and their hyper-parameters").set_defaults(func=_methods)

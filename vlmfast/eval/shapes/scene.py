@@ -9,7 +9,7 @@ A scene is sampled from ``numpy.random.default_rng(seed)`` alone (never the glob
    inside the image, and a rotation of at most +-20 degrees. Objects are drawn in order, later
    over earlier. A placement is rejected (and re-drawn, smaller as attempts fail) when it would
    leave an earlier object with less than :data:`MIN_VISIBLE_FRACTION` of its own full mask
-   visible, split an earlier object's visible part into pieces, or bring two objects of the same
+   visible, split an earlier object's visible part into pieces (8-connectivity), or bring two objects of the same
    colour close enough to touch (they would merge into one blob).
 
 Geometry is sampled in normalised coordinates and validated on a :data:`CANONICAL_SIZE` raster, so
@@ -224,7 +224,10 @@ def _rasterize(spec: ShapeSpec, size: int) -> _Raster:
 
 
 def _is_connected(mask: np.ndarray) -> bool:
-    """Whether the True pixels of ``mask`` form one 4-connected component (union-find on row runs)."""
+    """Whether the True pixels of ``mask`` form one 8-connected component (union-find on row runs).
+
+    8- rather than 4-connectivity because PIL rasterises sharp polygon tips (stars, triangles) with
+    pixels that touch the rest of the shape only diagonally."""
     h, w = mask.shape
     padded = np.zeros((h, w + 2), dtype=np.int8)
     padded[:, 1:-1] = mask
@@ -248,7 +251,7 @@ def _is_connected(mask: np.ndarray) -> bool:
         i, i_end = row_start[y - 1], row_start[y]
         j, j_end = row_start[y], row_start[y + 1]
         while i < i_end and j < j_end:
-            if sx[i] < ex[j] and sx[j] < ex[i]:  # runs overlap in x: 4-connected
+            if sx[i] <= ex[j] and sx[j] <= ex[i]:  # runs overlap or touch diagonally: 8-connected
                 a, b = find(i), find(j)
                 if a != b:
                     parent[a] = b

@@ -77,7 +77,7 @@ def _shape_questions(scene: Scene, rng: np.random.Generator) -> list[tuple[str, 
 
 def _count_questions(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str, tuple[int, ...]]]:
     objs = scene.objects
-    out = []
+    out = [("how many objects are there ?", NUMBER_WORDS[len(objs)], tuple(range(len(objs))))]
     for s in SHAPES:
         idx = tuple(i for i, o in enumerate(objs) if o.shape == s)
         if idx:
@@ -149,7 +149,8 @@ def vqa_items(scene: Scene, types: Iterable[str] = QUESTION_TYPES, max_per_type:
 
     - ``color``: "what colour is the <shape> ?" -- only for shapes that occur once.
     - ``shape``: "what shape is the <colour> object ?" -- only for colours that occur once.
-    - ``count``: "how many <shapes> are there ?" / "how many <colour> objects are there ?" for every
+    - ``count``: "how many objects are there ?" (uniform over one..eight), then
+      "how many <shapes> are there ?" / "how many <colour> objects are there ?" for every
       present shape and colour, plus (probability :data:`ZERO_COUNT_PROB`) one about an absent
       shape or colour, answered ``zero``. Answers are ``NUMBER_WORDS``.
     - ``position``: "where is the <colour> <shape> ?" -> "<row> <col>" of the centroid's 3x3 cell,
@@ -163,11 +164,11 @@ def vqa_items(scene: Scene, types: Iterable[str] = QUESTION_TYPES, max_per_type:
         if t not in _GENERATORS:
             raise ValueError(f"unknown question type {t!r}; expected one of {QUESTION_TYPES}")
         rng = _rng(scene.seed, _VQA_STREAM, QUESTION_TYPES.index(t))
-        qs = _GENERATORS[t](scene, rng)
+        qs = list(enumerate(_GENERATORS[t](scene, rng)))  # qid numbering is kept when subsampling
         if max_per_type is not None and len(qs) > max_per_type:
             keep = sorted(rng.choice(len(qs), size=max_per_type, replace=False).tolist())
             qs = [qs[k] for k in keep]
-        items.extend(VQAItem(f"{scene.seed}:{t}:{k}", scene.seed, t, q, a, tg) for k, (q, a, tg) in enumerate(qs))
+        items.extend(VQAItem(f"{scene.seed}:{t}:{k}", scene.seed, t, q, a, tg) for k, (q, a, tg) in qs)
     return items
 
 

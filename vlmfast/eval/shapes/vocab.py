@@ -17,12 +17,12 @@ SHAPE_PLURALS: dict[str, str] = {
 """Plural of each shape word (used in count questions and captions)."""
 
 COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30),
+    "red": (210, 25, 35),
     "green": (30, 170, 60),
     "blue": (30, 80, 230),
-    "yellow": (245, 215, 0),
+    "yellow": (250, 240, 40),
     "purple": (150, 50, 190),
-    "orange": (250, 130, 0),
+    "orange": (255, 140, 0),
     "white": (255, 255, 255),
     "black": (0, 0, 0),
 }

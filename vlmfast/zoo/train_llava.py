@@ -1,0 +1,357 @@
+"""Train ``tiny-llava-shapes`` on ShapesWorld: ``python -m vlmfast.zoo.train_llava --out DIR``.
+
+Two stages, deterministic given ``--seed``, resumable (``--resume``) from ``DIR/ckpt.pt``:
+
+A. **Vision tower** with dense per-patch supervision from ShapesWorld's masks: for each of the 12x12
+   patches, the colour and shape of the object covering it (or background), whether the object's centre
+   point falls in it, and which third of the image (row, column) the patch lies in. Linear heads read the
+   layer LLaVA feeds to the projector (-2), so those facts become linearly readable there.
+B. **Projector + language model** with the tower frozen, on multi-turn conversations: each image comes
+   with several question/answer turns drawn evenly from the task types (POPE existence probes of the three
+   splits, colour, shape, count, position, left-of, captions). Loss on answer tokens only.
+
+Data are generated on the fly from train-split seeds (never dev/test); a fixed dev set is scored with
+teacher forcing every ``--eval-every`` steps and logged to ``DIR/log.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..eval.shapes import (
+    COLOR_NAMES, POPE_SPLITS, QUESTION_TYPES, SHAPES, caption, generate_scene, pope_items, split_seeds, vqa_items,
+)
+from .llava_shapes import LlavaShapesConfig, build_model, build_processor
+
+CAPTION_PROMPT = "what objects are in the image ?"
+TASKS = ("pope", *QUESTION_TYPES, "caption")
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    threads: int = 2
+    vision_steps: int = 500
+    vision_batch: int = 32
+    vision_lr: float = 1e-3
+    lm_steps: int = 5000
+    lm_batch: int = 16
+    turns: int = 4
+    lm_lr: float = 5e-4
+    warmup: int = 200
+    weight_decay: float = 0.01
+    eval_every: int = 250
+    ckpt_every: int = 100
+    dev_items: int = 60  # per task type
+    model: LlavaShapesConfig = field(default_factory=LlavaShapesConfig)
+
+
+# ----------------------------------------------------------------------------------------------- data
+def patch_targets(scene, grid: int) -> dict[str, np.ndarray]:
+    """Per-patch labels (grid x grid): colour/shape of the majority object (0 = background), centre flag,
+    row and column third."""
+    size = scene.size
+    p = size // grid
+    color = np.zeros((grid, grid), np.int64)
+    shape = np.zeros((grid, grid), np.int64)
+    best = np.full((grid, grid), 0.3)  # an object must cover >= 30% of a patch to label it
+    centre = np.zeros((grid, grid), np.int64)
+    for o in scene.objects:
+        cover = o.mask[: p * grid, : p * grid].reshape(grid, p, grid, p).mean((1, 3))
+        win = cover > best
+        best = np.where(win, cover, best)
+        color[win] = COLOR_NAMES.index(o.color) + 1
+        shape[win] = SHAPES.index(o.shape) + 1
+        ys, xs = np.nonzero(o.mask)
+        cx, cy = o.center
+        k = np.argmin((xs - cx) ** 2 + (ys - cy) ** 2)  # nearest visible pixel to the centroid
+        centre[min(grid - 1, ys[k] // p), min(grid - 1, xs[k] // p)] = 1
+    idx = np.arange(grid) * 3 // grid
+    return {"color": color, "shape": shape, "centre": centre,
+            "row": np.repeat(idx[:, None], grid, 1), "col": np.repeat(idx[None, :], grid, 0)}
+
+
+HEADS = {"color": 1 + len(COLOR_NAMES), "shape": 1 + len(SHAPES), "centre": 2, "row": 3, "col": 3}
+
+
+def qa_pool(scene, rng: np.random.Generator) -> dict[str, list[tuple[str, str]]]:
+    pool: dict[str, list[tuple[str, str]]] = {t: [] for t in TASKS}
+    for it in vqa_items(scene):
+        pool[it.type].append((it.question, it.answer))
+    split = POPE_SPLITS[int(rng.integers(len(POPE_SPLITS)))]
+    pool["pope"] = [(it.question, it.answer) for it in pope_items(scene, split)]
+    pool["caption"] = [(CAPTION_PROMPT, caption(scene))]
+    return {t: v for t, v in pool.items() if v}
+
+
+class Encoder:
+    """Builds token ids in the exact layout the processor + chat template produce at inference."""
+
+    def __init__(self, processor, grid: int):
+        self.tok = processor.tokenizer
+        self.vocab = self.tok.get_vocab()
+        self.image = [self.vocab["<image>"]] * (grid * grid)
+        self.eos = self.vocab["</s>"]
+        self.user = self.ids("USER :")
+        self.assistant = self.ids("ASSISTANT :")
+
+    def ids(self, text: str) -> list[int]:
+        return [self.vocab[w] for w in text.split()]
+
+    def conversation(self, turns: list[tuple[str, str]]) -> tuple[list[int], list[int]]:
+        ids, labels = list(self.user) + self.image, [-100] * (len(self.user) + len(self.image))
+        for k, (q, a) in enumerate(turns):
+            prefix = (self.user if k else []) + self.ids(q) + self.assistant
+            answer = self.ids(a) + [self.eos]
+            ids += prefix + answer
+            labels += [-100] * len(prefix) + answer
+        return ids, labels
+
+
+def pad_batch(seqs: list[list[int]], value: int) -> torch.Tensor:
+    n = max(len(s) for s in seqs)
+    return torch.tensor([s + [value] * (n - len(s)) for s in seqs])
+
+
+# ----------------------------------------------------------------------------------------------- training
+class Trainer:
+    def __init__(self, cfg: TrainConfig, out: Path):
+        self.cfg, self.out = cfg, out
+        torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        self.processor = build_processor(cfg.model)
+        self.model = build_model(cfg.model, seed=cfg.seed)
+        self.enc = Encoder(self.processor, cfg.model.grid)
+        d = cfg.model.vision_hidden
+        torch.manual_seed(cfg.seed + 1)
+        self.heads = torch.nn.ModuleDict({k: torch.nn.Linear(d, n) for k, n in HEADS.items()})
+        self.stage, self.step = "vision", 0
+        self.opt = self._optimizer()
+        self.history: list[dict] = []
+        self.dev = self._dev_set()
+
+    def _optimizer(self):
+        if self.stage == "vision":
+            params = list(self.model.model.vision_tower.parameters()) + list(self.heads.parameters())
+            lr = self.cfg.vision_lr
+        else:
+            params = [p for n, p in self.model.named_parameters() if "vision_tower" not in n]
+            lr = self.cfg.lm_lr
+        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=self.cfg.weight_decay)
+
+    def lr_at(self, step: int, total: int, base: float) -> float:
+        if step < self.cfg.warmup:
+            return base * (step + 1) / self.cfg.warmup
+        t = (step - self.cfg.warmup) / max(1, total - self.cfg.warmup)
+        return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+    def pixels(self, scenes) -> torch.Tensor:
+        return self.processor.image_processor([s.image for s in scenes], return_tensors="pt")["pixel_values"]
+
+    def scenes(self, step: int, batch: int, stream: int):
+        start = (stream * 1_000_000 + step * batch) % (10_000_000 - batch)
+        return [generate_scene(s) for s in split_seeds("train", batch, start=start)]
+
+    # -- stage A
+    def vision_step(self) -> dict:
+        cfg = self.cfg
+        scenes = self.scenes(self.step, cfg.vision_batch, stream=0)
+        px = self.pixels(scenes)
+        targets = [patch_targets(s, cfg.model.grid) for s in scenes]
+        hs = self.model.model.vision_tower(px, output_hidden_states=True).hidden_states[-2][:, 1:]
+        loss, acc = 0.0, {}
+        for k, head in self.heads.items():
+            y = torch.from_numpy(np.stack([t[k] for t in targets]).reshape(len(scenes), -1))
+            logits = head(hs)
+            loss = loss + F.cross_entropy(logits.flatten(0, 1), y.flatten())
+            acc[k] = float((logits.argmax(-1) == y).float().mean())
+        fg = torch.from_numpy(np.stack([t["color"] for t in targets]).reshape(len(scenes), -1)) > 0
+        acc["color_fg"] = float((self.heads["color"](hs).argmax(-1)[fg] ==
+                                 torch.from_numpy(np.stack([t["color"] for t in targets]).reshape(len(scenes), -1))[fg]).float().mean())
+        return {"loss": loss, **{f"acc_{k}": v for k, v in acc.items()}}
+
+    # -- stage B
+    def lm_batch(self, step: int, batch: int, turns: int):
+        scenes = self.scenes(step, batch, stream=1)
+        rng = np.random.default_rng((self.cfg.seed, step))
+        seqs, labels = [], []
+        for s in scenes:
+            pool = qa_pool(s, rng)
+            types = list(pool)
+            chosen = []
+            for _ in range(turns):
+                t = types[int(rng.integers(len(types)))]
+                chosen.append(pool[t][int(rng.integers(len(pool[t])))])
+            ids, lab = self.enc.conversation(chosen)
+            seqs.append(ids)
+            labels.append(lab)
+        return scenes, seqs, labels
+
+    def lm_forward(self, px, seqs, labels):
+        model = self.model
+        pad = self.enc.vocab["<pad>"]
+        ids = pad_batch(seqs, pad)
+        lab = pad_batch(labels, -100)
+        mask = pad_batch([[1] * len(s) for s in seqs], 0)
+        with torch.no_grad():
+            hs = model.model.vision_tower(px, output_hidden_states=True).hidden_states[-2][:, 1:]
+        feats = model.model.multi_modal_projector(hs)
+        embeds = model.get_input_embeddings()(ids)
+        image_mask = (ids == model.config.image_token_id).unsqueeze(-1)
+        embeds = embeds.masked_scatter(image_mask, feats.reshape(-1, feats.shape[-1]).to(embeds.dtype))
+        out = model.model.language_model(inputs_embeds=embeds, attention_mask=mask)
+        logits = model.lm_head(out.last_hidden_state)
+        return logits, lab
+
+    def lm_step(self) -> dict:
+        scenes, seqs, labels = self.lm_batch(self.step, self.cfg.lm_batch, self.cfg.turns)
+        logits, lab = self.lm_forward(self.pixels(scenes), seqs, labels)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), lab[:, 1:].flatten(), ignore_index=-100)
+        return {"loss": loss}
+
+    def _dev_set(self):
+        items = {t: [] for t in TASKS}
+        seeds = split_seeds("dev", 400)
+        rng = np.random.default_rng(12345)
+        for seed in seeds:
+            s = generate_scene(seed)
+            for t, qs in qa_pool(s, rng).items():
+                if len(items[t]) < self.cfg.dev_items:
+                    items[t].append((s, qs[int(rng.integers(len(qs)))]))
+            if all(len(v) >= self.cfg.dev_items for v in items.values()):
+                break
+        return items
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Teacher-forced exact match of whole answers on the fixed dev set, per task type."""
+        self.model.eval()
+        res = {}
+        for t, items in self.dev.items():
+            hits = 0
+            for i in range(0, len(items), 32):
+                chunk = items[i:i + 32]
+                seqs, labels = zip(*(self.enc.conversation([qa]) for _, qa in chunk))
+                logits, lab = self.lm_forward(self.pixels([s for s, _ in chunk]), list(seqs), list(labels))
+                pred = logits[:, :-1].argmax(-1)
+                tgt = lab[:, 1:]
+                ok = ((pred == tgt) | (tgt == -100)).all(1)
+                hits += int(ok.sum())
+            res[t] = hits / len(items)
+        res["mean"] = float(np.mean([res[t] for t in TASKS]))
+        self.model.train()
+        return res
+
+    # -- loop, checkpoints
+    def save(self):
+        tmp = self.out / "ckpt.pt.tmp"
+        torch.save({"stage": self.stage, "step": self.step, "model": self.model.state_dict(),
+                    "heads": self.heads.state_dict(), "opt": self.opt.state_dict(),
+                    "rng": torch.get_rng_state(), "history": self.history, "config": asdict(self.cfg)}, tmp)
+        os.replace(tmp, self.out / "ckpt.pt")
+
+    def load(self):
+        ck = torch.load(self.out / "ckpt.pt", weights_only=False)
+        self.model.load_state_dict(ck["model"])
+        self.heads.load_state_dict(ck["heads"])
+        self.stage, self.step, self.history = ck["stage"], ck["step"], ck["history"]
+        self.opt = self._optimizer()
+        self.opt.load_state_dict(ck["opt"])
+        torch.set_rng_state(ck["rng"])
+
+    def log(self, row: dict):
+        self.history.append(row)
+        with open(self.out / "log.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def run(self, max_minutes: float | None = None):
+        t0 = time.time()
+        self.model.train()
+        for stage, total, base in (("vision", self.cfg.vision_steps, self.cfg.vision_lr),
+                                   ("lm", self.cfg.lm_steps, self.cfg.lm_lr)):
+            if self.stage != stage:
+                if stage == "lm" and self.stage == "vision":
+                    continue
+                if stage == "vision":
+                    continue
+            bar = tqdm(total=total, initial=self.step, desc=f"stage {stage}")
+            while self.step < total:
+                for g in self.opt.param_groups:
+                    g["lr"] = self.lr_at(self.step, total, base)
+                m = self.vision_step() if stage == "vision" else self.lm_step()
+                self.opt.zero_grad(set_to_none=True)
+                m["loss"].backward()
+                torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], 1.0)
+                self.opt.step()
+                self.step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(m['loss']):.3f}")
+                row = {"stage": stage, "step": self.step, "time_s": round(time.time() - t0, 1),
+                       **{k: round(float(v), 4) for k, v in m.items()}}
+                if stage == "lm" and self.step % self.cfg.eval_every == 0:
+                    row["dev"] = self.evaluate()
+                    tqdm.write(f"step {self.step}: dev {json.dumps(row['dev'])}")
+                if self.step % 25 == 0 or "dev" in row:
+                    self.log(row)
+                if self.step % self.cfg.ckpt_every == 0:
+                    self.save()
+                if max_minutes is not None and time.time() - t0 > 60 * max_minutes:
+                    self.save()
+                    bar.close()
+                    return False
+            bar.close()
+            if stage == "vision":
+                self.stage, self.step = "lm", 0
+                self.opt = self._optimizer()
+                self.model.model.vision_tower.requires_grad_(False)
+                self.save()
+        self.save()
+        return True
+
+    def export(self, path: Path):
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.eval()
+        self.model.save_pretrained(path)
+        self.processor.save_pretrained(path)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
+    p.add_argument("--export", type=Path, default=None, help="save the final model here (save_pretrained)")
+    for f in ("vision_steps", "lm_steps", "lm_batch", "vision_batch", "turns", "eval_every", "ckpt_every",
+              "threads", "dev_items", "warmup"):
+        p.add_argument("--" + f.replace("_", "-"), type=int, default=None)
+    for f in ("lm_lr", "vision_lr"):
+        p.add_argument("--" + f.replace("_", "-"), type=float, default=None)
+    a = p.parse_args(argv)
+    cfg = TrainConfig(seed=a.seed, **{k: v for k, v in vars(a).items()
+                                       if k in TrainConfig.__dataclass_fields__ and k != "seed" and v is not None})
+    a.out.mkdir(parents=True, exist_ok=True)
+    tr = Trainer(cfg, a.out)
+    if a.resume and (a.out / "ckpt.pt").is_file():
+        tr.load()
+        if tr.stage == "lm":
+            tr.model.model.vision_tower.requires_grad_(False)
+    done = tr.run(a.minutes)
+    if done and a.export:
+        tr.export(a.export)
+    print(json.dumps({"done": done, "stage": tr.stage, "step": tr.step}))
+
+
+if __name__ == "__main__":
+    main()
