@@ -13,7 +13,14 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from ..errors import InputError
 from .tiny import tiny_llava, tiny_qwen2_vl
+
+WEIGHTS = Path(__file__).parent / "weights"
+#: name -> folder of committed weights (trained by the project's own scripts; see each MODEL_CARD.md)
+SHIPPED: dict[str, tuple[Path, str]] = {
+    "tiny-llava-shapes": (WEIGHTS / "tiny-llava-shapes", "python -m vlmfast.zoo.train_llava"),
+}
 
 #: name -> builder returning (model, processor); random weights, for mechanics and demos only.
 BUILT: dict[str, Callable] = {
@@ -27,6 +34,11 @@ def cache_dir() -> Path:
 
 
 def resolve(name: str) -> str:
+    if name in SHIPPED:
+        folder, how = SHIPPED[name]
+        if not (folder / "config.json").is_file():
+            raise InputError(f"zoo model {name!r} has no weights at {folder}; train them with `{how}`")
+        return str(folder)
     if name not in BUILT:
         return name
     target = cache_dir() / "zoo" / name
@@ -43,4 +55,4 @@ def resolve(name: str) -> str:
 
 
 def available() -> list[str]:
-    return sorted(BUILT)
+    return sorted([*BUILT, *SHIPPED])

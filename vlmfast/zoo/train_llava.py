@@ -280,11 +280,8 @@ class Trainer:
         self.model.train()
         for stage, total, base in (("vision", self.cfg.vision_steps, self.cfg.vision_lr),
                                    ("lm", self.cfg.lm_steps, self.cfg.lm_lr)):
-            if self.stage != stage:
-                if stage == "lm" and self.stage == "vision":
-                    continue
-                if stage == "vision":
-                    continue
+            if stage == "vision" and self.stage == "lm":
+                continue  # resumed after stage A
             bar = tqdm(total=total, initial=self.step, desc=f"stage {stage}")
             while self.step < total:
                 for g in self.opt.param_groups:

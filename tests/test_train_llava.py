@@ -1,0 +1,57 @@
+"""The tiny-llava-shapes training script cannot rot: labels, token layout, a few steps, resume."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from vlmfast.eval.shapes import COLOR_NAMES, SHAPES, generate_scene
+from vlmfast.zoo.llava_shapes import LlavaShapesConfig, build_processor
+from vlmfast.zoo.train_llava import Encoder, main, patch_targets
+
+TINY = ["--vision-steps", "2", "--lm-steps", "2", "--vision-batch", "2", "--lm-batch", "2", "--turns", "2",
+        "--eval-every", "2", "--ckpt-every", "1", "--dev-items", "1", "--warmup", "1", "--threads", "1"]
+
+
+def test_patch_targets_follow_the_masks():
+    scene = generate_scene(5)
+    t = patch_targets(scene, 12)
+    p = scene.size // 12
+    for o in scene.objects:
+        cover = o.mask.reshape(12, p, 12, p).mean((1, 3))
+        i, j = np.unravel_index(np.argmax(cover), cover.shape)
+        if cover[i, j] > 0.9:  # a patch (almost) fully inside this object is labelled with it
+            assert COLOR_NAMES[t["color"][i, j] - 1] == o.color and SHAPES[t["shape"][i, j] - 1] == o.shape
+    assert t["centre"].sum() <= len(scene.objects)
+    assert set(np.unique(t["row"])) == {0, 1, 2} and (t["row"][0] == 0).all() and (t["col"][:, -1] == 2).all()
+
+
+def test_training_ids_match_the_processor_chat_format():
+    cfg = LlavaShapesConfig()
+    proc = build_processor(cfg)
+    enc = Encoder(proc, cfg.grid)
+    ids, labels = enc.conversation([("what colour is the star ?", "red")])
+    text = proc.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour is the star ?"}]}],
+        add_generation_prompt=True)
+    from PIL import Image
+
+    ref = proc(images=[Image.new("RGB", (168, 168))], text=[text], return_tensors="pt")["input_ids"][0].tolist()
+    answer = enc.ids("red") + [enc.eos]
+    assert ids == ref + answer
+    assert labels == [-100] * len(ref) + answer
+
+
+def test_few_steps_then_resume(tmp_path):
+    out = tmp_path / "run"
+    main(["--out", str(out), *TINY, "--minutes", "0"])  # stops right after the first step, with a checkpoint
+    ck = torch.load(out / "ckpt.pt", weights_only=False)
+    assert (ck["stage"], ck["step"]) == ("vision", 1)
+    main(["--out", str(out), *TINY, "--resume", "--export", str(out / "final")])
+    ck = torch.load(out / "ckpt.pt", weights_only=False)
+    assert (ck["stage"], ck["step"]) == ("lm", 2)
+    rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert any("dev" in r for r in rows)
+    assert (out / "final" / "config.json").is_file() and (out / "final" / "tokenizer.json").is_file()
