@@ -179,3 +179,39 @@ def test_sampling_seeded_and_top_k1_equals_greedy(tiny):
     assert s3.token_ids != s1.token_ids  # 8 draws at temperature 5 over ~90 words: a collision is ~impossible
     nucleus = acc.generate(images=[img], prompt=PROMPT, max_new_tokens=8, do_sample=True, top_p=1e-6, seed=4)
     assert nucleus.token_ids == greedy.token_ids
+
+
+def test_loglikelihood_matches_greedy_generation(tiny):
+    """The greedy continuation is greedy under loglikelihood, its logprob is the sum of per-step maxima,
+    and a batch scores like its samples alone (with pruning on)."""
+    model, processor = tiny
+    acc = acc_for(tiny, FoPru(keep=0.5), FastV(layer=2, keep=0.5))
+    img = make_image(13)
+    gen = acc.generate(images=[img], prompt=PROMPT, max_new_tokens=4)
+    cont = processor.tokenizer.decode(gen.token_ids)
+    lp, greedy = acc.loglikelihood(images=[img], prompt=PROMPT, continuation=cont)
+    assert greedy and lp < 0
+    wrong = processor.tokenizer.decode([t for t in range(5, 40) if t != gen.token_ids[0]][:1] + gen.token_ids[1:])
+    assert acc.loglikelihood(images=[img], prompt=PROMPT, continuation=wrong)[1] is False
+    batch = acc.loglikelihood(images=[[img], [make_image(14)]], prompt=[PROMPT, "how many objects are there ?"],
+                              continuation=[cont, "yes"])
+    alone = acc.loglikelihood(images=[make_image(14)], prompt="how many objects are there ?", continuation="yes")
+    assert batch[0][1] == greedy and abs(batch[0][0] - lp) < 1e-4
+    assert batch[1][1] == alone[1] and abs(batch[1][0] - alone[0]) < 1e-4
+
+
+def test_loglikelihood_equals_transformers_scores(tiny):
+    """With no methods, log p(continuation) equals the sum of transformers' own per-step log-softmax."""
+    model, processor = tiny
+    img = make_image(15)
+    content = [{"type": "image"}, {"type": "text", "text": PROMPT}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    inputs = processor(images=[img], text=[text], return_tensors="pt")
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+    ids = out.sequences[0, inputs["input_ids"].shape[1]:]
+    ref = sum(float(lg[0].float().log_softmax(-1)[t]) for lg, t in zip(out.logits, ids))
+    lp, greedy = acc_for(tiny).loglikelihood(images=[img], prompt=PROMPT,
+                                             continuation=processor.tokenizer.decode(ids))
+    assert greedy and abs(lp - ref) < 1e-4

@@ -161,8 +161,23 @@ class VLMAccelerator:
         outs = self._run(batch_images, prompts, args)
         return outs[0] if single else outs
 
+    def loglikelihood(self, images=None, prompt: str | Sequence[str] = "", continuation: str | Sequence[str] = ""):
+        """log p(continuation | images, prompt) under the policy, and whether greedy decoding would produce
+        exactly the continuation. ``continuation`` is the assistant's reply (tokenised without special tokens).
+        Batched like ``generate``; returns (logprob, is_greedy) or a list of them."""
+        batch_images, prompts, single = _normalise(images, prompt)
+        conts = [continuation] if isinstance(continuation, str) else list(continuation)
+        if len(conts) != len(prompts) or not all(isinstance(c, str) for c in conts):
+            raise InputError(f"need one continuation string per prompt ({len(prompts)}), got {continuation!r}")
+        forced = [self.processor.tokenizer(c, add_special_tokens=False)["input_ids"] for c in conts]
+        if any(not f for f in forced):
+            raise InputError("every continuation must contain at least one token")
+        outs = self._run(batch_images, prompts, GenerationArgs(max(len(f) for f in forced)), forced=forced)
+        return outs[0] if single else outs
+
     # -- the walk of a request -------------------------------------------------------------------------------
-    def _run(self, batch_images: list[list], prompts: list[str], args: GenerationArgs) -> list[GenerateOutput]:
+    def _run(self, batch_images: list[list], prompts: list[str], args: GenerationArgs,
+             forced: list[list[int]] | None = None) -> list:
         model, adapter, policy = self.model, self.adapter, self.policy
         device = model.device
         t_start = _now(device)
@@ -200,6 +215,8 @@ class VLMAccelerator:
                 kv = kv_cache_bytes(cache)
                 adapter.set_decode_state(positions, valid)
                 # 5. decode
+                if forced is not None:
+                    return self._score(out.logits[:, -1].float(), cache, mask, positions, valid, forced)
                 tokens, n_steps, t_dec = self._decode(out.logits[:, -1].float(), cache, inputs["input_ids"], mask,
                                                       positions, valid, args)
         attn_s = adapter.last_attention_s if attn_layer is not None else 0.0
@@ -283,6 +300,31 @@ class VLMAccelerator:
                         break
             tokens.append(row)
         return tokens, n_steps, t_dec
+
+    def _score(self, logits, cache, mask, positions, valid, forced: list[list[int]]) -> list[tuple[float, bool]]:
+        """Teacher-force ``forced`` through the decode path; sum its log-probabilities, check greediness."""
+        model, adapter = self.model, self.adapter
+        b = logits.shape[0]
+        width = max(len(f) for f in forced)
+        pad = model.generation_config.pad_token_id or 0
+        tokens = torch.tensor([f + [pad] * (width - len(f)) for f in forced], device=logits.device)
+        live = torch.tensor([[t < len(f) for t in range(width)] for f in forced], device=logits.device)
+        logp = torch.zeros(b, dtype=torch.float64, device=logits.device)
+        greedy = torch.ones(b, dtype=torch.bool, device=logits.device)
+        next_pos = positions.masked_fill(~valid[None], -1).amax(-1, keepdim=True) + 1
+        for t in range(width):
+            tok = tokens[:, t]
+            lp = logits.log_softmax(-1).gather(1, tok[:, None])[:, 0]
+            logp += torch.where(live[:, t], lp.double(), torch.zeros_like(logp))
+            greedy &= ~live[:, t] | (logits.argmax(-1) == tok)
+            if t == width - 1:
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=adapter.model_position_ids(next_pos),
+                        past_key_values=cache, use_cache=True)
+            logits = out.logits[:, -1].float()
+            next_pos = next_pos + 1
+        return [(float(logp[i]), bool(greedy[i])) for i in range(b)]
 
     def _layer_profile(self, image_mask, valid, stage: LayerStage) -> list[list[int]]:
         """Visual tokens present in each decoder layer, per sample."""
