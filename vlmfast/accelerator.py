@@ -20,7 +20,7 @@ from .adapters.base import ImageTokens
 from .decoding import GenerationArgs, TokenChooser, kv_cache_bytes
 from .errors import InputError, PolicyError
 from .layer_stage import LayerStage, gather_seq
-from .policy import Policy, default_policy_for, load_policy
+from .policy import default_policy_for, load_policy
 from .stats import Stats
 
 log = logging.getLogger("vlmfast")
@@ -262,8 +262,7 @@ class VLMAccelerator:
         return gather_seq(embeds, idx), new_mask.to(mask.dtype), positions, image_mask.gather(1, idx) & new_mask
 
     def _decode(self, logits, cache, prompt_ids, mask, positions, valid, args: GenerationArgs):
-        model, adapter = self.model, self.adapter
-        cfg = model.generation_config
+        cfg = self.model.generation_config
         eos = cfg.eos_token_id
         eos = torch.tensor([eos] if isinstance(eos, int) else (eos or []), device=logits.device)
         pad = cfg.pad_token_id if cfg.pad_token_id is not None else (int(eos[0]) if eos.numel() else 0)
@@ -282,11 +281,7 @@ class VLMAccelerator:
                 finished |= torch.isin(tok, eos)
             if bool(finished.all()) or step == args.max_new_tokens - 1:
                 break
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-            out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=adapter.model_position_ids(next_pos),
-                        past_key_values=cache, use_cache=True)
-            logits = out.logits[:, -1].float()
-            next_pos = next_pos + 1
+            logits, mask, next_pos = self._step(tok, cache, mask, next_pos)
             n_steps += 1
         t_dec = _now(logits.device) - t0
         gen = torch.stack(generated, 1)
@@ -301,12 +296,18 @@ class VLMAccelerator:
             tokens.append(row)
         return tokens, n_steps, t_dec
 
+    def _step(self, tok, cache, mask, next_pos):
+        """Feed one token per row; positions continue from the original (unpruned) maximum."""
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        out = self.model(input_ids=tok[:, None], attention_mask=mask, past_key_values=cache, use_cache=True,
+                         position_ids=self.adapter.model_position_ids(next_pos))
+        return out.logits[:, -1].float(), mask, next_pos + 1
+
     def _score(self, logits, cache, mask, positions, valid, forced: list[list[int]]) -> list[tuple[float, bool]]:
         """Teacher-force ``forced`` through the decode path; sum its log-probabilities, check greediness."""
-        model, adapter = self.model, self.adapter
         b = logits.shape[0]
         width = max(len(f) for f in forced)
-        pad = model.generation_config.pad_token_id or 0
+        pad = self.model.generation_config.pad_token_id or 0
         tokens = torch.tensor([f + [pad] * (width - len(f)) for f in forced], device=logits.device)
         live = torch.tensor([[t < len(f) for t in range(width)] for f in forced], device=logits.device)
         logp = torch.zeros(b, dtype=torch.float64, device=logits.device)
@@ -319,11 +320,7 @@ class VLMAccelerator:
             greedy &= ~live[:, t] | (logits.argmax(-1) == tok)
             if t == width - 1:
                 break
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-            out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=adapter.model_position_ids(next_pos),
-                        past_key_values=cache, use_cache=True)
-            logits = out.logits[:, -1].float()
-            next_pos = next_pos + 1
+            logits, mask, next_pos = self._step(tok, cache, mask, next_pos)
         return [(float(logp[i]), bool(greedy[i])) for i in range(b)]
 
     def _layer_profile(self, image_mask, valid, stage: LayerStage) -> list[list[int]]:

@@ -40,7 +40,6 @@ QWEN_CHAT_TEMPLATE = (
 def _word_tokenizer(special: list[str], extra_words: tuple[str, ...] = ()):
     """A word-level fast tokenizer over WORDS (+ ``extra_words``), with ``special`` tokens first."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     vocab: dict[str, int] = {}
     for tok in [*special, *WORDS, *extra_words, "USER", "ASSISTANT", ":", "user", "assistant", "system"]:
