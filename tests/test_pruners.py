@@ -96,3 +96,53 @@ def test_fastv_ignores_padding_when_counting():
     valid = torch.tensor([[False, False, True, True, True, True]])  # the first two are left padding
     keep = FastV(layer=2, keep=0.34).select(scores, image_mask, valid)  # 3 real image tokens -> keep 1 (idx 3)
     assert keep[0, 2:].tolist() == [False, True, False, True]
+
+
+def test_fastervlm_keeps_top_cls_attention():
+    from vlmfast.pruners import FasterVLM
+
+    img = image(column_attention([1, 1, 1, 1]))
+    img.cls_attention = torch.tensor([0.1, 0.5, 0.05, 0.35])
+    assert FasterVLM(keep=0.5).select(img).tolist() == [1, 3]
+
+
+def test_fastervlm_without_cls_uses_received_attention():
+    from vlmfast.pruners import FasterVLM
+
+    # token 0's patches receive 1+9+1+1 = 12, token 1's 2+2+2+1 = 7
+    img = image(column_attention([1, 9, 1, 1, 2, 2, 2, 1]), grid=(1, 1, 2), ppt=4)
+    assert FasterVLM(keep=0.5).select(img).tolist() == [0]
+
+
+def test_divprune_picks_diverse_tokens():
+    from vlmfast.pruners.divprune import max_min_diverse
+
+    x = torch.tensor([[1.0, 0, 0], [0.99, 0.01, 0], [0, 1.0, 0], [0, 0, 1.0], [0.98, 0, 0.02]])
+    chosen = set(max_min_diverse(x, 3).tolist())
+    assert {2, 3} <= chosen and len(chosen & {0, 1, 4}) == 1  # one of the three near-duplicates
+
+
+def test_visionzip_merges_rest_into_anchors_at_anchor_positions():
+    from vlmfast.pruners import VisionZip
+
+    n = 8
+    feats = torch.arange(n, dtype=torch.float32)[:, None].repeat(1, 2)
+    keys = torch.tensor([[1.0, 0]] * 4 + [[0, 1.0]] * 4)  # two key clusters: tokens 0-3 and 4-7
+    img = ImageTokens(features=feats, grid=(1, 2, 4), attention=torch.full((n, n), 1 / n),
+                      cls_attention=torch.tensor([0.9, 0, 0, 0, 0, 0, 0, 0.8]), keys=keys)
+    vz = VisionZip(keep=0.5, contextual=0.5)  # budget 4: 2 dominant (0, 7) + 2 contextual
+    keep, out = vz.prune(img)
+    # the rest is 1..6; anchors at stride 3 are tokens 1 and 4
+    assert keep.tolist() == [0, 1, 4, 7]
+    assert torch.allclose(out[0], feats[0]) and torch.allclose(out[3], feats[7])
+    assert torch.allclose(out[1], feats[[1, 2, 3]].mean(0))  # cluster of token 1: 1, 2, 3
+    assert torch.allclose(out[2], feats[[4, 5, 6]].mean(0))
+
+
+def test_random_is_seeded():
+    from vlmfast.pruners import RandomPruner
+
+    img = image(column_attention([1] * 16), grid=(1, 4, 4))
+    a, b = RandomPruner(keep=0.25, seed=3).select(img), RandomPruner(keep=0.25, seed=3).select(img)
+    assert torch.equal(a, b) and a.numel() == 4
+    assert not torch.equal(a, RandomPruner(keep=0.25, seed=4).select(img))

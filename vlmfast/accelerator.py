@@ -195,7 +195,14 @@ class VLMAccelerator:
             if n_feat != int(image_mask.sum()):
                 raise InputError(f"the processor produced {int(image_mask.sum())} image placeholders but the vision "
                                  f"tower {n_feat} features; check the processor matches the model")
-            kept = [vp.select(im) if vp else torch.arange(im.n_tokens, device=device) for im in images]
+            kept = []
+            for im in images:
+                if vp is None:
+                    kept.append(torch.arange(im.n_tokens, device=device))
+                    continue
+                keep, feats = vp.prune(im)
+                im.features = im.features.index_copy(0, keep, feats.to(im.features.dtype))  # merged tokens
+                kept.append(keep)
             t_score = _now(device)
             embeds, mask, positions, image_mask = self._assemble(inputs, images, kept, image_mask, positions)
             valid = mask.bool()

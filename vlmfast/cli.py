@@ -66,7 +66,7 @@ def _methods(a) -> int:
     for name in available():
         cls = get_method(name)
         fields = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls))
-        print(f"{name:<8} [{cls.stage}]  {fields}")
+        print(f"{name:<10} [{cls.stage}]  {fields}")
     return 0
 
 

@@ -26,6 +26,8 @@ class ImageTokens:
     (CLS row/column removed), or None when no pruner asked for it. ``patches_per_token`` patches (consecutive
     in that matrix) make one LLM token (4 for Qwen2-VL's 2x2 merger, 1 for LLaVA).
     ``cls_attention``: (N,) attention the CLS token pays to each patch, when the tower has a CLS token.
+    ``keys``: (n, d) keys of the scoring layer averaged over heads, one row per LLM token (patch keys
+    averaged within a merged token), when attention was captured.
     """
 
     features: torch.Tensor
@@ -33,6 +35,7 @@ class ImageTokens:
     attention: torch.Tensor | None = None
     patches_per_token: int = 1
     cls_attention: torch.Tensor | None = None
+    keys: torch.Tensor | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -175,11 +178,12 @@ def text_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return pos.masked_fill(attention_mask == 0, 0)
 
 
-def head_mean_attention(q: torch.Tensor, k: torch.Tensor, scaling: float, chunk: int = 1024) -> torch.Tensor:
-    """softmax(q k^T * scaling) averaged over heads. q, k: (H, N, d) -> (N, N), computed in query chunks."""
+def head_mean_attention(q: torch.Tensor, k: torch.Tensor, scaling: float, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T * scaling) averaged over heads, (N, N), computed in query chunks; and the head-mean
+    keys (N, d). q, k: (H, N, d)."""
     out = torch.empty(q.shape[1], k.shape[1], dtype=torch.float32, device=q.device)
     kt = k.float().transpose(-1, -2)
     for s in range(0, q.shape[1], chunk):
         logits = torch.matmul(q[:, s : s + chunk].float(), kt) * scaling
         out[s : s + chunk] = logits.softmax(-1).mean(0)
-    return out
+    return out, k.float().mean(0)

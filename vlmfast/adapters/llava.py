@@ -41,7 +41,7 @@ class LlavaAdapter(Adapter):
             kwargs["image_sizes"] = inputs["image_sizes"]
         if attention_layer is None:
             feats = self.model.model.get_image_features(pixel_values=pixel_values, **kwargs).pooler_output
-            attn = [None] * len(feats)
+            attn = [(None, None)] * len(feats)
         else:
             attn_module = self.vision_layers[attention_layer].self_attn
             with self.capture_inputs(attn_module) as seen:
@@ -50,18 +50,18 @@ class LlavaAdapter(Adapter):
             attn = self._attention(attn_module, seen["hidden_states"])
             self.last_attention_s = time.perf_counter() - t0
         out = []
-        for f, a in zip(feats, attn):
+        for f, (a, keys) in zip(feats, attn):
             side = int(round(f.shape[0] ** 0.5))
             if side * side != f.shape[0]:
                 raise ValueError(f"LLaVA image has {f.shape[0]} tokens, which is not a square grid")
             cls_row = None
             if a is not None and has_cls:
-                cls_row, a = a[0, 1:], a[1:, 1:]
-            out.append(ImageTokens(features=f, grid=(1, side, side), attention=a, cls_attention=cls_row))
+                cls_row, a, keys = a[0, 1:], a[1:, 1:], keys[1:]
+            out.append(ImageTokens(features=f, grid=(1, side, side), attention=a, cls_attention=cls_row, keys=keys))
         return out
 
     @staticmethod
-    def _attention(module, hidden_states: torch.Tensor) -> list[torch.Tensor]:
+    def _attention(module, hidden_states: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         b, n, _ = hidden_states.shape
         h, d = module.num_heads, module.head_dim
         q = module.q_proj(hidden_states).view(b, n, h, d).transpose(1, 2)

@@ -37,7 +37,7 @@ class Qwen2VLAdapter(Adapter):
         grid_thw = inputs["image_grid_thw"]
         if attention_layer is None:
             feats = self.model.model.get_image_features(pixel_values, grid_thw).pooler_output
-            attn = [None] * len(feats)
+            attn = [(None, None)] * len(feats)
         else:
             module = self.vision_layers[attention_layer].attn
             with self.capture_inputs(module) as seen:
@@ -47,12 +47,13 @@ class Qwen2VLAdapter(Adapter):
             self.last_attention_s = time.perf_counter() - t0
         m = self.merge
         return [
-            ImageTokens(features=f, grid=(int(t), int(h) // m, int(w) // m), attention=a, patches_per_token=m * m)
-            for f, a, (t, h, w) in zip(feats, attn, grid_thw.tolist())
+            ImageTokens(features=f, grid=(int(t), int(h) // m, int(w) // m), attention=a, patches_per_token=m * m,
+                        keys=None if k is None else k.view(-1, m * m, k.shape[-1]).mean(1))
+            for f, (a, k), (t, h, w) in zip(feats, attn, grid_thw.tolist())
         ]
 
     @staticmethod
-    def _attention(module, seen: dict) -> list[torch.Tensor]:
+    def _attention(module, seen: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
         from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 
         x = seen["hidden_states"]

@@ -1,7 +1,12 @@
 """Visual-token pruners, one method per file; importing this package registers them."""
 
 from .base import LayerPruner, Method, VisionPruner, n_keep
+from .divprune import DivPrune
+from .fastervlm import FasterVLM
 from .fastv import FastV
 from .fopru import FoPru
+from .random import RandomPruner
+from .visionzip import VisionZip
 
-__all__ = ["Method", "VisionPruner", "LayerPruner", "FoPru", "FastV", "n_keep"]
+__all__ = ["Method", "VisionPruner", "LayerPruner", "FoPru", "FastV", "FasterVLM", "VisionZip", "DivPrune",
+           "RandomPruner", "n_keep"]

@@ -64,6 +64,12 @@ class VisionPruner(Method):
         """Indices (ascending) of the image's tokens to keep."""
         raise NotImplementedError
 
+    def prune(self, image: ImageTokens) -> tuple[torch.Tensor, torch.Tensor]:
+        """Indices to keep and the features they carry into the LLM (their own, unless the method merges
+        dropped tokens into kept positions, like VisionZip's contextual tokens)."""
+        keep = self.select(image)
+        return keep, image.features[keep]
+
     def check(self, info: ModelInfo) -> None:
         layer = self.attention_layer()
         n = info.num_vision_layers
