@@ -7,7 +7,7 @@ import pytest
 
 from conftest import make_image
 from vlmfast import Policy, VLMAccelerator
-from vlmfast.pruners import DivPrune, FastV, FasterVLM, FoPru, RandomPruner, VisionZip, n_keep
+from vlmfast.pruners import DivPrune, FastV, FasterVLM, FoPru, PyramidDrop, RandomPruner, VisionZip, n_keep
 
 PROMPT = "what is in the image ?"
 METHODS = {
@@ -18,6 +18,7 @@ METHODS = {
     "divprune": lambda k: DivPrune(keep=k),
     "random": lambda k: RandomPruner(keep=k, seed=1),
     "fastv": lambda k: FastV(layer=2, keep=k),
+    "pyramiddrop": lambda k: PyramidDrop(layers=[1, 2, 3], ratio=k ** (1 / 3)),
 }
 
 
@@ -46,6 +47,12 @@ def test_order_and_exact_counts(tiny, name, keep):
     if name == "fopru-row":
         side = int(n ** 0.5) if n == int(n ** 0.5) ** 2 else None
         assert out.stats.visual_tokens_final % (side or 1) == 0
+    elif name == "pyramiddrop":
+        left = n
+        for _ in range(3):
+            left = n_keep(left, method.ratio)
+        assert out.stats.visual_tokens_final == left
+        assert [s["visual_tokens_kept"] for s in out.stats.stages][-1] == left and len(out.stats.stages) == 3
     else:
         assert out.stats.visual_tokens_final == n_keep(n, keep)
     if method.stage == "vision":

@@ -119,3 +119,15 @@ def test_processor_required_when_model_has_no_name(models):
     model, _ = models["llava"]
     with pytest.raises(InputError, match="pass processor"):
         VLMAccelerator(model)
+
+
+def test_multi_stage_layers_validated(models):
+    from vlmfast.pruners import PyramidDrop
+
+    model, processor = models["llava"]
+    with pytest.raises(PolicyError, match=r"pyramiddrop.layers = \[8, 16, 24\] is beyond"):
+        VLMAccelerator(model, processor, policy=Policy([PyramidDrop()]))  # paper defaults need 32 layers
+    with pytest.raises(PolicyError, match="strictly increasing"):
+        VLMAccelerator(model, processor, policy=Policy([PyramidDrop(layers=[2, 1])]))
+    with pytest.raises(PolicyError, match="same layer"):
+        Policy([PyramidDrop(layers=[1, 2]), FastV(layer=2)])

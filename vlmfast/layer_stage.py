@@ -34,21 +34,20 @@ def gather_seq(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 @dataclass
 class _Stage:
     pruner: LayerPruner
+    layer: int
+    index: int  # which of the pruner's drop layers
     keep: torch.Tensor | None = None  # (B, L') indices into the prefill sequence
     valid: torch.Tensor | None = None  # (B, L') False for padding and ghost columns
     ghosts: bool = False
     cached: dict | None = None  # sliced prefill kwargs
-
-    @property
-    def layer(self) -> int:
-        return self.pruner.layer
 
 
 class LayerStage:
     """Drives the ``layer`` pruners of one request (prefill and decode)."""
 
     def __init__(self, pruners: list[LayerPruner], image_mask: torch.Tensor, valid: torch.Tensor):
-        self.stages = [_Stage(p) for p in sorted(pruners, key=lambda p: p.layer)]
+        self.stages = sorted((_Stage(p, layer, i) for p in pruners for i, layer in enumerate(p.drop_layers())),
+                             key=lambda st: st.layer)
         self.image_mask0 = image_mask  # (B, L) over the prefill sequence the LLM receives
         self.valid0 = valid  # (B, L) False for left padding
         self.prefill_len = image_mask.shape[1]
@@ -80,7 +79,7 @@ class LayerStage:
             keep_prev, valid_prev = self.stages[i - 1].keep, self.stages[i - 1].valid
         image = gather_seq(self.image_mask0, keep_prev)
         padding = ~gather_seq(self.valid0, keep_prev)
-        chosen = st.pruner.select(self.scores.pop(st.layer - 1), image, valid_prev)
+        chosen = st.pruner.select(self.scores.pop(st.layer - 1), image, valid_prev, st.index)
         real = (chosen & valid_prev) | (~image & ~padding) | padding
         width = int(real.sum(1).max())
         # stable sort puts each row's kept columns first, then its dropped ones (used as ghosts)

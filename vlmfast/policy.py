@@ -63,7 +63,7 @@ class Policy:
         for m in self.methods:
             if not isinstance(m, Method):
                 raise PolicyError(f"{source}: {m!r} is not a vlmfast method (expected e.g. FoPru(keep=0.25))")
-        layers = [m.layer for m in self.layer_pruners]
+        layers = [k for m in self.layer_pruners for k in m.drop_layers()]
         if len(set(layers)) != len(layers):
             raise PolicyError(f"{source}: two layer pruners act at the same layer ({layers}); use one per layer")
 

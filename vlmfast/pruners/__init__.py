@@ -5,8 +5,9 @@ from .divprune import DivPrune
 from .fastervlm import FasterVLM
 from .fastv import FastV
 from .fopru import FoPru
+from .pyramiddrop import PyramidDrop
 from .random import RandomPruner
 from .visionzip import VisionZip
 
 __all__ = ["Method", "VisionPruner", "LayerPruner", "FoPru", "FastV", "FasterVLM", "VisionZip", "DivPrune",
-           "RandomPruner", "n_keep"]
+           "RandomPruner", "PyramidDrop", "n_keep"]

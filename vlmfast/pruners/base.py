@@ -82,16 +82,28 @@ class VisionPruner(Method):
 
 @method_dataclass
 class LayerPruner(Method):
-    stage: ClassVar[str] = "layer"
-    layer: int = 2
+    """Drops image tokens before one or more decoder layers (``drop_layers``), ranked by the attention the
+    last query pays to each key at the layer before."""
 
-    def select(self, scores: torch.Tensor, image_mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """scores, image_mask, valid: (B, L). Return a (B, L) bool keep mask (non-image tokens must stay)."""
+    stage: ClassVar[str] = "layer"
+
+    def drop_layers(self) -> list[int]:
+        return [self.layer]
+
+    def select(self, scores: torch.Tensor, image_mask: torch.Tensor, valid: torch.Tensor, stage: int = 0) -> torch.Tensor:
+        """scores, image_mask, valid: (B, L). Return a (B, L) bool keep mask (non-image tokens must stay).
+        ``stage`` is the index into ``drop_layers()`` (for multi-stage methods)."""
         raise NotImplementedError
 
     def check(self, info: ModelInfo) -> None:
-        if not 1 <= self.layer < info.num_layers:
+        layers = self.drop_layers()
+        field_name = "layer" if hasattr(self, "layer") else "layers"
+        bad = [k for k in layers if not 1 <= k < info.num_layers]
+        if bad:
             raise PolicyError(
-                f"{self.method_name}.layer = {self.layer} is beyond the language model's depth: it has "
-                f"{info.num_layers} layers, so expected 1 <= layer < {info.num_layers}"
+                f"{self.method_name}.{field_name} = {layers if field_name == 'layers' else layers[0]} is beyond "
+                f"the language model's depth: it has {info.num_layers} layers, so expected 1 <= layer < "
+                f"{info.num_layers}"
             )
+        if sorted(set(layers)) != list(layers):
+            raise PolicyError(f"{self.method_name}.layers = {layers}: expected strictly increasing layers")

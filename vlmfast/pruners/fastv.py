@@ -24,11 +24,16 @@ class FastV(LayerPruner):
     keep: Annotated[float, Field(gt=0, le=1)] = 0.5
     """fraction of image tokens kept (FastV's R = 1 - keep)"""
 
-    def select(self, scores: torch.Tensor, image_mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        keep = ~image_mask | ~valid  # text and padding pass through untouched
-        for b in range(scores.shape[0]):
-            idx = (image_mask[b] & valid[b]).nonzero().squeeze(1)
-            if idx.numel():
-                top = torch.topk(scores[b, idx], n_keep(idx.numel(), self.keep)).indices
-                keep[b, idx[top]] = True
-        return keep
+    def select(self, scores: torch.Tensor, image_mask: torch.Tensor, valid: torch.Tensor, stage: int = 0) -> torch.Tensor:
+        return keep_top_image_tokens(scores, image_mask, valid, self.keep)
+
+
+def keep_top_image_tokens(scores: torch.Tensor, image_mask: torch.Tensor, valid: torch.Tensor, ratio: float):
+    """Keep mask: every non-image (or padding) token, plus each row's top floor(n * ratio) image tokens."""
+    keep = ~image_mask | ~valid  # text and padding pass through untouched
+    for b in range(scores.shape[0]):
+        idx = (image_mask[b] & valid[b]).nonzero().squeeze(1)
+        if idx.numel():
+            top = torch.topk(scores[b, idx], n_keep(idx.numel(), ratio)).indices
+            keep[b, idx[top]] = True
+    return keep

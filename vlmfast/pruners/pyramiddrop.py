@@ -1,0 +1,33 @@
+"""PyramidDrop (arXiv 2410.17247): drop image tokens in stages, a fixed share at each stage.
+
+Before each layer in ``layers`` the image tokens still present are ranked by the attention the last
+instruction token pays to them (at the layer before) and the top ``ratio`` of them stay, so after stage i a
+``ratio ** (i + 1)`` share is left (defaults for 32-layer LLaVA-1.5: layers 8/16/24, ratio 0.5 -> 50%, 25%,
+12.5%). Survivors keep their original positions (the reference renumbers them contiguously).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import torch
+from pydantic import Field
+
+from ..registry import register
+from .base import LayerPruner, method_dataclass
+from .fastv import keep_top_image_tokens
+
+
+@register("pyramiddrop")
+@method_dataclass
+class PyramidDrop(LayerPruner):
+    layers: Annotated[list[int], Field(min_length=1)] = Field(default_factory=lambda: [8, 16, 24])
+    """decoder layers before which a share of the remaining image tokens is dropped (strictly increasing)"""
+    ratio: Annotated[float, Field(gt=0, le=1)] = 0.5
+    """share of the remaining image tokens kept at each stage (PyramidDrop's lambda)"""
+
+    def drop_layers(self) -> list[int]:
+        return list(self.layers)
+
+    def select(self, scores: torch.Tensor, image_mask: torch.Tensor, valid: torch.Tensor, stage: int = 0) -> torch.Tensor:
+        return keep_top_image_tokens(scores, image_mask, valid, self.ratio)
