@@ -7,7 +7,9 @@ import pytest
 
 from conftest import make_image
 from vlmfast import Policy, VLMAccelerator
-from vlmfast.pruners import DivPrune, FastV, FasterVLM, FoPru, PyramidDrop, RandomPruner, VisionZip, n_keep
+from vlmfast.pruners import (
+    DivPrune, FastV, FasterVLM, FoPru, PyramidDrop, RandomPruner, VFlowOpt, VisionZip, n_keep,
+)
 
 PROMPT = "what is in the image ?"
 METHODS = {
@@ -19,6 +21,7 @@ METHODS = {
     "random": lambda k: RandomPruner(keep=k, seed=1),
     "fastv": lambda k: FastV(layer=2, keep=k),
     "pyramiddrop": lambda k: PyramidDrop(layers=[1, 2, 3], ratio=k ** (1 / 3)),
+    "vflowopt": lambda k: VFlowOpt(keep=min(1.0, 2 * k), m=2.0, llm_layers=[2], llm_keep=[0.5 if k < 1 else 1.0]),
 }
 
 
@@ -47,6 +50,10 @@ def test_order_and_exact_counts(tiny, name, keep):
     if name == "fopru-row":
         side = int(n ** 0.5) if n == int(n ** 0.5) ** 2 else None
         assert out.stats.visual_tokens_final % (side or 1) == 0
+    elif name == "vflowopt":  # vision stage keeps <= floor(n * 2k) (recycled cells included), then half
+        at_llm = out.stats.visual_tokens_kept
+        assert n_keep(n, 2 * keep) - int(n / 4) <= at_llm <= n_keep(n, 2 * keep)
+        assert out.stats.visual_tokens_final == n_keep(at_llm, 0.5)
     elif name == "pyramiddrop":
         left = n
         for _ in range(3):

@@ -86,7 +86,7 @@ def test_fastv_keeps_top_image_tokens_and_all_text():
     scores = torch.tensor([[0.30, 0.01, 0.20, 0.05, 0.10, 0.02, 0.32]])
     image_mask = torch.tensor([[False, True, True, True, True, True, False]])
     valid = torch.ones_like(image_mask)
-    keep = FastV(layer=2, keep=0.4).select(scores, image_mask, valid)  # 5 image tokens -> keep 2: idx 2 and 4
+    keep = FastV(layer=2, keep=0.4).select_layer(scores, image_mask, valid)  # 5 image tokens -> keep 2: idx 2 and 4
     assert keep.tolist() == [[True, False, True, False, True, False, True]]
 
 
@@ -94,7 +94,7 @@ def test_fastv_ignores_padding_when_counting():
     scores = torch.tensor([[0.9, 0.9, 0.1, 0.5, 0.2, 0.3]])
     image_mask = torch.tensor([[True, True, True, True, True, False]])
     valid = torch.tensor([[False, False, True, True, True, True]])  # the first two are left padding
-    keep = FastV(layer=2, keep=0.34).select(scores, image_mask, valid)  # 3 real image tokens -> keep 1 (idx 3)
+    keep = FastV(layer=2, keep=0.34).select_layer(scores, image_mask, valid)  # 3 real image tokens -> keep 1 (idx 3)
     assert keep[0, 2:].tolist() == [False, True, False, True]
 
 
@@ -131,7 +131,7 @@ def test_visionzip_merges_rest_into_anchors_at_anchor_positions():
     img = ImageTokens(features=feats, grid=(1, 2, 4), attention=torch.full((n, n), 1 / n),
                       cls_attention=torch.tensor([0.9, 0, 0, 0, 0, 0, 0, 0.8]), keys=keys)
     vz = VisionZip(keep=0.5, contextual=0.5)  # budget 4: 2 dominant (0, 7) + 2 contextual
-    keep, out = vz.prune(img)
+    keep, out, _ = vz.prune(img)
     # the rest is 1..6; anchors at stride 3 are tokens 1 and 4
     assert keep.tolist() == [0, 1, 4, 7]
     assert torch.allclose(out[0], feats[0]) and torch.allclose(out[3], feats[7])
@@ -146,3 +146,42 @@ def test_random_is_seeded():
     a, b = RandomPruner(keep=0.25, seed=3).select(img), RandomPruner(keep=0.25, seed=3).select(img)
     assert torch.equal(a, b) and a.numel() == 4
     assert not torch.equal(a, RandomPruner(keep=0.25, seed=4).select(img))
+
+
+def test_vflowopt_context_relevance_uses_global_tokens():
+    from vlmfast.pruners.vflowopt import context_relevance
+
+    a = torch.full((4, 4), 0.1)
+    a[:, 0] = 0.7  # token 0 receives most attention -> the only global token at t=2
+    a[0] = torch.tensor([0.1, 0.2, 0.6, 0.1])  # and the global token attends mostly to token 2
+    c = context_relevance(a, t=2.0)
+    assert torch.allclose(c, a[0])
+    assert torch.allclose(context_relevance(a, t=100.0), a.mean(0))  # nobody global -> everyone
+
+
+def test_patch_entropy_known_values():
+    from vlmfast.pruners.vflowopt import patch_entropy
+
+    flat = torch.full((1, 16), 7.0)
+    two = torch.tensor([[0.0] * 8 + [255.0] * 8])
+    four = torch.tensor([[0.0, 1.0, 2.0, 3.0] * 4])
+    assert patch_entropy(torch.cat([flat, two, four])).tolist() == pytest.approx([0.0, 1.0, 2.0], abs=1e-6)
+
+
+def test_vflowopt_recycles_pruned_tokens_per_cell():
+    from vlmfast.pruners import VFlowOpt
+    from vlmfast.pruners.vflowopt import recycle
+
+    feats = torch.arange(16, dtype=torch.float32)[:, None]
+    img = ImageTokens(features=feats, grid=(1, 4, 4))
+    imp = torch.tensor([9.0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 8])
+    # keep 4 of 16 with m=2: n_extra = 16 / 4 = 4 -> clamp to k-1 = 3; top-1 kept (token 0), 15 pruned in 4 cells
+    res = recycle(img, imp, keep=0.25, m=2.0)
+    assert res.keep.tolist()[0] == 0 and len(res.keep) == 4
+    # the bottom-right cell (tokens 10, 11, 14, 15) has the most pruned importance: merged into token 15's slot
+    i = res.keep.tolist().index(15)
+    w = imp[[10, 11, 14, 15]] / imp[[10, 11, 14, 15]].sum()
+    assert torch.allclose(res.features[i], (w[:, None] * feats[[10, 11, 14, 15]]).sum(0))
+    assert res.keep.tolist() == sorted(res.keep.tolist())
+    full = VFlowOpt(keep=1.0).prune(ImageTokens(features=feats, grid=(1, 4, 4), attention=torch.eye(16)))
+    assert full.keep.tolist() == list(range(16)) and torch.equal(full.features, feats)

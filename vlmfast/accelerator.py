@@ -195,20 +195,25 @@ class VLMAccelerator:
             if n_feat != int(image_mask.sum()):
                 raise InputError(f"the processor produced {int(image_mask.sum())} image placeholders but the vision "
                                  f"tower {n_feat} features; check the processor matches the model")
-            kept = []
+            kept, kept_scores = [], []
             for im in images:
                 if vp is None:
                     kept.append(torch.arange(im.n_tokens, device=device))
                     continue
-                keep, feats = vp.prune(im)
-                im.features = im.features.index_copy(0, keep, feats.to(im.features.dtype))  # merged tokens
-                kept.append(keep)
+                res = vp.prune(im)
+                im.features = im.features.index_copy(0, res.keep, res.features.to(im.features.dtype))  # merged
+                kept.append(res.keep)
+                kept_scores.append(res.scores)
             t_score = _now(device)
             embeds, mask, positions, image_mask = self._assemble(inputs, images, kept, image_mask, positions)
             valid = mask.bool()
             # 3. prefill, with layer-stage pruners driven by hooks + the attention function
-            stage = LayerStage(policy.layer_pruners, image_mask, valid)
-            session = attention.AttentionSession(base="") if policy.layer_pruners else None
+            vision_scores = None
+            if kept_scores and all(x is not None for x in kept_scores):
+                vision_scores = torch.zeros(image_mask.shape, dtype=torch.float32, device=device)
+                vision_scores[image_mask & valid] = torch.cat(kept_scores).float()
+            stage = LayerStage(policy.layer_pruners, image_mask, valid, vision_scores)
+            session = attention.AttentionSession(base="") if stage.needs_attention else None
             if session is not None:
                 stage.register(session)
             with ExitStack() as stack:

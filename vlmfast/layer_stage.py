@@ -45,18 +45,25 @@ class _Stage:
 class LayerStage:
     """Drives the ``layer`` pruners of one request (prefill and decode)."""
 
-    def __init__(self, pruners: list[LayerPruner], image_mask: torch.Tensor, valid: torch.Tensor):
+    def __init__(self, pruners: list[LayerPruner], image_mask: torch.Tensor, valid: torch.Tensor,
+                 vision_scores: torch.Tensor | None = None):
         self.stages = sorted((_Stage(p, layer, i) for p in pruners for i, layer in enumerate(p.drop_layers())),
                              key=lambda st: st.layer)
         self.image_mask0 = image_mask  # (B, L) over the prefill sequence the LLM receives
         self.valid0 = valid  # (B, L) False for left padding
         self.prefill_len = image_mask.shape[1]
         self.scores: dict[int, torch.Tensor] = {}
+        self.vision_scores = vision_scores  # (B, L) per-token scores from the vision stage (VFlowOpt)
         self.report: list[dict] = []
+
+    @property
+    def needs_attention(self) -> bool:
+        return any(not st.pruner.uses_vision_scores for st in self.stages)
 
     def register(self, session: AttentionSession) -> None:
         for st in self.stages:
-            session.observe(st.layer - 1, self._score_observer(st.layer - 1))
+            if not st.pruner.uses_vision_scores:
+                session.observe(st.layer - 1, self._score_observer(st.layer - 1))
 
     def _score_observer(self, layer_idx: int):
         def observe(module, query, key, mask):
@@ -79,7 +86,13 @@ class LayerStage:
             keep_prev, valid_prev = self.stages[i - 1].keep, self.stages[i - 1].valid
         image = gather_seq(self.image_mask0, keep_prev)
         padding = ~gather_seq(self.valid0, keep_prev)
-        chosen = st.pruner.select(self.scores.pop(st.layer - 1), image, valid_prev, st.index)
+        if st.pruner.uses_vision_scores:
+            if self.vision_scores is None:
+                raise RuntimeError(f"{st.pruner.method_name} ranks by vision-stage scores, but none were produced")
+            scores = gather_seq(self.vision_scores, keep_prev)
+        else:
+            scores = self.scores.pop(st.layer - 1)
+        chosen = st.pruner.select_layer(scores, image, valid_prev, st.index)
         real = (chosen & valid_prev) | (~image & ~padding) | padding
         width = int(real.sum(1).max())
         # stable sort puts each row's kept columns first, then its dropped ones (used as ghosts)

@@ -111,6 +111,8 @@ class Policy:
                 methods.append(method_cls(**entry))
             except ValidationError as e:
                 raise PolicyError(f"{source}: {_format_errors(e, f'methods[{i}] ({name})')}") from None
+            except PolicyError as e:
+                raise PolicyError(f"{source}: methods[{i}] ({name}): {e}") from None
         return cls(methods, name=raw.name, description=raw.description, models=raw.models, source=source)
 
     def to_dict(self) -> dict:

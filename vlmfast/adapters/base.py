@@ -36,6 +36,8 @@ class ImageTokens:
     patches_per_token: int = 1
     cls_attention: torch.Tensor | None = None
     keys: torch.Tensor | None = None
+    grey: torch.Tensor | None = None
+    """(n, P) grey values in [0, 255] of the pixels under each LLM token (for entropy-based scores)"""
 
     @property
     def n_tokens(self) -> int:
@@ -60,6 +62,7 @@ class Adapter(ABC):
     def __init__(self, model: nn.Module):
         self.model = model
         self.last_attention_s = 0.0  # time spent reading the vision layer's attention in the last call
+        self.pixel_norm = ([0.0] * 3, [1.0] * 3)  # processor's (image_mean, image_std), set by prepare()
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
@@ -121,6 +124,8 @@ class Adapter(ABC):
             enc = processor(images=flat or None, text=texts, padding=True, return_tensors="pt")
         finally:
             tok.padding_side = side
+        ip = getattr(processor, "image_processor", None)
+        self.pixel_norm = (getattr(ip, "image_mean", None) or [0.0] * 3, getattr(ip, "image_std", None) or [1.0] * 3)
         device = self.model.device
         return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in enc.items()}
 
@@ -170,6 +175,15 @@ class Adapter(ABC):
     def preserved_state(self) -> Iterator[None]:
         """Restore per-request model state (e.g. ``rope_deltas``) after a call."""
         yield
+
+
+def unnormalise_grey(pixels: torch.Tensor, norm, channel_dim: int) -> torch.Tensor:
+    """Processor-normalised pixels -> grey values in [0, 255] (equal-weight channel mean)."""
+    shape = [1] * pixels.dim()
+    shape[channel_dim] = -1
+    mean = torch.tensor(norm[0], dtype=torch.float32, device=pixels.device).view(shape)
+    std = torch.tensor(norm[1], dtype=torch.float32, device=pixels.device).view(shape)
+    return ((pixels.float() * std + mean) * 255).clamp(0, 255).mean(channel_dim)
 
 
 def text_positions(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from .base import Adapter, ImageTokens, head_mean_attention, text_positions
+from .base import Adapter, ImageTokens, head_mean_attention, text_positions, unnormalise_grey
 
 
 class LlavaAdapter(Adapter):
@@ -49,15 +49,19 @@ class LlavaAdapter(Adapter):
             t0 = time.perf_counter()
             attn = self._attention(attn_module, seen["hidden_states"])
             self.last_attention_s = time.perf_counter() - t0
+        grey = unnormalise_grey(pixel_values, self.pixel_norm, channel_dim=1)  # (B, H, W)
+        patch = self.model.config.vision_config.patch_size
         out = []
-        for f, (a, keys) in zip(feats, attn):
+        for f, (a, keys), g in zip(feats, attn, grey):
             side = int(round(f.shape[0] ** 0.5))
             if side * side != f.shape[0]:
                 raise ValueError(f"LLaVA image has {f.shape[0]} tokens, which is not a square grid")
             cls_row = None
             if a is not None and has_cls:
                 cls_row, a, keys = a[0, 1:], a[1:, 1:], keys[1:]
-            out.append(ImageTokens(features=f, grid=(1, side, side), attention=a, cls_attention=cls_row, keys=keys))
+            g = g[: side * patch, : side * patch].reshape(side, patch, side, patch).permute(0, 2, 1, 3)
+            out.append(ImageTokens(features=f, grid=(1, side, side), attention=a, cls_attention=cls_row, keys=keys,
+                                   grey=g.reshape(side * side, patch * patch)))
         return out
 
     @staticmethod

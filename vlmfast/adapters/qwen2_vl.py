@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .base import Adapter, ImageTokens, head_mean_attention, text_positions
+from .base import Adapter, ImageTokens, head_mean_attention, text_positions, unnormalise_grey
 
 
 class Qwen2VLAdapter(Adapter):
@@ -46,10 +46,13 @@ class Qwen2VLAdapter(Adapter):
             attn = self._attention(module, seen)
             self.last_attention_s = time.perf_counter() - t0
         m = self.merge
+        # patches are flattened as (channel, temporal, p, p); 4 consecutive patches make one merged token
+        grey = unnormalise_grey(pixel_values.view(pixel_values.shape[0], 3, -1), self.pixel_norm, channel_dim=1)
+        greys = torch.split(grey.view(-1, m * m * grey.shape[-1]), [f.shape[0] for f in feats])
         return [
             ImageTokens(features=f, grid=(int(t), int(h) // m, int(w) // m), attention=a, patches_per_token=m * m,
-                        keys=None if k is None else k.view(-1, m * m, k.shape[-1]).mean(1))
-            for f, (a, k), (t, h, w) in zip(feats, attn, grid_thw.tolist())
+                        keys=None if k is None else k.view(-1, m * m, k.shape[-1]).mean(1), grey=g)
+            for f, (a, k), (t, h, w), g in zip(feats, attn, grid_thw.tolist(), greys)
         ]
 
     @staticmethod

@@ -7,7 +7,8 @@ from .fastv import FastV
 from .fopru import FoPru
 from .pyramiddrop import PyramidDrop
 from .random import RandomPruner
+from .vflowopt import VFlowOpt
 from .visionzip import VisionZip
 
 __all__ = ["Method", "VisionPruner", "LayerPruner", "FoPru", "FastV", "FasterVLM", "VisionZip", "DivPrune",
-           "RandomPruner", "PyramidDrop", "n_keep"]
+           "RandomPruner", "PyramidDrop", "VFlowOpt", "n_keep"]

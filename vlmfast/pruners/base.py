@@ -12,7 +12,7 @@ Scoring and selecting are separate functions so a new method is usually one ``sc
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 from pydantic import ConfigDict
@@ -42,6 +42,17 @@ def topk_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(scores, k, sorted=False).indices.sort().values
 
 
+class Pruned(NamedTuple):
+    """What a vision pruner returns for one image."""
+
+    keep: torch.Tensor
+    """indices (ascending) of the tokens that enter the LLM"""
+    features: torch.Tensor
+    """their features (their own, or merged ones placed at those positions)"""
+    scores: torch.Tensor | None = None
+    """per kept token importance, for methods whose later (layer) stages rank by it (VFlowOpt)"""
+
+
 @method_dataclass
 class Method:
     method_name: ClassVar[str] = ""
@@ -64,11 +75,11 @@ class VisionPruner(Method):
         """Indices (ascending) of the image's tokens to keep."""
         raise NotImplementedError
 
-    def prune(self, image: ImageTokens) -> tuple[torch.Tensor, torch.Tensor]:
+    def prune(self, image: ImageTokens) -> Pruned:
         """Indices to keep and the features they carry into the LLM (their own, unless the method merges
         dropped tokens into kept positions, like VisionZip's contextual tokens)."""
         keep = self.select(image)
-        return keep, image.features[keep]
+        return Pruned(keep, image.features[keep])
 
     def check(self, info: ModelInfo) -> None:
         layer = self.attention_layer()
@@ -86,22 +97,26 @@ class LayerPruner(Method):
     last query pays to each key at the layer before."""
 
     stage: ClassVar[str] = "layer"
+    #: the dataclass field holding the drop layer(s), for error messages
+    layers_field: ClassVar[str] = "layer"
+    #: rank by the vision stage's per-token scores (VFlowOpt) instead of the LLM's last-query attention
+    uses_vision_scores: ClassVar[bool] = False
 
     def drop_layers(self) -> list[int]:
         return [self.layer]
 
-    def select(self, scores: torch.Tensor, image_mask: torch.Tensor, valid: torch.Tensor, stage: int = 0) -> torch.Tensor:
+    def select_layer(self, scores: torch.Tensor, image_mask: torch.Tensor, valid: torch.Tensor, stage: int = 0) -> torch.Tensor:
         """scores, image_mask, valid: (B, L). Return a (B, L) bool keep mask (non-image tokens must stay).
         ``stage`` is the index into ``drop_layers()`` (for multi-stage methods)."""
         raise NotImplementedError
 
     def check(self, info: ModelInfo) -> None:
         layers = self.drop_layers()
-        field_name = "layer" if hasattr(self, "layer") else "layers"
+        field_name = self.layers_field
         bad = [k for k in layers if not 1 <= k < info.num_layers]
         if bad:
             raise PolicyError(
-                f"{self.method_name}.{field_name} = {layers if field_name == 'layers' else layers[0]} is beyond "
+                f"{self.method_name}.{field_name} = {getattr(self, field_name)} is beyond "
                 f"the language model's depth: it has {info.num_layers} layers, so expected 1 <= layer < "
                 f"{info.num_layers}"
             )

@@ -8,7 +8,7 @@ instruction token pays to them (at the layer before) and the top ``ratio`` of th
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 import torch
 from pydantic import Field
@@ -21,6 +21,7 @@ from .fastv import keep_top_image_tokens
 @register("pyramiddrop")
 @method_dataclass
 class PyramidDrop(LayerPruner):
+    layers_field: ClassVar[str] = "layers"
     layers: Annotated[list[int], Field(min_length=1)] = Field(default_factory=lambda: [8, 16, 24])
     """decoder layers before which a share of the remaining image tokens is dropped (strictly increasing)"""
     ratio: Annotated[float, Field(gt=0, le=1)] = 0.5
@@ -29,5 +30,5 @@ class PyramidDrop(LayerPruner):
     def drop_layers(self) -> list[int]:
         return list(self.layers)
 
-    def select(self, scores: torch.Tensor, image_mask: torch.Tensor, valid: torch.Tensor, stage: int = 0) -> torch.Tensor:
+    def select_layer(self, scores: torch.Tensor, image_mask: torch.Tensor, valid: torch.Tensor, stage: int = 0) -> torch.Tensor:
         return keep_top_image_tokens(scores, image_mask, valid, self.ratio)

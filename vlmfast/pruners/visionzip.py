@@ -17,7 +17,7 @@ from pydantic import Field
 
 from ..adapters.base import ImageTokens
 from ..registry import register
-from .base import VisionPruner, method_dataclass, n_keep, topk_sorted
+from .base import Pruned, VisionPruner, method_dataclass, n_keep, topk_sorted
 from .fastervlm import cls_scores
 
 
@@ -34,12 +34,12 @@ class VisionZip(VisionPruner):
         c = min(int(round(k * self.contextual)), n - k) if k > 1 else 0
         return k - c, c
 
-    def prune(self, image: ImageTokens) -> tuple[torch.Tensor, torch.Tensor]:
+    def prune(self, image: ImageTokens) -> Pruned:
         n = image.n_tokens
         n_dom, n_ctx = self.split(n)
         dominant = topk_sorted(cls_scores(image), n_dom)
         if n_ctx == 0:
-            return dominant, image.features[dominant]
+            return Pruned(dominant, image.features[dominant])
         rest = torch.ones(n, dtype=torch.bool, device=dominant.device)
         rest[dominant] = False
         rest = rest.nonzero().squeeze(1)
@@ -54,7 +54,7 @@ class VisionZip(VisionPruner):
         merged /= torch.bincount(owner, minlength=n_ctx).clamp(min=1)[:, None]
         keep = torch.cat([dominant, anchors])
         order = keep.argsort()
-        return keep[order], torch.cat([image.features[dominant], merged.to(image.features.dtype)])[order]
+        return Pruned(keep[order], torch.cat([image.features[dominant], merged.to(image.features.dtype)])[order])
 
     def select(self, image: ImageTokens) -> torch.Tensor:
         return self.prune(image)[0]
