@@ -213,17 +213,23 @@ class VLMAccelerator:
                 vision_scores = torch.zeros(image_mask.shape, dtype=torch.float32, device=device)
                 vision_scores[image_mask & valid] = torch.cat(kept_scores).float()
             stage = LayerStage(policy.layer_pruners, image_mask, valid, vision_scores)
-            session = attention.AttentionSession(base="") if stage.needs_attention else None
-            if session is not None:
+            runs = [m.start(valid) for m in policy.attention_methods]
+            session = attention.AttentionSession(base="") if stage.needs_attention or runs else None
+            if stage.needs_attention:
                 stage.register(session)
             with ExitStack() as stack:
                 stack.enter_context(attention.installed(model, session))
                 stack.enter_context(stage.hooks(adapter.decoder_layers))
+                for run in runs:
+                    run.register(session, len(adapter.decoder_layers))
+                    stack.enter_context(run.hooks(adapter.decoder_layers))
                 t_llm = _now(device)
                 out = model(inputs_embeds=embeds, attention_mask=mask,
                             position_ids=adapter.model_position_ids(positions), use_cache=True, logits_to_keep=1)
-                t_first = _now(device)
                 cache = out.past_key_values
+                for run in runs:  # 4. cache transforms (ZipVL's mixed-precision or evicted KV)
+                    run.transform_cache(cache)
+                t_first = _now(device)
                 kv = kv_cache_bytes(cache)
                 adapter.set_decode_state(positions, valid)
                 # 5. decode
@@ -242,7 +248,7 @@ class VLMAccelerator:
                 visual_tokens_in=n_in, visual_tokens_kept=n_kept,
                 visual_tokens_final=layer_counts[b][-1] if layer_counts[b] else n_kept,
                 layer_avg_visual_tokens=sum(layer_counts[b]) / max(1, len(layer_counts[b])),
-                stages=self._stage_report(b, batch_images, images, kept, vp, stage),
+                stages=self._stage_report(b, batch_images, images, kept, vp, stage) + [r.report(b) for r in runs],
                 preprocess_s=t_pre - t_start, vision_s=t_vis - t_pre - attn_s, scoring_s=t_score - t_vis + attn_s,
                 llm_prefill_s=t_first - t_llm, prefill_s=t_first - t_pre,
                 decode_ms_per_token=(1000 * t_dec / n_steps) if n_steps else None,

@@ -30,9 +30,16 @@ class AttentionSession:
     def __init__(self, base: str):
         self.base = base
         self.observers: dict[int, list[Observer]] = {}
+        self.overrides: dict[int, Callable] = {}
 
     def observe(self, layer_idx: int, fn: Observer) -> None:
         self.observers.setdefault(layer_idx, []).append(fn)
+
+    def override(self, layer_idx: int, fn: Callable) -> None:
+        """Replace layer ``layer_idx``'s attention: ``fn(module, q, k, v, mask, base_fn, **kwargs)``."""
+        if layer_idx in self.overrides:
+            raise ValueError(f"two methods want to replace the attention of layer {layer_idx}")
+        self.overrides[layer_idx] = fn
 
     def base_function(self, module: nn.Module) -> Callable:
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -42,9 +49,13 @@ class AttentionSession:
         return ALL_ATTENTION_FUNCTIONS[self.base]
 
     def __call__(self, module, query, key, value, attention_mask=None, **kwargs):
-        for fn in self.observers.get(getattr(module, "layer_idx", -1), ()):
+        layer = getattr(module, "layer_idx", -1)
+        for fn in self.observers.get(layer, ()):
             fn(module, query, key, attention_mask)
-        return self.base_function(module)(module, query, key, value, attention_mask, **kwargs)
+        base = self.base_function(module)
+        if layer in self.overrides:
+            return self.overrides[layer](module, query, key, value, attention_mask, base, **kwargs)
+        return base(module, query, key, value, attention_mask, **kwargs)
 
 
 def vlmfast_attention(module, query, key, value, attention_mask=None, **kwargs):

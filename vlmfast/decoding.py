@@ -76,6 +76,10 @@ def kv_cache_bytes(cache) -> list[int]:
     total = 0
     batch = 1
     for layer in getattr(cache, "layers", []):
+        if hasattr(layer, "nbytes"):  # quantized layers count their packed codes and scales
+            total += layer.nbytes()
+            batch = layer.keys.shape[0]
+            continue
         for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
             if isinstance(t, torch.Tensor) and t.numel():
                 total += t.numel() * t.element_size()

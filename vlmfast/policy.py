@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .adapters.base import ModelInfo
 from .errors import PolicyError
-from .pruners.base import LayerPruner, Method, VisionPruner
+from .pruners.base import AttentionMethod, LayerPruner, Method, VisionPruner
 from .registry import get_method
 
 POLICY_DIR = Path(__file__).parent / "policies"
@@ -66,6 +66,11 @@ class Policy:
         layers = [k for m in self.layer_pruners for k in m.drop_layers()]
         if len(set(layers)) != len(layers):
             raise PolicyError(f"{source}: two layer pruners act at the same layer ({layers}); use one per layer")
+        if self.attention_methods and layers:
+            raise PolicyError(f"{source}: {self.attention_methods[0].method_name} cannot be combined with layer-stage "
+                              "pruning yet (it needs the full sequence in every layer); use a vision-stage pruner")
+        if len(self.attention_methods) > 1:
+            raise PolicyError(f"{source}: at most one attention method per policy")
 
     # -- views -----------------------------------------------------------------------------------------------
     @property
@@ -75,6 +80,10 @@ class Policy:
     @property
     def layer_pruners(self) -> list[LayerPruner]:
         return [m for m in self.methods if isinstance(m, LayerPruner)]
+
+    @property
+    def attention_methods(self) -> list[AttentionMethod]:
+        return [m for m in self.methods if isinstance(m, AttentionMethod)]
 
     @property
     def is_empty(self) -> bool:

@@ -40,6 +40,10 @@ class Stats:
         ]
         for st in self.stages:
             where = f"layer {st['layer']}" if st.get("layer") is not None else st["stage"]
+            if "important_share" in st:
+                rows.append((f"  {st['method']} @ {where}", f"{100 * st['important_share']:.1f}% tokens important "
+                                                            f"(avg over layers), KV: {st['kv']}"))
+                continue
             rows.append((f"  {st['method']} @ {where}", f"{st['visual_tokens_in']} -> {st['visual_tokens_kept']}"))
         if any(st["stage"] == "layer" for st in self.stages):
             rows.append(("visual tokens, layer average", f"{self.layer_avg_visual_tokens:.1f}"))

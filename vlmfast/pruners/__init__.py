@@ -1,6 +1,6 @@
 """Visual-token pruners, one method per file; importing this package registers them."""
 
-from .base import LayerPruner, Method, VisionPruner, n_keep
+from .base import AttentionMethod, LayerPruner, Method, VisionPruner, n_keep
 from .divprune import DivPrune
 from .fastervlm import FasterVLM
 from .fastv import FastV
@@ -9,6 +9,7 @@ from .pyramiddrop import PyramidDrop
 from .random import RandomPruner
 from .vflowopt import VFlowOpt
 from .visionzip import VisionZip
+from .zipvl import ZipVL
 
 __all__ = ["Method", "VisionPruner", "LayerPruner", "FoPru", "FastV", "FasterVLM", "VisionZip", "DivPrune",
-           "RandomPruner", "PyramidDrop", "VFlowOpt", "n_keep"]
+           "RandomPruner", "PyramidDrop", "VFlowOpt", "ZipVL", "AttentionMethod", "n_keep"]

@@ -122,3 +122,15 @@ class LayerPruner(Method):
             )
         if sorted(set(layers)) != list(layers):
             raise PolicyError(f"{self.method_name}.layers = {layers}: expected strictly increasing layers")
+
+
+@method_dataclass
+class AttentionMethod(Method):
+    """Changes how the language model attends and what its KV cache keeps, without shortening the sequence
+    (ZipVL). ``start(valid)`` returns a per-request run with ``register(session, n_layers)``,
+    ``hooks(layers)``, ``transform_cache(cache)`` and ``report()``."""
+
+    stage: ClassVar[str] = "attention"
+
+    def start(self, valid: torch.Tensor):
+        raise NotImplementedError
