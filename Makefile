@@ -1,5 +1,6 @@
 # `make run` and `make test` work on a fresh machine from a clean clone: they create .venv and install
-# what they need (torch 2.14.1 + torchvision 0.29.1, then vlmfast with its test extra).
+# what they need (torch 2.14.1 + torchvision 0.29.1, vlmfast with its test and eval extras, and lmms-eval
+# without its ~50 pinned dependencies: see docs/lmms_eval.md).
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.vlmfast-installed
@@ -10,7 +11,8 @@ PYTEST_ARGS ?=
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,eval]"
+	$(PY) -m pip install -q --no-deps lmms-eval==0.7.3
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -49,6 +49,12 @@ def _eval(a) -> int:
     return 0
 
 
+def _export_lmms(a) -> int:
+    from .eval.lmms import tasks
+
+    return tasks.run(a)
+
+
 def _policies(a) -> int:
     from .policy import load_policy, shipped_policies
 
@@ -111,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--batch-size", type=int, default=16)
     es.add_argument("--json", help="write the metrics as JSON to this path")
     es.set_defaults(func=_eval)
+    from .eval.lmms.tasks import add_arguments as export_arguments  # light: no lmms-eval / datasets import
+
+    ex = esub.add_parser("export-lmms", help="write ShapesWorld as offline lmms-eval tasks (parquet + YAML)")
+    export_arguments(ex).set_defaults(func=_export_lmms)
 
     sub.add_parser("policies", help="list shipped policies").set_defaults(func=_policies)
     sub.add_parser("methods", help="list registered methods and their hyper-parameters").set_defaults(func=_methods)
