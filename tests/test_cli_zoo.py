@@ -73,3 +73,19 @@ def test_bench_prefill_quick_rows(tmp_path):
     fopru10 = next(r for r in rows if r["method"] == "fopru" and r["keep"] == 0.1)
     assert fopru10["kv_bytes"] < full["kv_bytes"]
     assert "speedup" in rc.stdout and "fopru" in rc.stdout
+
+
+def test_bench_prune_rows_cover_every_method():
+    from vlmfast.eval import bench_prefill, bench_prune
+
+    rows = bench_prune.run(None, model="tiny-random-llava", limit=2, repeats=1, decode_tokens=2, keeps=(0.25,),
+                           spec=bench_prefill.QUICK, progress=False)
+    methods = [r["method"] for r in rows]
+    assert methods[0] == "full" and {"fopru", "vflowopt", "fastv", "pyramiddrop", "visionzip", "fastervlm",
+                                     "divprune", "random", "zipvl-quant", "zipvl-evict"} <= set(methods)
+    for r in rows:
+        assert set(bench_prune.FIELDS) <= set(r)
+        assert 0 <= r["vqa"] <= 1 and r["ideal_speedup"] >= 0.99
+    quant = next(r for r in rows if r["method"] == "zipvl-quant")
+    assert quant["kv_bytes"] < 0.5 * rows[0]["kv_bytes"]
+    assert "zipvl-quant" in bench_prune.table(rows, markdown=True)

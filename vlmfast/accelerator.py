@@ -248,6 +248,7 @@ class VLMAccelerator:
                 visual_tokens_in=n_in, visual_tokens_kept=n_kept,
                 visual_tokens_final=layer_counts[b][-1] if layer_counts[b] else n_kept,
                 layer_avg_visual_tokens=sum(layer_counts[b]) / max(1, len(layer_counts[b])),
+                visual_tokens_per_layer=layer_counts[b], text_tokens=int(inputs["attention_mask"][b].sum()) - n_in,
                 stages=self._stage_report(b, batch_images, images, kept, vp, stage) + [r.report(b) for r in runs],
                 preprocess_s=t_pre - t_start, vision_s=t_vis - t_pre - attn_s, scoring_s=t_score - t_vis + attn_s,
                 llm_prefill_s=t_first - t_llm, prefill_s=t_first - t_pre,

@@ -55,6 +55,16 @@ def _export_lmms(a) -> int:
     return tasks.run(a)
 
 
+def _bench_prune(a) -> int:
+    from .eval import bench_prune
+
+    rows = bench_prune.run(a.json, model=a.model, limit=a.limit, repeats=a.repeats, keeps=tuple(a.keep))
+    print(bench_prune.table(rows, markdown=a.markdown))
+    if a.json:
+        print(f"\nwrote {a.json}")
+    return 0
+
+
 def _policies(a) -> int:
     from .policy import load_policy, shipped_policies
 
@@ -104,6 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--quick", action="store_true", help="a tiny proxy (seconds; for smoke tests only)")
     bp.add_argument("--markdown", action="store_true", help="print a Markdown table")
     bp.set_defaults(func=_bench)
+    bq = bsub.add_parser("prune", help="every pruner at 50/25/10/5%: ShapesWorld accuracy + proxy speed")
+    bq.add_argument("--json", help="write the rows as JSON to this path")
+    bq.add_argument("--model", default="tiny-llava-shapes", help="model for the accuracy columns")
+    bq.add_argument("--limit", type=int, default=100, help="ShapesWorld test scenes for accuracy")
+    bq.add_argument("--repeats", type=int, default=3)
+    bq.add_argument("--keep", type=float, nargs="+", default=[0.5, 0.25, 0.1, 0.05])
+    bq.add_argument("--markdown", action="store_true")
+    bq.set_defaults(func=_bench_prune)
 
     e = sub.add_parser("eval", help="accuracy / hallucination evaluations")
     esub = e.add_subparsers(dest="eval", required=True)

@@ -15,6 +15,9 @@ class Stats:
     """visual tokens in the deepest layer (after layer-stage pruning)"""
     layer_avg_visual_tokens: float = 0.0
     """visual tokens averaged over decoder layers (how FastV/PyramidDrop budgets are usually quoted)"""
+    visual_tokens_per_layer: list[int] = field(default_factory=list)
+    text_tokens: int = 0
+    """non-visual prompt tokens (chat template included)"""
     stages: list[dict] = field(default_factory=list)
     preprocess_s: float = 0.0
     """processor time (tokenise, resize): not part of prefill"""

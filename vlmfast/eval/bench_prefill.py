@@ -71,8 +71,7 @@ def llm_layer_flops(model, n: int) -> float:
     hd = d // tc.num_attention_heads
     q, kv = tc.num_attention_heads * hd, tc.num_key_value_heads * hd
     linear = 2 * n * (d * q + 2 * d * kv + q * d + 3 * d * ff)
-    attn = 2 * n * n * q  # QK^T and AV over the causal half: 2 * (2 * n^2/2 * q)
-    return linear + attn
+    return linear + attention_flops(model, n)  # QK^T and AV over the causal half: 2 * (2 * n^2/2 * q)
 
 
 def scoring_flops(model) -> float:
@@ -82,16 +81,24 @@ def scoring_flops(model) -> float:
     return 2 * n * 2 * vc.hidden_size ** 2 + 2 * n * n * vc.hidden_size
 
 
-def prefill_flops(model, text_tokens: int, visual_in: int, cfg: Config, kept: int) -> float:
-    layers = model.config.text_config.num_hidden_layers
-    vis = vision_flops(model)
-    full = text_tokens + visual_in
-    if cfg.method == "full":
-        return vis + layers * llm_layer_flops(model, full)
-    if cfg.method == "fopru":
-        return vis + scoring_flops(model) + layers * llm_layer_flops(model, text_tokens + kept)
-    k = cfg.policy.layer_pruners[0].layer
-    return vis + k * llm_layer_flops(model, full) + (layers - k) * llm_layer_flops(model, text_tokens + kept)
+def prefill_flops(model, stats, policy: Policy) -> float:
+    """FLOPs of one prefill as this run did it: the vision tower, the pruner's scoring (when it reads the
+    vision attention), and every decoder layer at the length it actually had (text + that layer's visual
+    tokens); ZipVL's attention restricted to its important share."""
+    flops = vision_flops(model)
+    vp = policy.vision_pruners
+    if vp and vp[0].needs_attention:
+        flops += scoring_flops(model)
+    share = next((st["important_share"] for st in stats.stages if "important_share" in st), 1.0)
+    for v in stats.visual_tokens_per_layer:  # ZipVL: all tokens through the linear layers, attention among
+        n = stats.text_tokens + v               # its important share only (share = 1 otherwise)
+        flops += llm_layer_flops(model, n) - attention_flops(model, n) + attention_flops(model, share * n)
+    return flops
+
+
+def attention_flops(model, n: float) -> float:
+    tc = model.config.text_config
+    return 2 * n * n * tc.num_attention_heads * (tc.hidden_size // tc.num_attention_heads)
 
 
 def build_proxy(spec: TinySpec = PROXY):
@@ -100,50 +107,59 @@ def build_proxy(spec: TinySpec = PROXY):
     return model, processor
 
 
+def time_configs(model, processor, image, cfgs: list[Config], repeats: int, decode_tokens: int,
+                 progress: bool = True, desc: str = "bench") -> list[dict]:
+    """Run every configuration round-robin ``repeats`` times in this process; one row per configuration,
+    with medians and speed-ups against the first configuration (which must be the full model)."""
+    accs = [VLMAccelerator(model, processor, policy=c.policy) for c in cfgs]
+    results: list[list] = [[] for _ in cfgs]
+    for a in accs:  # warm-up
+        a.generate(images=[image], prompt=PROMPT, max_new_tokens=2)
+    with tqdm(total=repeats * len(cfgs), desc=desc, disable=not progress) as bar:
+        for _ in range(repeats):
+            for i, a in enumerate(accs):
+                results[i].append(a.generate(images=[image], prompt=PROMPT, max_new_tokens=decode_tokens + 1).stats)
+                bar.update(1)
+    full_prefill = statistics.median(s.prefill_s for s in results[0])
+    f_full = prefill_flops(model, results[0][0], cfgs[0].policy)
+    rows = []
+    for c, st in zip(cfgs, results):
+        prefill = statistics.median(s.prefill_s for s in st)
+        overhead = statistics.median(s.scoring_s for s in st)
+        row = {
+            "method": c.method, "keep": c.keep, "visual_tokens_in": st[0].visual_tokens_in,
+            "visual_tokens_kept": st[0].visual_tokens_final,
+            "layer_avg_visual_tokens": round(st[0].layer_avg_visual_tokens, 1),
+            "prefill_s": round(prefill, 4), "speedup": round(full_prefill / prefill, 3),
+            "ideal_speedup": round(f_full / prefill_flops(model, st[0], c.policy), 3),
+            "overhead_s": round(overhead, 4), "overhead_pct_of_full": round(100 * overhead / full_prefill, 2),
+            "decode_ms_per_token": round(statistics.median(s.decode_ms_per_token for s in st), 2),
+            "kv_bytes": st[0].kv_bytes, "seq_len": st[0].text_tokens + st[0].visual_tokens_in, "repeats": repeats,
+        }
+        row["efficiency"] = round(row["speedup"] / row["ideal_speedup"], 3)
+        rows.append(row)
+    return rows
+
+
+def random_image(size: int) -> Image.Image:
+    return Image.fromarray((np.random.default_rng(0).random((size, size, 3)) * 255).astype("uint8"))
+
+
+def write_json(rows: list[dict], json_path) -> None:
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(rows, indent=2))
+
+
 def run(json_path: str | Path | None = None, *, spec: TinySpec = PROXY, repeats: int = 5, decode_tokens: int = 8,
         keeps=(0.5, 0.25, 0.1), threads: int | None = None, progress: bool = True) -> list[dict]:
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
     model, processor = build_proxy(spec)
-    image = Image.fromarray((np.random.default_rng(0).random((spec.image_size, spec.image_size, 3)) * 255).astype("uint8"))
-    cfgs = configs(keeps)
-    accs = {id(c): VLMAccelerator(model, processor, policy=c.policy) for c in cfgs}
-    results: dict[int, list] = {id(c): [] for c in cfgs}
-    for c in cfgs:  # warm-up
-        accs[id(c)].generate(images=[image], prompt=PROMPT, max_new_tokens=2)
-    total = repeats * len(cfgs)
-    with tqdm(total=total, desc="bench prefill", disable=not progress) as bar:
-        for _ in range(repeats):
-            for c in cfgs:
-                out = accs[id(c)].generate(images=[image], prompt=PROMPT, max_new_tokens=decode_tokens + 1)
-                results[id(c)].append(out.stats)
-                bar.update(1)
-    rows = []
-    full_stats = results[id(cfgs[0])]
-    full_prefill = statistics.median(s.prefill_s for s in full_stats)
-    seq_len = len(processor(images=[image], text=[accs[id(cfgs[0])].adapter.prompt_text(processor, PROMPT, 1)])["input_ids"][0])
-    visual_in = full_stats[0].visual_tokens_in
-    text_tokens = seq_len - visual_in
-    f_full = prefill_flops(model, text_tokens, visual_in, cfgs[0], visual_in)
-    for c in cfgs:
-        st = results[id(c)]
-        prefill = statistics.median(s.prefill_s for s in st)
-        kept = st[0].visual_tokens_final
-        overhead = statistics.median(s.scoring_s for s in st)
-        rows.append({
-            "method": c.method, "keep": c.keep, "visual_tokens_in": visual_in,
-            "visual_tokens_kept": kept, "layer_avg_visual_tokens": round(st[0].layer_avg_visual_tokens, 1),
-            "prefill_s": round(prefill, 4), "speedup": round(full_prefill / prefill, 3),
-            "ideal_speedup": round(f_full / prefill_flops(model, text_tokens, visual_in, c, kept), 3),
-            "overhead_s": round(overhead, 4), "overhead_pct_of_full": round(100 * overhead / full_prefill, 2),
-            "decode_ms_per_token": round(statistics.median(s.decode_ms_per_token for s in st), 2),
-            "kv_bytes": st[0].kv_bytes, "seq_len": seq_len, "repeats": repeats,
-        })
-        rows[-1]["efficiency"] = round(rows[-1]["speedup"] / rows[-1]["ideal_speedup"], 3)
-    if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(rows, indent=2))
+    rows = time_configs(model, processor, random_image(spec.image_size), configs(keeps), repeats, decode_tokens,
+                        progress, desc="bench prefill")
+    write_json(rows, json_path)
     return rows
 
 
@@ -155,6 +171,10 @@ COLUMNS = [("method", "method"), ("keep", "keep"), ("visual_tokens_kept", "vis k
 def table(rows: list[dict], markdown: bool = False) -> str:
     head = [h for _, h in COLUMNS]
     body = [[f"{r[k]:,}" if k == "kv_bytes" else str(r[k]) for k, _ in COLUMNS] for r in rows]
+    return format_table(head, body, markdown)
+
+
+def format_table(head: list[str], body: list[list[str]], markdown: bool = False) -> str:
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body])

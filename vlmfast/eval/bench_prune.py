@@ -1,0 +1,80 @@
+"""``vlmfast bench prune``: every pruner at keep 50/25/10/5%, accuracy and speed in one table.
+
+Accuracy: ShapesWorld test (VQA overall, POPE F1 averaged over the three splits) on the trained embedded
+model (``tiny-llava-shapes`` by default), and the fraction of the full model's VQA score. Speed: the same
+configurations on the LLaVA-1.5-shaped random-weight proxy of ``bench prefill`` (speed-up vs. full measured
+in one run, ideal speed-up from FLOPs, decode ms/token, KV bytes). Layer choices scale with each model's
+depth (FastV K=2; PyramidDrop at 1/4, 1/2, 3/4 of the depth with ratio keep^(1/3)).
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+from tqdm.auto import tqdm
+
+from ..accelerator import VLMAccelerator
+from ..policy import Policy
+from ..pruners import DivPrune, FastV, FasterVLM, FoPru, PyramidDrop, RandomPruner, VFlowOpt, VisionZip, ZipVL
+from . import bench_prefill, shapes_eval
+from .bench_prefill import Config
+
+KEEPS = (0.5, 0.25, 0.1, 0.05)
+FIELDS = ["method", "keep", "vqa", "pope_f1", "fraction_of_full", "speedup", "ideal_speedup", "efficiency",
+          "decode_ms_per_token", "kv_bytes"]
+
+
+def method_configs(n_layers: int, keeps=KEEPS) -> list[Config]:
+    thirds = sorted({max(1, round(n_layers * f)) for f in (0.25, 0.5, 0.75)})
+    out = [Config("full", 1.0, Policy(source="full"))]
+    for k in keeps:
+        for name, m in [
+            ("fopru", FoPru(keep=k)), ("vflowopt", VFlowOpt(keep=k)), ("fastervlm", FasterVLM(keep=k)),
+            ("visionzip", VisionZip(keep=k)), ("divprune", DivPrune(keep=k)), ("random", RandomPruner(keep=k)),
+            ("fastv", FastV(layer=2, keep=k)),
+            ("pyramiddrop", PyramidDrop(layers=thirds, ratio=round(k ** (1 / len(thirds)), 4))),
+        ]:
+            out.append(Config(name, k, Policy([m], source=f"{name}@{k}")))
+    out.append(Config("zipvl-quant", None, Policy([ZipVL(kv="quantize")], source="zipvl-quant")))
+    out.append(Config("zipvl-evict", None, Policy([ZipVL(kv="evict")], source="zipvl-evict")))
+    return out
+
+
+def accuracy_rows(model_name: str, limit: int, keeps=KEEPS, progress: bool = True) -> list[dict]:
+    base = VLMAccelerator.from_pretrained(model_name, policy=None)
+    cfgs = method_configs(len(base.adapter.decoder_layers), keeps)
+    rows = []
+    for c in tqdm(cfgs, desc="accuracy", disable=not progress):
+        acc = VLMAccelerator(base.model, base.processor, policy=c.policy)
+        res = shapes_eval.evaluate(acc, split="test", limit=limit, tasks=("vqa", "pope"), progress=False)
+        rows.append({"method": c.method, "keep": c.keep, "vqa": round(res["vqa"]["overall"], 4),
+                     "pope_f1": round(statistics.mean(m["f1"] for m in res["pope"].values()), 4),
+                     "visual_tokens_kept_shapes": round(res["cost"]["visual_tokens_kept"], 1)})
+    full = rows[0]["vqa"] or 1.0
+    for r in rows:
+        r["fraction_of_full"] = round(r["vqa"] / full, 4)
+    return rows
+
+
+def run(json_path=None, *, model: str = "tiny-llava-shapes", limit: int = 100, repeats: int = 3,
+        decode_tokens: int = 8, keeps=KEEPS, progress: bool = True, spec=bench_prefill.PROXY) -> list[dict]:
+    torch.manual_seed(0)
+    acc_rows = accuracy_rows(model, limit, keeps, progress)
+    proxy, processor = bench_prefill.build_proxy(spec)
+    cfgs = method_configs(proxy.config.text_config.num_hidden_layers, keeps)
+    speed = bench_prefill.time_configs(proxy, processor, bench_prefill.random_image(spec.image_size), cfgs, repeats,
+                                       decode_tokens, progress, desc="speed (proxy)")
+    rows = [{**a, **{k: s[k] for k in ("speedup", "ideal_speedup", "efficiency", "decode_ms_per_token", "kv_bytes",
+                                       "visual_tokens_kept", "layer_avg_visual_tokens")}}
+            for a, s in zip(acc_rows, speed)]
+    bench_prefill.write_json(rows, json_path)
+    return rows
+
+
+def table(rows: list[dict], markdown: bool = False) -> str:
+    head = ["method", "keep", "VQA", "POPE F1", "of full", "speedup", "ideal", "eff", "decode ms/tok", "KV bytes"]
+    body = [[r["method"], "dyn" if r["keep"] is None else str(r["keep"]), f"{r['vqa']:.3f}", f"{r['pope_f1']:.3f}",
+             f"{r['fraction_of_full']:.3f}", str(r["speedup"]), str(r["ideal_speedup"]), str(r["efficiency"]),
+             str(r["decode_ms_per_token"]), f"{r['kv_bytes']:,}"] for r in rows]
+    return bench_prefill.format_table(head, body, markdown)
