@@ -51,6 +51,7 @@ class TrainConfig:
     lm_lr: float = 5e-4
     warmup: int = 200
     weight_decay: float = 0.01
+    turn_weighting: int = 1  # 1: every answer turn weighs the same in the loss; 0: every answer token does
     eval_every: int = 250
     ckpt_every: int = 100
     dev_items: int = 60  # per task type
@@ -117,6 +118,20 @@ class Encoder:
             ids += prefix + answer
             labels += [-100] * len(prefix) + answer
         return ids, labels
+
+    @staticmethod
+    def turn_weights(labels: list[int]) -> list[float]:
+        """1/len(answer) on each answer's tokens, so every turn weighs the same in the loss (a 15-token
+        caption must not drown the one-word answers that teach the model to look)."""
+        w, run = [0.0] * len(labels), []
+        for i, lab in enumerate(labels + [-100]):
+            if lab != -100:
+                run.append(i)
+            elif run:
+                for j in run:
+                    w[j] = 1.0 / len(run)
+                run = []
+        return w
 
 
 def pad_batch(seqs: list[list[int]], value: int) -> torch.Tensor:
@@ -217,7 +232,12 @@ class Trainer:
     def lm_step(self) -> dict:
         scenes, seqs, labels = self.lm_batch(self.step, self.cfg.lm_batch, self.cfg.turns)
         logits, lab = self.lm_forward(self.pixels(scenes), seqs, labels)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), lab[:, 1:].flatten(), ignore_index=-100)
+        ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), lab[:, 1:].flatten(), ignore_index=-100, reduction="none")
+        if self.cfg.turn_weighting:
+            w = torch.tensor([x + [0.0] * (lab.shape[1] - len(x)) for x in map(Encoder.turn_weights, labels)])
+            loss = (ce * w[:, 1:].flatten()).sum() / w.sum()
+        else:
+            loss = ce.sum() / (lab[:, 1:] != -100).sum()
         return {"loss": loss}
 
     def _dev_set(self):
@@ -331,7 +351,7 @@ def main(argv=None):
     p.add_argument("--minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
     p.add_argument("--export", type=Path, default=None, help="save the final model here (save_pretrained)")
     for f in ("vision_steps", "lm_steps", "lm_batch", "vision_batch", "turns", "eval_every", "ckpt_every",
-              "threads", "dev_items", "warmup"):
+              "threads", "dev_items", "warmup", "turn_weighting"):
         p.add_argument("--" + f.replace("_", "-"), type=int, default=None)
     for f in ("lm_lr", "vision_lr"):
         p.add_argument("--" + f.replace("_", "-"), type=float, default=None)
