@@ -52,6 +52,8 @@ class TrainConfig:
     warmup: int = 200
     weight_decay: float = 0.01
     turn_weighting: int = 1  # 1: every answer turn weighs the same in the loss; 0: every answer token does
+    grounding_weight: float = 0.5  # auxiliary patch-feature / word-embedding alignment (0 disables)
+    embed_std: float = 1.0  # init std of the word embeddings (see Trainer.init_language_side)
     eval_every: int = 250
     ckpt_every: int = 100
     dev_items: int = 60  # per task type
@@ -147,6 +149,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.processor = build_processor(cfg.model)
         self.model = build_model(cfg.model, seed=cfg.seed)
+        self.init_language_side()
         self.enc = Encoder(self.processor, cfg.model.grid)
         d = cfg.model.vision_hidden
         torch.manual_seed(cfg.seed + 1)
@@ -156,13 +159,34 @@ class Trainer:
         self.history: list[dict] = []
         self.dev = self._dev_set()
 
+    def init_language_side(self):
+        """Word embeddings at std ``embed_std`` (transformers' default 0.02 gives norms ~0.3, so after the first
+        layer's updates the question's words are drowned and the model learns only answer priors; the
+        projected image features have norms ~15). Embeddings and norms get no weight decay."""
+        torch.manual_seed(self.cfg.seed + 2)
+        torch.nn.init.normal_(self.model.get_input_embeddings().weight, std=self.cfg.embed_std)
+
+    def restart_language_side(self):
+        """Keep the trained vision tower; re-initialise projector and language model; stage B from step 0."""
+        fresh = build_model(self.cfg.model, seed=self.cfg.seed)
+        tower = self.model.model.vision_tower.state_dict()
+        self.model = fresh
+        self.model.model.vision_tower.load_state_dict(tower)
+        self.init_language_side()
+        self.model.model.vision_tower.requires_grad_(False)
+        self.stage, self.step = "lm", 0
+        self.opt = self._optimizer()
+
     def _optimizer(self):
         if self.stage == "vision":
             params = list(self.model.model.vision_tower.parameters()) + list(self.heads.parameters())
             lr = self.cfg.vision_lr
         else:
-            params = [p for n, p in self.model.named_parameters() if "vision_tower" not in n]
-            lr = self.cfg.lm_lr
+            named = [(n, p) for n, p in self.model.named_parameters() if "vision_tower" not in n]
+            decay = [p for n, p in named if p.dim() > 1 and "embed_tokens" not in n]
+            rest = [p for n, p in named if not (p.dim() > 1 and "embed_tokens" not in n)]
+            return torch.optim.AdamW([{"params": decay}, {"params": rest, "weight_decay": 0.0}], lr=self.cfg.lm_lr,
+                                     betas=(0.9, 0.98), weight_decay=self.cfg.weight_decay)
         return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=self.cfg.weight_decay)
 
     def lr_at(self, step: int, total: int, base: float) -> float:
@@ -227,7 +251,26 @@ class Trainer:
         embeds = embeds.masked_scatter(image_mask, feats.reshape(-1, feats.shape[-1]).to(embeds.dtype))
         out = model.model.language_model(inputs_embeds=embeds, attention_mask=mask)
         logits = model.lm_head(out.last_hidden_state)
+        self._feats = feats
         return logits, lab
+
+    def grounding_loss(self, scenes) -> torch.Tensor:
+        """Auxiliary alignment: each foreground patch's projected feature should point where the sum of its
+        colour word's and shape word's embeddings points (cosine). It gives the language model image tokens it
+        can match against the question's words from the first steps on; the embeddings themselves are only
+        trained by the language-modelling loss (the target is detached)."""
+        emb = self.model.get_input_embeddings().weight
+        words = self.enc.vocab
+        color_ids = torch.tensor([words[c] for c in COLOR_NAMES])
+        shape_ids = torch.tensor([words[s] for s in SHAPES])
+        t = [patch_targets(s, self.cfg.model.grid) for s in scenes]
+        col = torch.from_numpy(np.stack([x["color"] for x in t]).reshape(len(scenes), -1))
+        shp = torch.from_numpy(np.stack([x["shape"] for x in t]).reshape(len(scenes), -1))
+        fg = (col > 0) & (shp > 0)
+        if not bool(fg.any()):
+            return self._feats.sum() * 0
+        target = (emb[color_ids[col[fg] - 1]] + emb[shape_ids[shp[fg] - 1]]).detach()
+        return (1 - F.cosine_similarity(self._feats[fg], target, dim=-1)).mean()
 
     def lm_step(self) -> dict:
         scenes, seqs, labels = self.lm_batch(self.step, self.cfg.lm_batch, self.cfg.turns)
@@ -238,6 +281,9 @@ class Trainer:
             loss = (ce * w[:, 1:].flatten()).sum() / w.sum()
         else:
             loss = ce.sum() / (lab[:, 1:] != -100).sum()
+        if self.cfg.grounding_weight:
+            aux = self.grounding_loss(scenes)
+            return {"loss": loss + self.cfg.grounding_weight * aux, "lm_loss": loss.detach(), "aux": aux.detach()}
         return {"loss": loss}
 
     def _dev_set(self):
@@ -350,10 +396,12 @@ def main(argv=None):
     p.add_argument("--resume", action="store_true")
     p.add_argument("--minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
     p.add_argument("--export", type=Path, default=None, help="save the final model here (save_pretrained)")
+    p.add_argument("--restart-lm", action="store_true",
+                   help="with --resume: keep the trained vision tower, start stage B (language side) afresh")
     for f in ("vision_steps", "lm_steps", "lm_batch", "vision_batch", "turns", "eval_every", "ckpt_every",
               "threads", "dev_items", "warmup", "turn_weighting"):
         p.add_argument("--" + f.replace("_", "-"), type=int, default=None)
-    for f in ("lm_lr", "vision_lr"):
+    for f in ("lm_lr", "vision_lr", "grounding_weight", "embed_std"):
         p.add_argument("--" + f.replace("_", "-"), type=float, default=None)
     a = p.parse_args(argv)
     cfg = TrainConfig(seed=a.seed, **{k: v for k, v in vars(a).items()
@@ -364,6 +412,8 @@ def main(argv=None):
         tr.load()
         if tr.stage == "lm":
             tr.model.model.vision_tower.requires_grad_(False)
+        if a.restart_lm:
+            tr.restart_language_side()
     done = tr.run(a.minutes)
     if done and a.export:
         tr.export(a.export)
