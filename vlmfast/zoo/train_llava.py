@@ -327,14 +327,15 @@ class Trainer:
                     "rng": torch.get_rng_state(), "history": self.history, "config": asdict(self.cfg)}, tmp)
         os.replace(tmp, self.out / "ckpt.pt")
 
-    def load(self):
+    def load(self, weights_only: bool = False):
         ck = torch.load(self.out / "ckpt.pt", weights_only=False)
         self.model.load_state_dict(ck["model"])
         self.heads.load_state_dict(ck["heads"])
         self.stage, self.step, self.history = ck["stage"], ck["step"], ck["history"]
         self.opt = self._optimizer()
-        self.opt.load_state_dict(ck["opt"])
-        torch.set_rng_state(ck["rng"])
+        if not weights_only:
+            self.opt.load_state_dict(ck["opt"])
+            torch.set_rng_state(ck["rng"])
 
     def log(self, row: dict):
         self.history.append(row)
@@ -409,7 +410,7 @@ def main(argv=None):
     a.out.mkdir(parents=True, exist_ok=True)
     tr = Trainer(cfg, a.out)
     if a.resume and (a.out / "ckpt.pt").is_file():
-        tr.load()
+        tr.load(weights_only=a.restart_lm)
         if tr.stage == "lm":
             tr.model.model.vision_tower.requires_grad_(False)
         if a.restart_lm:
