@@ -20,6 +20,7 @@ WEIGHTS = Path(__file__).parent / "weights"
 #: name -> folder of committed weights (trained by the project's own scripts; see each MODEL_CARD.md)
 SHIPPED: dict[str, tuple[Path, str]] = {
     "tiny-llava-shapes": (WEIGHTS / "tiny-llava-shapes", "python -m vlmfast.zoo.train_llava"),
+    "tiny-sam-shapes": (WEIGHTS / "tiny-sam-shapes", "python -m vlmfast.zoo.train_sam"),  # vlmfast.zoo.sam.load_sam
 }
 
 #: name -> builder returning (model, processor); random weights, for mechanics and demos only.

@@ -130,7 +130,6 @@ def load_tiny_sam(path: str | Path | None = None, device: str = "cpu"):
     ``path`` is a ``model.safetensors`` file or its folder (default: the committed weights); the sizes come
     from the ``config.json`` next to it (the default sizes when there is none). No network is used.
     """
-    import torch
     from safetensors.torch import load_file
 
     path = Path(path) if path is not None else DEFAULT_WEIGHTS

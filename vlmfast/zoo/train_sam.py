@@ -1,6 +1,6 @@
 """Train ``tiny-sam-shapes``: a tiny Segment Anything on ShapesWorld (CPU, minutes).
 
-    python -m vlmfast.zoo.train_sam --out /tmp/tiny-sam --minutes 40 --seed 0 [--resume]
+    python -m vlmfast.zoo.train_sam --out /tmp/tiny-sam --minutes 60 --seed 0 --steps 2800 [--resume]
 
 Each step takes ``--images`` train-split scenes (scene seeds drawn from ``numpy.random.default_rng((seed,
 step))``, so the data order is a function of the seed and the step alone) and ``--prompts`` prompts per
@@ -247,10 +247,10 @@ def _save_checkpoint(path: Path, sam, opt, step: int, elapsed: float, args, cfg:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m vlmfast.zoo.train_sam", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="output folder (checkpoint, log, weights)")
-    p.add_argument("--minutes", type=float, default=40.0, help="wall-clock cap of this invocation")
+    p.add_argument("--minutes", type=float, default=60.0, help="wall-clock cap of this invocation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--steps", type=int, default=3000, help="total optimizer steps (the schedule length)")
+    p.add_argument("--steps", type=int, default=2800, help="total optimizer steps (the schedule length)")
     p.add_argument("--images", type=int, default=4, help="scenes per step")
     p.add_argument("--prompts", type=int, default=8, help="prompts per scene")
     p.add_argument("--lr", type=float, default=4e-4)
