@@ -13,13 +13,11 @@ that stay in the tensor but are masked out everywhere), so each row gets what it
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
-
 import torch
 
 from .attention import AttentionSession, last_query_attention
+from .hooks import layer_pre_hooks
 from .pruners.base import LayerPruner
 
 
@@ -137,20 +135,9 @@ class LayerStage:
             m = m & ~ghost if m.dtype == torch.bool else m.masked_fill(ghost, torch.finfo(m.dtype).min)
         return m
 
-    @contextmanager
-    def hooks(self, layers) -> Iterator[None]:
-        handles = []
-        if self.stages:
-            first = self.stages[0].layer
-            handles = [
-                layer.register_forward_pre_hook(self._make_hook(i), with_kwargs=True)
-                for i, layer in enumerate(layers) if i >= first
-            ]
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
+    def hooks(self, layers):
+        first = self.stages[0].layer if self.stages else len(layers)
+        return layer_pre_hooks(layers, self._make_hook, range(first, len(layers)))
 
     def _make_hook(self, layer_idx: int):
         def hook(module, args, kwargs):

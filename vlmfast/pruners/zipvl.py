@@ -16,7 +16,6 @@ or drops the rest (``kv="evict"``), per layer. docs/methods/zipvl.md.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from typing import Annotated, Literal
 
 import torch
@@ -25,6 +24,7 @@ from pydantic import Field
 from ..adapters.base import ModelInfo
 from ..errors import PolicyError
 from ..kv_quant import EvictedLayer, MixedPrecisionLayer
+from ..hooks import layer_pre_hooks
 from ..registry import register
 from .base import AttentionMethod, method_dataclass
 
@@ -133,18 +133,9 @@ class ZipVLRun:
             cache.layers[layer] = EvictedLayer(keys.contiguous(), values.contiguous(), self.prefill_len)
             self.evicted[layer] = (idx, real)
 
-    @contextmanager
     def hooks(self, layers):
         """During decoding, map evicted layers' mask columns onto the tokens they kept."""
-        handles = []
-        if self.m.kv == "evict":
-            for i, layer in enumerate(layers):
-                handles.append(layer.register_forward_pre_hook(self._decode_hook(i), with_kwargs=True))
-        try:
-            yield
-        finally:
-            for hd in handles:
-                hd.remove()
+        return layer_pre_hooks(layers, self._decode_hook, range(len(layers)) if self.m.kv == "evict" else ())
 
     def _decode_hook(self, layer_idx: int):
         def hook(module, args, kwargs):
