@@ -32,10 +32,13 @@ from tqdm.auto import tqdm
 from ..eval.shapes import (
     COLOR_NAMES, POPE_SPLITS, QUESTION_TYPES, SHAPES, caption, generate_scene, pope_items, split_seeds, vqa_items,
 )
+from ..eval.shapes.vocab import article
 from .llava_shapes import LlavaShapesConfig, build_model, build_processor
 
 CAPTION_PROMPT = "what objects are in the image ?"
 TASKS = ("pope", *QUESTION_TYPES, "caption")
+#: training-only warm-up questions that need one attribute matched against the image (no binding yet)
+EXTRA_TASKS = ("exists_attr",)
 
 
 @dataclass
@@ -54,6 +57,7 @@ class TrainConfig:
     turn_weighting: int = 1  # 1: every answer turn weighs the same in the loss; 0: every answer token does
     grounding_weight: float = 0.5  # auxiliary patch-feature / word-embedding alignment (0 disables)
     embed_std: float = 1.0  # init std of the word embeddings (see Trainer.init_language_side)
+    tasks: str = "all"  # comma-separated subset of TASKS to train on (curriculum), or "all"
     eval_every: int = 250
     ckpt_every: int = 100
     dev_items: int = 60  # per task type
@@ -95,6 +99,14 @@ def qa_pool(scene, rng: np.random.Generator) -> dict[str, list[tuple[str, str]]]
     split = POPE_SPLITS[int(rng.integers(len(POPE_SPLITS)))]
     pool["pope"] = [(it.question, it.answer) for it in pope_items(scene, split)]
     pool["caption"] = [(CAPTION_PROMPT, caption(scene))]
+    colors = {o.color for o in scene.objects}
+    shapes = {o.shape for o in scene.objects}
+    attr = [(f"is there {article(c)} {c} object in the image ?", "yes" if c in colors else "no") for c in COLOR_NAMES]
+    attr += [(f"is there {article(sh)} {sh} in the image ?", "yes" if sh in shapes else "no") for sh in SHAPES]
+    yes = [qa for qa in attr if qa[1] == "yes"]
+    no = [qa for qa in attr if qa[1] == "no"]
+    k = min(len(yes), len(no))
+    pool["exists_attr"] = [yes[i] for i in rng.permutation(len(yes))[:k]] + [no[i] for i in rng.permutation(len(no))[:k]]
     return {t: v for t, v in pool.items() if v}
 
 
@@ -225,8 +237,9 @@ class Trainer:
         scenes = self.scenes(step, batch, stream=1)
         rng = np.random.default_rng((self.cfg.seed, step))
         seqs, labels = [], []
+        wanted = TASKS if self.cfg.tasks == "all" else tuple(self.cfg.tasks.split(","))  # EXTRA_TASKS by name
         for s in scenes:
-            pool = qa_pool(s, rng)
+            pool = {t: v for t, v in qa_pool(s, rng).items() if t in wanted}
             types = list(pool)
             chosen = []
             for _ in range(turns):
@@ -404,6 +417,8 @@ def main(argv=None):
         p.add_argument("--" + f.replace("_", "-"), type=int, default=None)
     for f in ("lm_lr", "vision_lr", "grounding_weight", "embed_std"):
         p.add_argument("--" + f.replace("_", "-"), type=float, default=None)
+    p.add_argument("--tasks", default=None, help=f"comma-separated subset of {','.join(TASKS + EXTRA_TASKS)} "
+                                                 "(default: all of " + ",".join(TASKS) + ")")
     a = p.parse_args(argv)
     cfg = TrainConfig(seed=a.seed, **{k: v for k, v in vars(a).items()
                                        if k in TrainConfig.__dataclass_fields__ and k != "seed" and v is not None})
