@@ -300,7 +300,7 @@ class Trainer:
         return {"loss": loss}
 
     def _dev_set(self):
-        items = {t: [] for t in TASKS}
+        items = {t: [] for t in TASKS + EXTRA_TASKS}
         seeds = split_seeds("dev", 400)
         rng = np.random.default_rng(12345)
         for seed in seeds:
