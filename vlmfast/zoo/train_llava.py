@@ -48,17 +48,21 @@ class TrainConfig:
     vision_steps: int = 500
     vision_batch: int = 32
     vision_lr: float = 1e-3
-    lm_steps: int = 5000
+    lm_steps: int = 2600
     lm_batch: int = 16
-    turns: int = 4
-    lm_lr: float = 5e-4
+    turns: int = 8
+    lm_lr: float = 1e-3
     warmup: int = 200
     weight_decay: float = 0.01
     turn_weighting: int = 1  # 1: every answer turn weighs the same in the loss; 0: every answer token does
     grounding_weight: float = 0.5  # auxiliary patch-feature / word-embedding alignment (0 disables)
     embed_std: float = 1.0  # init std of the word embeddings (see Trainer.init_language_side)
-    tasks: str = "all"  # comma-separated subset of TASKS to train on (curriculum), or "all"
-    eval_every: int = 250
+    tasks: str = "all"  # comma-separated subset of TASKS to train on, or "all"; overridden by curriculum
+    curriculum: str = "0:all;500:exists_attr,pope,color,shape;1000:all,exists_attr"
+    """stage-B task schedule "step:tasks;step:tasks" ("all" = every task of TASKS); empty = use ``tasks``.
+    Binding an attribute in the question to the image is what the model learns last; a phase of existence
+    questions (single attribute, then colour+shape) is what got it there (see the model card)."""
+    eval_every: int = 200
     ckpt_every: int = 100
     dev_items: int = 60  # per task type
     model: LlavaShapesConfig = field(default_factory=LlavaShapesConfig)
@@ -237,7 +241,7 @@ class Trainer:
         scenes = self.scenes(step, batch, stream=1)
         rng = np.random.default_rng((self.cfg.seed, step))
         seqs, labels = [], []
-        wanted = TASKS if self.cfg.tasks == "all" else tuple(self.cfg.tasks.split(","))  # EXTRA_TASKS by name
+        wanted = self.tasks_at(step)
         for s in scenes:
             pool = {t: v for t, v in qa_pool(s, rng).items() if t in wanted}
             types = list(pool)
@@ -298,6 +302,20 @@ class Trainer:
             aux = self.grounding_loss(scenes)
             return {"loss": loss + self.cfg.grounding_weight * aux, "lm_loss": loss.detach(), "aux": aux.detach()}
         return {"loss": loss}
+
+    def tasks_at(self, step: int) -> tuple[str, ...]:
+        spec = self.cfg.tasks
+        for part in filter(None, self.cfg.curriculum.split(";")):
+            start, names = part.split(":")
+            if step >= int(start):
+                spec = names
+        out: list[str] = []
+        for name in spec.split(","):
+            out += list(TASKS) if name == "all" else [name]
+        unknown = set(out) - set(TASKS + EXTRA_TASKS)
+        if unknown:
+            raise ValueError(f"unknown training task(s) {sorted(unknown)}; expected {TASKS + EXTRA_TASKS} or 'all'")
+        return tuple(out)
 
     def _dev_set(self):
         items = {t: [] for t in TASKS + EXTRA_TASKS}
@@ -417,6 +435,7 @@ def main(argv=None):
         p.add_argument("--" + f.replace("_", "-"), type=int, default=None)
     for f in ("lm_lr", "vision_lr", "grounding_weight", "embed_std"):
         p.add_argument("--" + f.replace("_", "-"), type=float, default=None)
+    p.add_argument("--curriculum", default=None, help='stage-B schedule "step:tasks;..." ("" = use --tasks)')
     p.add_argument("--tasks", default=None, help=f"comma-separated subset of {','.join(TASKS + EXTRA_TASKS)} "
                                                  "(default: all of " + ",".join(TASKS) + ")")
     a = p.parse_args(argv)
