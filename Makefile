@@ -18,8 +18,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: install
-	$(VENV)/bin/vlmfast generate --model tiny-random-llava --policy llava-1.5-7b \
-	  --image examples/shapes.png --prompt "what objects do you see ?" --max-new-tokens 12
+	$(VENV)/bin/vlmfast generate --model tiny-llava-shapes --image examples/shapes.png \
+	  --prompt "what colour is the cross ?" --max-new-tokens 12
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -89,3 +89,17 @@ def test_bench_prune_rows_cover_every_method():
     quant = next(r for r in rows if r["method"] == "zipvl-quant")
     assert quant["kv_bytes"] < 0.5 * rows[0]["kv_bytes"]
     assert "zipvl-quant" in bench_prune.table(rows, markdown=True)
+
+
+def test_tiny_llava_shapes_loads_by_name_offline_with_its_default_policy():
+    from vlmfast.zoo import SHIPPED
+    from vlmfast.zoo.llava_shapes import vocabulary
+
+    if not (SHIPPED["tiny-llava-shapes"][0] / "config.json").is_file():
+        pytest.skip("tiny-llava-shapes weights are not in this checkout")
+    acc = VLMAccelerator.from_pretrained("tiny-llava-shapes", local_files_only=True)
+    assert "tiny-llava-shapes" in acc.policy_origin and acc.policy.methods[0].keep == 0.25
+    out = acc.generate(images=[str(ROOT / "examples" / "shapes.png")], prompt="what colour is the cross ?",
+                       max_new_tokens=4)
+    assert out.stats.visual_tokens_in == 144 and out.stats.visual_tokens_kept == 36
+    assert out.text and set(out.text.split()) <= set(vocabulary())

@@ -428,6 +428,9 @@ def main(argv=None):
     p.add_argument("--resume", action="store_true")
     p.add_argument("--minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
     p.add_argument("--export", type=Path, default=None, help="save the final model here (save_pretrained)")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="continue stage B from exported weights (a save_pretrained folder, e.g. the shipped model)")
+    p.add_argument("--start-step", type=int, default=0, help="with --init-from: the stage-B step it had reached")
     p.add_argument("--restart-lm", action="store_true",
                    help="with --resume: keep the trained vision tower, start stage B (language side) afresh")
     for f in ("vision_steps", "lm_steps", "lm_batch", "vision_batch", "turns", "eval_every", "ckpt_every",
@@ -443,7 +446,14 @@ def main(argv=None):
                                        if k in TrainConfig.__dataclass_fields__ and k != "seed" and v is not None})
     a.out.mkdir(parents=True, exist_ok=True)
     tr = Trainer(cfg, a.out)
-    if a.resume and (a.out / "ckpt.pt").is_file():
+    if a.init_from is not None:
+        from safetensors.torch import load_file
+
+        tr.model.load_state_dict(load_file(str(a.init_from / "model.safetensors")), strict=False)
+        tr.model.model.vision_tower.requires_grad_(False)
+        tr.stage, tr.step = "lm", a.start_step
+        tr.opt = tr._optimizer()  # fresh AdamW moments; the warm-up is not repeated
+    elif a.resume and (a.out / "ckpt.pt").is_file():
         tr.load(weights_only=a.restart_lm)
         if tr.stage == "lm":
             tr.model.model.vision_tower.requires_grad_(False)
