@@ -449,7 +449,10 @@ def main(argv=None):
     if a.init_from is not None:
         from safetensors.torch import load_file
 
-        tr.model.load_state_dict(load_file(str(a.init_from / "model.safetensors")), strict=False)
+        missing, unexpected = tr.model.load_state_dict(load_file(str(a.init_from / "model.safetensors")), strict=False)
+        if unexpected or [k for k in missing if "lm_head" not in k or "lm_head" in unexpected]:
+            raise SystemExit(f"--init-from {a.init_from}: weights do not match the model (missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]})")
         tr.model.model.vision_tower.requires_grad_(False)
         tr.stage, tr.step = "lm", a.start_step
         tr.opt = tr._optimizer()  # fresh AdamW moments; the warm-up is not repeated
