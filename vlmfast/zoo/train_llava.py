@@ -450,7 +450,7 @@ def main(argv=None):
         from safetensors.torch import load_file
 
         missing, unexpected = tr.model.load_state_dict(load_file(str(a.init_from / "model.safetensors")), strict=False)
-        if unexpected or [k for k in missing if "lm_head" not in k or "lm_head" in unexpected]:
+        if missing or unexpected:
             raise SystemExit(f"--init-from {a.init_from}: weights do not match the model (missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]})")
         tr.model.model.vision_tower.requires_grad_(False)
