@@ -447,9 +447,10 @@ def main(argv=None):
     a.out.mkdir(parents=True, exist_ok=True)
     tr = Trainer(cfg, a.out)
     if a.init_from is not None:
-        from safetensors.torch import load_file
+        from transformers import LlavaForConditionalGeneration
 
-        missing, unexpected = tr.model.load_state_dict(load_file(str(a.init_from / "model.safetensors")), strict=False)
+        state = LlavaForConditionalGeneration.from_pretrained(a.init_from, dtype=torch.float32).state_dict()
+        missing, unexpected = tr.model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise SystemExit(f"--init-from {a.init_from}: weights do not match the model (missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]})")
