@@ -391,7 +391,7 @@ class Trainer:
                 self.opt.step()
                 self.step += 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(m['loss']):.3f}")
+                bar.set_postfix(loss=f"{float(m['loss'].detach()):.3f}")
                 row = {"stage": stage, "step": self.step, "time_s": round(time.time() - t0, 1),
                        **{k: round(float(v), 4) for k, v in m.items()}}
                 if stage == "lm" and self.step % self.cfg.eval_every == 0:
