@@ -186,6 +186,7 @@ class VLMAccelerator:
             t_pre = _now(device)
             # 1-2. encode, vision stage
             image_mask = adapter.image_token_mask(inputs)
+            visual_in = image_mask.sum(1).tolist()  # before pruning; image_mask is re-bound by _assemble
             positions = adapter.positions(inputs)
             vp = policy.vision_pruners[0] if policy.vision_pruners else None
             attn_layer = adapter.resolve_vision_layer(vp.attention_layer()) if vp and vp.needs_attention else None
@@ -242,7 +243,7 @@ class VLMAccelerator:
         outs = []
         for b in range(len(prompts)):
             ids = tokens[b]
-            n_in = int(adapter.image_token_mask(inputs)[b].sum())
+            n_in = int(visual_in[b])
             n_kept = int((image_mask[b] & valid[b]).sum())
             st = Stats(
                 visual_tokens_in=n_in, visual_tokens_kept=n_kept,

@@ -28,7 +28,7 @@ def _generate(a) -> int:
 def _bench(a) -> int:
     from .eval import bench_prefill
 
-    spec = bench_prefill.quick_spec() if a.quick else bench_prefill.PROXY
+    spec = bench_prefill.QUICK if a.quick else bench_prefill.PROXY
     rows = bench_prefill.run(a.json, spec=spec, repeats=a.repeats, decode_tokens=a.decode_tokens,
                              keeps=tuple(a.keep), threads=a.threads)
     print(bench_prefill.table(rows, markdown=a.markdown))

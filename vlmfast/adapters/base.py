@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -52,7 +52,6 @@ class ModelInfo:
     num_layers: int
     num_vision_layers: int
     name: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Adapter(ABC):

@@ -33,9 +33,9 @@ from ..eval.shapes import (
     COLOR_NAMES, POPE_SPLITS, QUESTION_TYPES, SHAPES, caption, generate_scene, pope_items, split_seeds, vqa_items,
 )
 from ..eval.shapes.vocab import article
+from ..eval.shapes_eval import CAPTION_PROMPT  # the same prompt the evaluation asks
 from .llava_shapes import LlavaShapesConfig, build_model, build_processor
 
-CAPTION_PROMPT = "what objects are in the image ?"
 TASKS = ("pope", *QUESTION_TYPES, "caption")
 #: training-only warm-up questions that need one attribute matched against the image (no binding yet)
 EXTRA_TASKS = ("exists_attr",)
