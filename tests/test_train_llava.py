@@ -9,7 +9,7 @@ import torch
 
 from vlmfast.eval.shapes import COLOR_NAMES, SHAPES, generate_scene
 from vlmfast.zoo.llava_shapes import LlavaShapesConfig, build_processor
-from vlmfast.zoo.train_llava import Encoder, main, patch_targets
+from vlmfast.zoo.train_llava import Encoder, attention_target, main, patch_cover, patch_targets
 
 TINY = ["--vision-steps", "2", "--lm-steps", "2", "--vision-batch", "2", "--lm-batch", "2", "--turns", "2",
         "--eval-every", "2", "--ckpt-every", "1", "--dev-items", "1", "--warmup", "1", "--threads", "1"]
@@ -32,7 +32,7 @@ def test_training_ids_match_the_processor_chat_format():
     cfg = LlavaShapesConfig()
     proc = build_processor(cfg)
     enc = Encoder(proc, cfg.grid)
-    ids, labels = enc.conversation([("what colour is the star ?", "red")])
+    ids, labels, where = enc.conversation([("what colour is the star ?", "red")])
     text = proc.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour is the star ?"}]}],
         add_generation_prompt=True)
@@ -42,6 +42,28 @@ def test_training_ids_match_the_processor_chat_format():
     answer = enc.ids("red") + [enc.eos]
     assert ids == ref + answer
     assert labels == [-100] * len(ref) + answer
+    assert where == [len(ref) - 1]  # the ':' of "ASSISTANT :" predicts the answer's first token
+
+
+def test_object_level_targets_and_attention_target():
+    scene = generate_scene(5)
+    t = patch_targets(scene, 12)
+    cover = patch_cover(scene, 12)
+    assert (t["n_all"] == len(scene.objects)).all()
+    for k, o in enumerate(scene.objects):
+        own = (cover[k] > 0.3) & (cover[k] == cover.max(0))  # patches this object labels
+        if not own.any():
+            continue
+        assert (t["n_shape"][own] == sum(x.shape == o.shape for x in scene.objects)).all()
+        assert (t["n_color"][own] == sum(x.color == o.color for x in scene.objects)).all()
+        assert (t["obj_row"][own] == ("top", "middle", "bottom").index(o.cell[0]) + 1).all()
+    assert attention_target(cover, ()) is None
+    two = attention_target(cover, (0, 1))
+    assert np.isclose(two.sum(), 1.0)
+    # each object weighs the same, its mass spread over its patches by coverage
+    c0, c1 = cover[0].ravel(), cover[1].ravel()
+    assert np.allclose(two, 0.5 * c0 / c0.sum() + 0.5 * c1 / c1.sum())
+    assert np.allclose(attention_target(cover, (0,)), cover[0].ravel() / cover[0].sum())
 
 
 def test_few_steps_then_resume(tmp_path):

@@ -30,8 +30,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..eval.shapes import (
-    COLOR_NAMES, POPE_SPLITS, QUESTION_TYPES, SHAPES, caption, generate_scene, pope_items, split_seeds, vqa_items,
+    COLOR_NAMES, COLS, POPE_SPLITS, QUESTION_TYPES, ROWS, SHAPES, caption, generate_scene, pope_items, split_seeds,
+    vqa_items,
 )
+from ..eval.shapes.scene import MAX_OBJECTS
 from ..eval.shapes.vocab import article
 from ..eval.shapes_eval import CAPTION_PROMPT  # the same prompt the evaluation asks
 from .llava_shapes import LlavaShapesConfig, build_model, build_processor
@@ -57,6 +59,8 @@ class TrainConfig:
     turn_weighting: int = 1  # 1: every answer turn weighs the same in the loss; 0: every answer token does
     grounding_weight: float = 0.5  # auxiliary patch-feature / word-embedding alignment (0 disables)
     embed_std: float = 1.0  # init std of the word embeddings (see Trainer.init_language_side)
+    attn_weight: float = 1.0  # attention supervision (see Trainer.attention_loss); 0 disables
+    attn_heads: str = "1:0,2:0,3:0"  # "layer:head,..." whose answer-position attention is supervised
     tasks: str = "all"  # comma-separated subset of TASKS to train on, or "all"; overridden by curriculum
     curriculum: str = "0:all;500:exists_attr,pope,color,shape;1000:all,exists_attr"
     """stage-B task schedule "step:tasks;step:tasks" ("all" = every task of TASKS); empty = use ``tasks``.
@@ -69,49 +73,83 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------------------------- data
+def patch_cover(scene, grid: int) -> np.ndarray:
+    """(objects, grid, grid): the fraction of each patch that each object's visible mask covers."""
+    p = scene.size // grid
+    return np.stack([o.mask[: p * grid, : p * grid].reshape(grid, p, grid, p).mean((1, 3)) for o in scene.objects])
+
+
 def patch_targets(scene, grid: int) -> dict[str, np.ndarray]:
-    """Per-patch labels (grid x grid): colour/shape of the majority object (0 = background), centre flag,
-    row and column third."""
-    size = scene.size
-    p = size // grid
-    color = np.zeros((grid, grid), np.int64)
-    shape = np.zeros((grid, grid), np.int64)
-    best = np.full((grid, grid), 0.3)  # an object must cover >= 30% of a patch to label it
+    """Per-patch labels (grid x grid), 0 = background. Patch-level: colour/shape of the majority object,
+    centre flag, row and column third of the patch. Object-level (the same on every patch of an object): the
+    3x3 cell of the object's centroid, its x-centre in ``grid`` bins, how many objects share its shape and
+    its colour; and, on every patch, how many objects the image holds. The object-level facts are what
+    questions ask about, so the language model only has to find the object's patches and read them."""
+    cover = patch_cover(scene, grid)
+    objs = scene.objects
+    owner = np.where(cover.max(0) > 0.3, cover.argmax(0), -1)  # an object must cover >= 30% of a patch
+    p = scene.size // grid
+    n_shape = {s: sum(o.shape == s for o in objs) for s in SHAPES}
+    n_color = {c: sum(o.color == c for o in objs) for c in COLOR_NAMES}
+
+    def per_object(values) -> np.ndarray:
+        table = np.array([0, *values], np.int64)
+        return table[owner + 1]
+
     centre = np.zeros((grid, grid), np.int64)
-    for o in scene.objects:
-        cover = o.mask[: p * grid, : p * grid].reshape(grid, p, grid, p).mean((1, 3))
-        win = cover > best
-        best = np.where(win, cover, best)
-        color[win] = COLOR_NAMES.index(o.color) + 1
-        shape[win] = SHAPES.index(o.shape) + 1
+    for o in objs:
         ys, xs = np.nonzero(o.mask)
         cx, cy = o.center
         k = np.argmin((xs - cx) ** 2 + (ys - cy) ** 2)  # nearest visible pixel to the centroid
         centre[min(grid - 1, ys[k] // p), min(grid - 1, xs[k] // p)] = 1
     idx = np.arange(grid) * 3 // grid
-    return {"color": color, "shape": shape, "centre": centre,
-            "row": np.repeat(idx[:, None], grid, 1), "col": np.repeat(idx[None, :], grid, 0)}
+    return {"color": per_object([COLOR_NAMES.index(o.color) + 1 for o in objs]),
+            "shape": per_object([SHAPES.index(o.shape) + 1 for o in objs]),
+            "centre": centre,
+            "row": np.repeat(idx[:, None], grid, 1), "col": np.repeat(idx[None, :], grid, 0),
+            "obj_row": per_object([ROWS.index(o.cell[0]) + 1 for o in objs]),
+            "obj_col": per_object([COLS.index(o.cell[1]) + 1 for o in objs]),
+            "obj_x": per_object([min(grid - 1, int(o.center[0] * grid / scene.size)) + 1 for o in objs]),
+            "n_shape": per_object([n_shape[o.shape] for o in objs]),
+            "n_color": per_object([n_color[o.color] for o in objs]),
+            "n_all": np.full((grid, grid), len(objs), np.int64)}
 
 
-HEADS = {"color": 1 + len(COLOR_NAMES), "shape": 1 + len(SHAPES), "centre": 2, "row": 3, "col": 3}
+HEADS = {"color": 1 + len(COLOR_NAMES), "shape": 1 + len(SHAPES), "centre": 2, "row": 3, "col": 3,
+         "obj_row": 4, "obj_col": 4, "obj_x": 1 + LlavaShapesConfig().grid, "n_shape": 1 + MAX_OBJECTS,
+         "n_color": 1 + MAX_OBJECTS, "n_all": 1 + MAX_OBJECTS}
 
 
-def qa_pool(scene, rng: np.random.Generator) -> dict[str, list[tuple[str, str]]]:
-    pool: dict[str, list[tuple[str, str]]] = {t: [] for t in TASKS}
+def qa_pool(scene, rng: np.random.Generator) -> dict[str, list[tuple[str, str, tuple[int, ...]]]]:
+    """Training questions per task type as (question, answer, target objects); the targets (indices into
+    ``scene.objects``, empty when the question names nothing present) drive the attention supervision."""
+    pool: dict[str, list] = {t: [] for t in TASKS}
+    objs = scene.objects
     for it in vqa_items(scene):
-        pool[it.type].append((it.question, it.answer))
+        pool[it.type].append((it.question, it.answer, it.targets))
     split = POPE_SPLITS[int(rng.integers(len(POPE_SPLITS)))]
-    pool["pope"] = [(it.question, it.answer) for it in pope_items(scene, split)]
-    pool["caption"] = [(CAPTION_PROMPT, caption(scene))]
-    colors = {o.color for o in scene.objects}
-    shapes = {o.shape for o in scene.objects}
-    attr = [(f"is there {article(c)} {c} object in the image ?", "yes" if c in colors else "no") for c in COLOR_NAMES]
-    attr += [(f"is there {article(sh)} {sh} in the image ?", "yes" if sh in shapes else "no") for sh in SHAPES]
-    yes = [qa for qa in attr if qa[1] == "yes"]
-    no = [qa for qa in attr if qa[1] == "no"]
+    pool["pope"] = [(it.question, it.answer, tuple(i for i, o in enumerate(objs)
+                                                   if (o.color, o.shape) == (it.color, it.shape)))
+                    for it in pope_items(scene, split)]
+    pool["caption"] = [(CAPTION_PROMPT, caption(scene), ())]
+    attr = [(f"is there {article(c)} {c} object in the image ?", tuple(i for i, o in enumerate(objs) if o.color == c))
+            for c in COLOR_NAMES]
+    attr += [(f"is there {article(sh)} {sh} in the image ?", tuple(i for i, o in enumerate(objs) if o.shape == sh))
+             for sh in SHAPES]
+    yes = [(q, "yes", tg) for q, tg in attr if tg]
+    no = [(q, "no", tg) for q, tg in attr if not tg]
     k = min(len(yes), len(no))
     pool["exists_attr"] = [yes[i] for i in rng.permutation(len(yes))[:k]] + [no[i] for i in rng.permutation(len(no))[:k]]
     return {t: v for t, v in pool.items() if v}
+
+
+def attention_target(cover: np.ndarray, targets: tuple[int, ...]) -> np.ndarray | None:
+    """Where the answer's attention should go: each target object's patches weighted by coverage, every
+    object weighing the same; None when the question is about nothing present."""
+    if not targets:
+        return None
+    t = sum(cover[i].ravel() / max(cover[i].sum(), 1e-6) for i in targets)
+    return t / t.sum()
 
 
 class Encoder:
@@ -128,14 +166,19 @@ class Encoder:
     def ids(self, text: str) -> list[int]:
         return [self.vocab[w] for w in text.split()]
 
-    def conversation(self, turns: list[tuple[str, str]]) -> tuple[list[int], list[int]]:
+    def conversation(self, turns) -> tuple[list[int], list[int], list[int]]:
+        """Token ids, labels (answers only) and, per turn, the position that predicts the answer's first
+        token. ``turns`` holds (question, answer, ...) tuples; extra fields are ignored."""
         ids, labels = list(self.user) + self.image, [-100] * (len(self.user) + len(self.image))
-        for k, (q, a) in enumerate(turns):
+        where = []
+        for k, (q, a, *_) in enumerate(turns):
             prefix = (self.user if k else []) + self.ids(q) + self.assistant
             answer = self.ids(a) + [self.eos]
-            ids += prefix + answer
+            ids += prefix
+            where.append(len(ids) - 1)
+            ids += answer
             labels += [-100] * len(prefix) + answer
-        return ids, labels
+        return ids, labels, where
 
     @staticmethod
     def turn_weights(labels: list[int]) -> list[float]:
@@ -165,6 +208,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.processor = build_processor(cfg.model)
         self.model = build_model(cfg.model, seed=cfg.seed)
+        self.training_attn, self._attn = False, None
+        self.sup_heads = [tuple(map(int, x.split(":"))) for x in cfg.attn_heads.split(",") if x] if cfg.attn_weight else []
         self.init_language_side()
         self.enc = Encoder(self.processor, cfg.model.grid)
         d = cfg.model.vision_hidden
@@ -181,6 +226,8 @@ class Trainer:
         projected image features have norms ~15). Embeddings and norms get no weight decay."""
         torch.manual_seed(self.cfg.seed + 2)
         torch.nn.init.normal_(self.model.get_input_embeddings().weight, std=self.cfg.embed_std)
+        if self.sup_heads:  # attention supervision needs the weights: eager attention while training
+            self.model.set_attn_implementation("eager")
 
     def restart_language_side(self):
         """Keep the trained vision tower; re-initialise projector and language model; stage B from step 0."""
@@ -240,19 +287,24 @@ class Trainer:
     def lm_batch(self, step: int, batch: int, turns: int):
         scenes = self.scenes(step, batch, stream=1)
         rng = np.random.default_rng((self.cfg.seed, step))
-        seqs, labels = [], []
+        seqs, labels, sup = [], [], []  # sup: (batch row, position, attention target over patches)
         wanted = self.tasks_at(step)
-        for s in scenes:
+        for b, s in enumerate(scenes):
             pool = {t: v for t, v in qa_pool(s, rng).items() if t in wanted}
             types = list(pool)
             chosen = []
             for _ in range(turns):
                 t = types[int(rng.integers(len(types)))]
                 chosen.append(pool[t][int(rng.integers(len(pool[t])))])
-            ids, lab = self.enc.conversation(chosen)
+            ids, lab, where = self.enc.conversation(chosen)
+            cover = patch_cover(s, self.cfg.model.grid)
+            for pos, (_, _, tg) in zip(where, chosen):
+                target = attention_target(cover, tg)
+                if target is not None:
+                    sup.append((b, pos, target))
             seqs.append(ids)
             labels.append(lab)
-        return scenes, seqs, labels
+        return scenes, seqs, labels, sup
 
     def lm_forward(self, px, seqs, labels):
         model = self.model
@@ -266,9 +318,10 @@ class Trainer:
         embeds = model.get_input_embeddings()(ids)
         image_mask = (ids == model.config.image_token_id).unsqueeze(-1)
         embeds = embeds.masked_scatter(image_mask, feats.reshape(-1, feats.shape[-1]).to(embeds.dtype))
-        out = model.model.language_model(inputs_embeds=embeds, attention_mask=mask)
+        out = model.model.language_model(inputs_embeds=embeds, attention_mask=mask,
+                                         output_attentions=bool(self.training_attn))
         logits = model.lm_head(out.last_hidden_state)
-        self._feats = feats
+        self._feats, self._attn = feats, out.attentions
         return logits, lab
 
     def grounding_loss(self, scenes) -> torch.Tensor:
@@ -289,19 +342,42 @@ class Trainer:
         target = (emb[color_ids[col[fg] - 1]] + emb[shape_ids[shp[fg] - 1]]).detach()
         return (1 - F.cosine_similarity(self._feats[fg], target, dim=-1)).mean()
 
+    def attention_loss(self, sup) -> torch.Tensor:
+        """Attention supervision: at the position that predicts each answer, the chosen heads' attention
+        should fall on the patches of the objects the question is about (cross-entropy of the attention
+        weights against the coverage-weighted target patches). Binding a question word to image tokens is
+        what the language loss alone taught slowest (see the model card); this teaches it directly."""
+        rows = torch.tensor([b for b, _, _ in sup])
+        pos = torch.tensor([q for _, q, _ in sup])
+        target = torch.from_numpy(np.stack([t for _, _, t in sup])).float()
+        start = len(self.enc.user)
+        loss = 0.0
+        for layer, head in self.sup_heads:
+            a = self._attn[layer][rows, head, pos, start:start + target.shape[1]]
+            loss = loss + -(target * torch.log(a + 1e-6)).sum(-1).mean()
+        return loss / len(self.sup_heads)
+
     def lm_step(self) -> dict:
-        scenes, seqs, labels = self.lm_batch(self.step, self.cfg.lm_batch, self.cfg.turns)
+        scenes, seqs, labels, sup = self.lm_batch(self.step, self.cfg.lm_batch, self.cfg.turns)
+        self.training_attn = bool(self.cfg.attn_weight and sup)
         logits, lab = self.lm_forward(self.pixels(scenes), seqs, labels)
+        self.training_attn = False
         ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), lab[:, 1:].flatten(), ignore_index=-100, reduction="none")
         if self.cfg.turn_weighting:
             w = torch.tensor([x + [0.0] * (lab.shape[1] - len(x)) for x in map(Encoder.turn_weights, labels)])
             loss = (ce * w[:, 1:].flatten()).sum() / w.sum()
         else:
             loss = ce.sum() / (lab[:, 1:] != -100).sum()
+        out = {"loss": loss, "lm_loss": loss.detach()}
         if self.cfg.grounding_weight:
             aux = self.grounding_loss(scenes)
-            return {"loss": loss + self.cfg.grounding_weight * aux, "lm_loss": loss.detach(), "aux": aux.detach()}
-        return {"loss": loss}
+            out["loss"] = out["loss"] + self.cfg.grounding_weight * aux
+            out["aux"] = aux.detach()
+        if self._attn is not None:
+            att = self.attention_loss(sup)
+            out["loss"] = out["loss"] + self.cfg.attn_weight * att
+            out["attn"] = att.detach()
+        return out
 
     def tasks_at(self, step: int) -> tuple[str, ...]:
         spec = self.cfg.tasks
@@ -339,7 +415,7 @@ class Trainer:
             hits = 0
             for i in range(0, len(items), 32):
                 chunk = items[i:i + 32]
-                seqs, labels = zip(*(self.enc.conversation([qa]) for _, qa in chunk))
+                seqs, labels, _ = zip(*(self.enc.conversation([qa]) for _, qa in chunk))
                 logits, lab = self.lm_forward(self.pixels([s for s, _ in chunk]), list(seqs), list(labels))
                 pred = logits[:, :-1].argmax(-1)
                 tgt = lab[:, 1:]
@@ -417,6 +493,7 @@ class Trainer:
     def export(self, path: Path):
         path.mkdir(parents=True, exist_ok=True)
         self.model.eval()
+        self.model.set_attn_implementation("sdpa")  # eager was for training only
         self.model.save_pretrained(path)
         self.processor.save_pretrained(path)
 
@@ -436,8 +513,9 @@ def main(argv=None):
     for f in ("vision_steps", "lm_steps", "lm_batch", "vision_batch", "turns", "eval_every", "ckpt_every",
               "threads", "dev_items", "warmup", "turn_weighting"):
         p.add_argument("--" + f.replace("_", "-"), type=int, default=None)
-    for f in ("lm_lr", "vision_lr", "grounding_weight", "embed_std"):
+    for f in ("lm_lr", "vision_lr", "grounding_weight", "embed_std", "attn_weight"):
         p.add_argument("--" + f.replace("_", "-"), type=float, default=None)
+    p.add_argument("--attn-heads", default=None, help='supervised "layer:head,..." (default 1:0,2:0,3:0)')
     p.add_argument("--curriculum", default=None, help='stage-B schedule "step:tasks;..." ("" = use --tasks)')
     p.add_argument("--tasks", default=None, help=f"comma-separated subset of {','.join(TASKS + EXTRA_TASKS)} "
                                                  "(default: all of " + ",".join(TASKS) + ")")
