@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..eval.shapes import (
-    COLOR_NAMES, COLS, POPE_SPLITS, QUESTION_TYPES, ROWS, SHAPES, caption, generate_scene, pope_items, split_seeds,
+    COLOR_NAMES, COLS, POPE_SPLITS, QUESTION_TYPES, ROWS, SHAPE_PLURALS, SHAPES, caption, generate_scene, pope_items, split_seeds,
     vqa_items,
 )
 from ..eval.shapes.scene import MAX_OBJECTS
@@ -60,7 +60,10 @@ class TrainConfig:
     grounding_weight: float = 0.5  # auxiliary patch-feature / word-embedding alignment (0 disables)
     embed_std: float = 1.0  # init std of the word embeddings (see Trainer.init_language_side)
     attn_weight: float = 1.0  # attention supervision (see Trainer.attention_loss); 0 disables
-    attn_heads: str = "1:0,2:0,3:0"  # "layer:head,..." whose answer-position attention is supervised
+    attn_heads: str = "word=0:0;phrase=1:0;answer=2:0,3:0"
+    """which heads are supervised, by role: ``word`` (each colour/shape word of a question -> the objects with
+    that attribute), ``phrase`` (the last word of "<colour> <shape>" / "<colour> object" -> the objects it
+    names), ``answer`` (the position that predicts the answer -> the question's target objects)."""
     tasks: str = "all"  # comma-separated subset of TASKS to train on, or "all"; overridden by curriculum
     curriculum: str = "0:all;500:exists_attr,pope,color,shape;1000:all,exists_attr"
     """stage-B task schedule "step:tasks;step:tasks" ("all" = every task of TASKS); empty = use ``tasks``.
@@ -143,6 +146,39 @@ def qa_pool(scene, rng: np.random.Generator) -> dict[str, list[tuple[str, str, t
     return {t: v for t, v in pool.items() if v}
 
 
+_PLURAL_TO_SHAPE = {v: k for k, v in SHAPE_PLURALS.items()}
+
+
+def word_targets(words: list[str], scene) -> list[tuple[str, int, tuple[int, ...]]]:
+    """Attention targets of a question's words: ("word", j, objects with word j's colour or shape) for every
+    colour / shape word, and ("phrase", j, objects named by the phrase ending at j) for "<colour> <shape>",
+    "<colour> object(s)" and a bare shape."""
+    objs, out = scene.objects, []
+    for j, w in enumerate(words):
+        shape = w if w in SHAPES else _PLURAL_TO_SHAPE.get(w)
+        color = words[j - 1] if j and words[j - 1] in COLOR_NAMES else None
+        if w in COLOR_NAMES:
+            out.append(("word", j, tuple(i for i, o in enumerate(objs) if o.color == w)))
+        if shape:
+            out.append(("word", j, tuple(i for i, o in enumerate(objs) if o.shape == shape)))
+            out.append(("phrase", j, tuple(i for i, o in enumerate(objs)
+                                           if o.shape == shape and color in (None, o.color))))
+        elif w in ("object", "objects") and color:
+            out.append(("phrase", j, tuple(i for i, o in enumerate(objs) if o.color == color)))
+    return out
+
+
+def parse_heads(spec: str) -> dict[str, list[tuple[int, int]]]:
+    """ "word=0:0;answer=2:0,3:0" -> {"word": [(0, 0)], "answer": [(2, 0), (3, 0)]}."""
+    out = {}
+    for part in filter(None, spec.split(";")):
+        role, _, heads = part.partition("=")
+        if role not in ("word", "phrase", "answer"):
+            raise ValueError(f"attn_heads: unknown role {role!r}; expected word, phrase or answer")
+        out[role] = [tuple(map(int, h.split(":"))) for h in heads.split(",") if h]
+    return out
+
+
 def attention_target(cover: np.ndarray, targets: tuple[int, ...]) -> np.ndarray | None:
     """Where the answer's attention should go: each target object's patches weighted by coverage, every
     object weighing the same; None when the question is about nothing present."""
@@ -209,7 +245,7 @@ class Trainer:
         self.processor = build_processor(cfg.model)
         self.model = build_model(cfg.model, seed=cfg.seed)
         self.training_attn, self._attn = False, None
-        self.sup_heads = [tuple(map(int, x.split(":"))) for x in cfg.attn_heads.split(",") if x] if cfg.attn_weight else []
+        self.sup_heads = parse_heads(cfg.attn_heads) if cfg.attn_weight else {}
         self.init_language_side()
         self.enc = Encoder(self.processor, cfg.model.grid)
         d = cfg.model.vision_hidden
@@ -287,7 +323,8 @@ class Trainer:
     def lm_batch(self, step: int, batch: int, turns: int):
         scenes = self.scenes(step, batch, stream=1)
         rng = np.random.default_rng((self.cfg.seed, step))
-        seqs, labels, sup = [], [], []  # sup: (batch row, position, attention target over patches)
+        seqs, labels = [], []
+        sup: dict[str, list] = {role: [] for role in self.sup_heads}  # role -> (batch row, position, target)
         wanted = self.tasks_at(step)
         for b, s in enumerate(scenes):
             pool = {t: v for t, v in qa_pool(s, rng).items() if t in wanted}
@@ -298,10 +335,14 @@ class Trainer:
                 chosen.append(pool[t][int(rng.integers(len(pool[t])))])
             ids, lab, where = self.enc.conversation(chosen)
             cover = patch_cover(s, self.cfg.model.grid)
-            for pos, (_, _, tg) in zip(where, chosen):
-                target = attention_target(cover, tg)
-                if target is not None:
-                    sup.append((b, pos, target))
+            for pos, (q, _, tg) in zip(where, chosen):
+                words = q.split()
+                first = pos - len(self.enc.assistant) - len(words) + 1  # position of the question's first word
+                found = [("answer", pos, tg)] + [(role, first + j, objs) for role, j, objs in word_targets(words, s)]
+                for role, at, objs in found:
+                    target = attention_target(cover, objs)
+                    if role in sup and target is not None:
+                        sup[role].append((b, at, target))
             seqs.append(ids)
             labels.append(lab)
         return scenes, seqs, labels, sup
@@ -342,24 +383,26 @@ class Trainer:
         target = (emb[color_ids[col[fg] - 1]] + emb[shape_ids[shp[fg] - 1]]).detach()
         return (1 - F.cosine_similarity(self._feats[fg], target, dim=-1)).mean()
 
-    def attention_loss(self, sup) -> torch.Tensor:
+    def attention_loss(self, sup: dict[str, list]) -> torch.Tensor:
         """Attention supervision: at the position that predicts each answer, the chosen heads' attention
         should fall on the patches of the objects the question is about (cross-entropy of the attention
         weights against the coverage-weighted target patches). Binding a question word to image tokens is
         what the language loss alone taught slowest (see the model card); this teaches it directly."""
-        rows = torch.tensor([b for b, _, _ in sup])
-        pos = torch.tensor([q for _, q, _ in sup])
-        target = torch.from_numpy(np.stack([t for _, _, t in sup])).float()
-        start = len(self.enc.user)
-        loss = 0.0
-        for layer, head in self.sup_heads:
-            a = self._attn[layer][rows, head, pos, start:start + target.shape[1]]
-            loss = loss + -(target * torch.log(a + 1e-6)).sum(-1).mean()
-        return loss / len(self.sup_heads)
+        start, losses = len(self.enc.user), []
+        for role, items in sup.items():
+            if not items:
+                continue
+            rows = torch.tensor([b for b, _, _ in items])
+            pos = torch.tensor([q for _, q, _ in items])
+            target = torch.from_numpy(np.stack([t for _, _, t in items])).float()
+            for layer, head in self.sup_heads[role]:
+                a = self._attn[layer][rows, head, pos, start:start + target.shape[1]]
+                losses.append(-(target * torch.log(a + 1e-6)).sum(-1).mean())
+        return torch.stack(losses).mean()
 
     def lm_step(self) -> dict:
         scenes, seqs, labels, sup = self.lm_batch(self.step, self.cfg.lm_batch, self.cfg.turns)
-        self.training_attn = bool(self.cfg.attn_weight and sup)
+        self.training_attn = bool(self.cfg.attn_weight and any(sup.values()))
         logits, lab = self.lm_forward(self.pixels(scenes), seqs, labels)
         self.training_attn = False
         ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), lab[:, 1:].flatten(), ignore_index=-100, reduction="none")
@@ -515,7 +558,7 @@ def main(argv=None):
         p.add_argument("--" + f.replace("_", "-"), type=int, default=None)
     for f in ("lm_lr", "vision_lr", "grounding_weight", "embed_std", "attn_weight"):
         p.add_argument("--" + f.replace("_", "-"), type=float, default=None)
-    p.add_argument("--attn-heads", default=None, help='supervised "layer:head,..." (default 1:0,2:0,3:0)')
+    p.add_argument("--attn-heads", default=None, help="supervised heads by role, e.g. word=0:0;phrase=1:0;answer=2:0,3:0")
     p.add_argument("--curriculum", default=None, help='stage-B schedule "step:tasks;..." ("" = use --tasks)')
     p.add_argument("--tasks", default=None, help=f"comma-separated subset of {','.join(TASKS + EXTRA_TASKS)} "
                                                  "(default: all of " + ",".join(TASKS) + ")")
