@@ -60,10 +60,12 @@ class TrainConfig:
     grounding_weight: float = 0.5  # auxiliary patch-feature / word-embedding alignment (0 disables)
     embed_std: float = 1.0  # init std of the word embeddings (see Trainer.init_language_side)
     attn_weight: float = 1.0  # attention supervision (see Trainer.attention_loss); 0 disables
-    attn_heads: str = "word=0:0;phrase=1:0;answer=2:0,3:0"
+    attn_heads: str = "word=0:0;prev=0:1;phrase=1:0;route=2:1;answer=2:0,3:0"
     """which heads are supervised, by role: ``word`` (each colour/shape word of a question -> the objects with
     that attribute), ``phrase`` (the last word of "<colour> <shape>" / "<colour> object" -> the objects it
-    names), ``answer`` (the position that predicts the answer -> the question's target objects)."""
+    names), ``answer`` (the position that predicts the answer -> the question's target objects); and two text
+    hops: ``prev`` (a phrase's last word -> the colour word before it) and ``route`` (the answer position ->
+    the question's phrase-final words)."""
     tasks: str = "all"  # comma-separated subset of TASKS to train on, or "all"; overridden by curriculum
     curriculum: str = "0:all;500:exists_attr,pope,color,shape;1000:all,exists_attr"
     """stage-B task schedule "step:tasks;step:tasks" ("all" = every task of TASKS); empty = use ``tasks``.
@@ -146,6 +148,7 @@ def qa_pool(scene, rng: np.random.Generator) -> dict[str, list[tuple[str, str, t
     return {t: v for t, v in pool.items() if v}
 
 
+TEXT_ROLES = ("prev", "route")  # supervised roles whose targets are token positions, not image patches
 _PLURAL_TO_SHAPE = {v: k for k, v in SHAPE_PLURALS.items()}
 
 
@@ -173,8 +176,8 @@ def parse_heads(spec: str) -> dict[str, list[tuple[int, int]]]:
     out = {}
     for part in filter(None, spec.split(";")):
         role, _, heads = part.partition("=")
-        if role not in ("word", "phrase", "answer"):
-            raise ValueError(f"attn_heads: unknown role {role!r}; expected word, phrase or answer")
+        if role not in ("word", "phrase", "answer", *TEXT_ROLES):
+            raise ValueError(f"attn_heads: unknown role {role!r}; expected word, phrase, answer, prev or route")
         out[role] = [tuple(map(int, h.split(":"))) for h in heads.split(",") if h]
     return out
 
@@ -338,11 +341,18 @@ class Trainer:
             for pos, (q, _, tg) in zip(where, chosen):
                 words = q.split()
                 first = pos - len(self.enc.assistant) - len(words) + 1  # position of the question's first word
-                found = [("answer", pos, tg)] + [(role, first + j, objs) for role, j, objs in word_targets(words, s)]
+                per_word = word_targets(words, s)
+                found = [("answer", pos, tg)] + [(role, first + j, objs) for role, j, objs in per_word]
                 for role, at, objs in found:
                     target = attention_target(cover, objs)
                     if role in sup and target is not None:
                         sup[role].append((b, at, target))
+                # text hops: a phrase's last word reads the colour before it; the answer reads the phrase words
+                phrase_ends = sorted({first + j for role, j, _ in per_word if role == "phrase"})
+                if "route" in sup and phrase_ends:
+                    sup["route"].append((b, pos, tuple(phrase_ends)))
+                if "prev" in sup:
+                    sup["prev"] += [(b, at, (at - 1,)) for at in phrase_ends if words[at - first - 1] in COLOR_NAMES]
             seqs.append(ids)
             labels.append(lab)
         return scenes, seqs, labels, sup
@@ -394,8 +404,16 @@ class Trainer:
                 continue
             rows = torch.tensor([b for b, _, _ in items])
             pos = torch.tensor([q for _, q, _ in items])
-            target = torch.from_numpy(np.stack([t for _, _, t in items])).float()
+            if role in TEXT_ROLES:  # targets are token positions: uniform over them
+                width = max(len(t) for _, _, t in items)
+                keys = torch.tensor([list(t) + [t[0]] * (width - len(t)) for _, _, t in items])
+                weight = torch.tensor([[1.0 / len(t)] * len(t) + [0.0] * (width - len(t)) for _, _, t in items])
             for layer, head in self.sup_heads[role]:
+                if role in TEXT_ROLES:
+                    a = self._attn[layer][rows, head, pos][torch.arange(len(items))[:, None], keys]
+                    losses.append(-(weight * torch.log(a + 1e-6)).sum(-1).mean())
+                    continue
+                target = torch.from_numpy(np.stack([t for _, _, t in items])).float()
                 a = self._attn[layer][rows, head, pos, start:start + target.shape[1]]
                 losses.append(-(target * torch.log(a + 1e-6)).sum(-1).mean())
         return torch.stack(losses).mean()
