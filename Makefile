@@ -1,5 +1,5 @@
 # `make run` and `make test` work on a fresh machine from a clean clone: they create .venv and install
-# what they need (torch 2.14.1 + torchvision 0.29.1, vlmfast with its test, eval and grounding extras, and lmms-eval
+# what they need (torch 2.14.1 + torchvision 0.29.1, vlmfast with its test, eval, grounding, reweight, search and demo extras, and lmms-eval
 # without its ~50 pinned dependencies: see docs/lmms_eval.md).
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e ".[test,eval,grounding]"
+	$(PY) -m pip install -q -e ".[test,eval,grounding,reweight,search,demo]"
 	$(PY) -m pip install -q --no-deps lmms-eval==0.7.3
 	touch $(STAMP)
 

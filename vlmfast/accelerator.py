@@ -20,6 +20,7 @@ from .adapters.base import ImageTokens
 from .decoding import GenerationArgs, TokenChooser, kv_cache_bytes
 from .errors import InputError, PolicyError
 from .layer_stage import LayerStage, gather_seq
+from .reweight.branches import BranchContext, Branches, vision_attention_layer
 from .policy import default_policy_for, load_policy
 from .stats import Stats
 
@@ -35,6 +36,8 @@ class GenerateOutput:
     stats: Stats
     kept: list[torch.Tensor] = field(default_factory=list, repr=False)
     """per image, the indices of the visual tokens that entered the language model"""
+    grounding: list | None = field(default=None, repr=False)
+    """with ``ground=True``: one :class:`vlmfast.grounding.Grounding` per grounded phrase (map, points, mask)"""
 
 
 def _now(device: torch.device) -> float:
@@ -116,6 +119,18 @@ class VLMAccelerator:
         self.policy.check(self.adapter.info())
         if len(self.policy.vision_pruners) > 1:
             raise PolicyError(f"{self.policy.source}: at most one vision-stage pruner per policy is supported")
+        vision_attention_layer(self.policy, self.adapter)  # the pruner and DAMRO must read the same vision layer
+        self._grounder = None
+
+    @property
+    def grounder(self):
+        """The grounding stage of ``generate(..., ground=True)``: the policy's ``grounding`` config and a SAM
+        predictor loaded on first use (assign ``acc.grounder.predictor`` to use another one)."""
+        if self._grounder is None:
+            from .grounding.pipeline import Grounder
+
+            self._grounder = Grounder(self.policy.grounding, self.model.device)
+        return self._grounder
 
     @classmethod
     def from_pretrained(cls, model_id_or_path: str, policy: Any = AUTO, *, local_files_only: bool = False,
@@ -153,12 +168,23 @@ class VLMAccelerator:
     # -- public API ------------------------------------------------------------------------------------------
     def generate(self, images=None, prompt: str | Sequence[str] = "", *, max_new_tokens: int = 64,
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                 repetition_penalty: float = 1.0, seed: int | None = None):
+                 repetition_penalty: float = 1.0, seed: int | None = None, ground: bool = False,
+                 ground_phrases: str | Sequence[str] | Sequence[Sequence[str]] | None = None):
         """Answer one request (``prompt`` a string, ``images`` an image or a list) or a batch (``prompt`` a
-        list, ``images`` a list of per-prompt image lists). Returns a GenerateOutput or a list of them."""
+        list, ``images`` a list of per-prompt image lists). Returns a GenerateOutput or a list of them.
+
+        ``ground=True`` fills ``out.grounding``: a mask (with its attention map and point prompts) for each object
+        word of the answer and each of ``ground_phrases`` (phrases of the prompt, e.g. a referring expression)."""
         args = GenerationArgs(max_new_tokens, do_sample, temperature, top_p, top_k, repetition_penalty, seed)
         batch_images, prompts, single = _normalise(images, prompt)
-        outs = self._run(batch_images, prompts, args)
+        grounding = None
+        if ground:
+            from .grounding.pipeline import per_sample_phrases
+
+            grounding = per_sample_phrases(ground_phrases, len(prompts), single)
+        elif ground_phrases is not None:
+            raise InputError("ground_phrases needs ground=True")
+        outs = self._run(batch_images, prompts, args, grounding=grounding)
         return outs[0] if single else outs
 
     def loglikelihood(self, images=None, prompt: str | Sequence[str] = "", continuation: str | Sequence[str] = ""):
@@ -177,7 +203,7 @@ class VLMAccelerator:
 
     # -- the walk of a request -------------------------------------------------------------------------------
     def _run(self, batch_images: list[list], prompts: list[str], args: GenerationArgs,
-             forced: list[list[int]] | None = None) -> list:
+             forced: list[list[int]] | None = None, grounding: list[list[str]] | None = None) -> list:
         model, adapter, policy = self.model, self.adapter, self.policy
         device = model.device
         t_start = _now(device)
@@ -189,13 +215,15 @@ class VLMAccelerator:
             visual_in = image_mask.sum(1).tolist()  # before pruning; image_mask is re-bound by _assemble
             positions = adapter.positions(inputs)
             vp = policy.vision_pruners[0] if policy.vision_pruners else None
-            attn_layer = adapter.resolve_vision_layer(vp.attention_layer()) if vp and vp.needs_attention else None
+            attn_layer = vision_attention_layer(policy, adapter)  # the pruner's, else DAMRO's, else None
             images = adapter.image_tokens(inputs, attn_layer)
             t_vis = _now(device)
             n_feat = sum(im.n_tokens for im in images)
             if n_feat != int(image_mask.sum()):
                 raise InputError(f"the processor produced {int(image_mask.sum())} image placeholders but the vision "
                                  f"tower {n_feat} features; check the processor matches the model")
+            branches = Branches(self, policy, BranchContext(self, batch_images, prompts, inputs, images, image_mask,
+                                                            positions, vp, attn_layer)) if policy.branch_methods else None
             kept, kept_scores = [], []
             for im in images:
                 if vp is None:
@@ -215,12 +243,21 @@ class VLMAccelerator:
                 vision_scores[image_mask & valid] = torch.cat(kept_scores).float()
             stage = LayerStage(policy.layer_pruners, image_mask, valid, vision_scores)
             runs = [m.start(valid) for m in policy.attention_methods]
-            session = attention.AttentionSession(base="") if stage.needs_attention or runs else None
+            runs += [m.start(adapter, inputs, image_mask, valid) for m in policy.reweighters]  # VAR
+            runs += [m.start_run(image_mask, valid, images, kept, [len(x) for x in batch_images], stage)
+                     for m in policy.sparse_prefill]  # MMInference: the sparse kernel of every layer
+            ground = (self.grounder.begin(grounding, len(adapter.decoder_layers), valid, stage, image_mask)
+                      if grounding is not None and forced is None else None)
+            session = attention.AttentionSession(base="") if stage.needs_attention or runs or ground else None
             if stage.needs_attention:
                 stage.register(session)
+            if ground is not None:  # 6. grounding: an observer of every layer's (pre-reweighting) attention
+                ground.capture.register(session)
             with ExitStack() as stack:
                 stack.enter_context(attention.installed(model, session))
                 stack.enter_context(stage.hooks(adapter.decoder_layers))
+                if ground is not None:
+                    stack.enter_context(ground.capture.hooks(adapter.decoder_layers))
                 for run in runs:
                     run.register(session, len(adapter.decoder_layers))
                     stack.enter_context(run.hooks(adapter.decoder_layers))
@@ -230,15 +267,23 @@ class VLMAccelerator:
                 cache = out.past_key_values
                 for run in runs:  # 4. cache transforms (ZipVL's mixed-precision or evicted KV)
                     run.transform_cache(cache)
+                if branches is not None:  # DAMRO / AGLA: each branch prefills into its own cache
+                    branches.prefill()
                 t_first = _now(device)
                 kv = kv_cache_bytes(cache)
                 adapter.set_decode_state(positions, valid)
                 # 5. decode
                 if forced is not None:
-                    return self._score(out.logits[:, -1].float(), cache, mask, positions, valid, forced)
+                    return self._score(out.logits[:, -1].float(), cache, mask, positions, valid, forced, branches)
                 tokens, n_steps, t_dec = self._decode(out.logits[:, -1].float(), cache, inputs["input_ids"], mask,
-                                                      positions, valid, args)
+                                                      positions, valid, args, branches)
         attn_s = adapter.last_attention_s if attn_layer is not None else 0.0
+        t_ground = _now(device)
+        groundings = None if ground is None else ground.finish(
+            tokenizer=self.processor.tokenizer, processor=self.processor, adapter=adapter, inputs=inputs,
+            positions=positions, valid=valid, image_mask=image_mask, images=images, kept=kept,
+            batch_images=batch_images, tokens=tokens)
+        ground_s = _now(device) - t_ground if ground is not None else 0.0
         layer_counts = self._layer_profile(image_mask, valid, stage)
         outs = []
         for b in range(len(prompts)):
@@ -250,15 +295,17 @@ class VLMAccelerator:
                 visual_tokens_final=layer_counts[b][-1] if layer_counts[b] else n_kept,
                 layer_avg_visual_tokens=sum(layer_counts[b]) / max(1, len(layer_counts[b])),
                 visual_tokens_per_layer=layer_counts[b], text_tokens=int(inputs["attention_mask"][b].sum()) - n_in,
-                stages=self._stage_report(b, batch_images, images, kept, vp, stage) + [r.report(b) for r in runs],
+                stages=self._stage_report(b, batch_images, images, kept, vp, stage) + [r.report(b) for r in runs]
+                + (branches.report(b) if branches is not None else []),
                 preprocess_s=t_pre - t_start, vision_s=t_vis - t_pre - attn_s, scoring_s=t_score - t_vis + attn_s,
                 llm_prefill_s=t_first - t_llm, prefill_s=t_first - t_pre,
                 decode_ms_per_token=(1000 * t_dec / n_steps) if n_steps else None,
-                new_tokens=len(ids), kv_bytes=kv[b],
+                new_tokens=len(ids), kv_bytes=kv[b], grounding_s=ground_s,
             )
             text = self.processor.batch_decode([ids], skip_special_tokens=True)[0].strip()
             first = sum(len(x) for x in batch_images[:b])
-            outs.append(GenerateOutput(text=text, token_ids=ids, stats=st, kept=kept[first:first + len(batch_images[b])]))
+            outs.append(GenerateOutput(text=text, token_ids=ids, stats=st, kept=kept[first:first + len(batch_images[b])],
+                                       grounding=None if groundings is None else groundings[b]))
         return outs
 
     def _assemble(self, inputs, images: list[ImageTokens], kept: list[torch.Tensor], image_mask, positions):
@@ -281,7 +328,9 @@ class VLMAccelerator:
         positions = torch.stack([gather_seq(p, idx) for p in positions]).masked_fill(~new_mask[None], 0)
         return gather_seq(embeds, idx), new_mask.to(mask.dtype), positions, image_mask.gather(1, idx) & new_mask
 
-    def _decode(self, logits, cache, prompt_ids, mask, positions, valid, args: GenerationArgs):
+    def _decode(self, logits, cache, prompt_ids, mask, positions, valid, args: GenerationArgs, branches=None):
+        """Greedy / sampled decoding; with ``branches`` (DAMRO, AGLA) the token is chosen from the combined logits
+        and fed to every branch."""
         cfg = self.model.generation_config
         eos = cfg.eos_token_id
         eos = torch.tensor([eos] if isinstance(eos, int) else (eos or []), device=logits.device)
@@ -293,7 +342,7 @@ class VLMAccelerator:
         generated = []
         n_steps, t0 = 0, _now(logits.device)
         for step in range(args.max_new_tokens):
-            tok = chooser(history, logits)
+            tok = chooser(history, logits if branches is None else branches.combine(logits))
             tok = torch.where(finished, torch.full_like(tok, pad), tok)
             generated.append(tok)
             history = torch.cat([history, tok[:, None]], 1)
@@ -302,6 +351,8 @@ class VLMAccelerator:
             if bool(finished.all()) or step == args.max_new_tokens - 1:
                 break
             logits, mask, next_pos = self._step(tok, cache, mask, next_pos)
+            if branches is not None:
+                branches.step(tok)
             n_steps += 1
         t_dec = _now(logits.device) - t0
         gen = torch.stack(generated, 1)
@@ -323,8 +374,10 @@ class VLMAccelerator:
                          position_ids=self.adapter.model_position_ids(next_pos))
         return out.logits[:, -1].float(), mask, next_pos + 1
 
-    def _score(self, logits, cache, mask, positions, valid, forced: list[list[int]]) -> list[tuple[float, bool]]:
-        """Teacher-force ``forced`` through the decode path; sum its log-probabilities, check greediness."""
+    def _score(self, logits, cache, mask, positions, valid, forced: list[list[int]],
+               branches=None) -> list[tuple[float, bool]]:
+        """Teacher-force ``forced`` through the decode path; sum its log-probabilities, check greediness. With
+        ``branches`` the distribution is softmax of the combined logits (tokens outside the plausible set: -inf)."""
         b = logits.shape[0]
         width = max(len(f) for f in forced)
         pad = self.model.generation_config.pad_token_id or 0
@@ -335,12 +388,15 @@ class VLMAccelerator:
         next_pos = positions.masked_fill(~valid[None], -1).amax(-1, keepdim=True) + 1
         for t in range(width):
             tok = tokens[:, t]
-            lp = logits.log_softmax(-1).gather(1, tok[:, None])[:, 0]
+            z = logits if branches is None else branches.combine(logits)
+            lp = z.log_softmax(-1).gather(1, tok[:, None])[:, 0]
             logp += torch.where(live[:, t], lp.double(), torch.zeros_like(logp))
-            greedy &= ~live[:, t] | (logits.argmax(-1) == tok)
+            greedy &= ~live[:, t] | (z.argmax(-1) == tok)
             if t == width - 1:
                 break
             logits, mask, next_pos = self._step(tok, cache, mask, next_pos)
+            if branches is not None:
+                branches.step(tok)
         return [(float(logp[i]), bool(greedy[i])) for i in range(b)]
 
     def _layer_profile(self, image_mask, valid, stage: LayerStage) -> list[list[int]]:

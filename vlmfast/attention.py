@@ -31,6 +31,8 @@ class AttentionSession:
         self.base = base
         self.observers: dict[int, list[Observer]] = {}
         self.overrides: dict[int, Callable] = {}
+        self.wrappers: dict[int, list[Callable]] = {}
+        self.kernels: dict[int, Callable] = {}
 
     def observe(self, layer_idx: int, fn: Observer) -> None:
         self.observers.setdefault(layer_idx, []).append(fn)
@@ -40,6 +42,20 @@ class AttentionSession:
         if layer_idx in self.overrides:
             raise ValueError(f"two methods want to replace the attention of layer {layer_idx}")
         self.overrides[layer_idx] = fn
+
+    def wrap(self, layer_idx: int, fn: Callable) -> None:
+        """Wrap layer ``layer_idx``'s attention (the override, else the base implementation): ``fn(module, q, k,
+        v, mask, inner, **kwargs)`` where ``inner`` has the base signature. Wrappers compose (VAR around sparse
+        prefill); the first registered is the outermost."""
+        self.wrappers.setdefault(layer_idx, []).append(fn)
+
+    def kernel(self, layer_idx: int, fn: Callable) -> None:
+        """Replace layer ``layer_idx``'s dense kernel, i.e. what wrappers, overrides and the default path call as
+        the base implementation: ``fn(module, q, k, v, mask, base, **kwargs)`` (sparse prefill). It composes with
+        overrides and wrappers, which call it in place of the model's own implementation."""
+        if layer_idx in self.kernels:
+            raise ValueError(f"two methods want to replace the attention kernel of layer {layer_idx}")
+        self.kernels[layer_idx] = fn
 
     def base_function(self, module: nn.Module) -> Callable:
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -53,9 +69,53 @@ class AttentionSession:
         for fn in self.observers.get(layer, ()):
             fn(module, query, key, attention_mask)
         base = self.base_function(module)
+        if layer in self.kernels:
+            base = (lambda f, b: lambda module, q, k, v, mask, **kw: f(module, q, k, v, mask, b, **kw))(
+                self.kernels[layer], base)
+        if layer in self.wrappers:
+            return _wrapped(self.wrappers[layer], self._inner(layer, base))(module, query, key, value, attention_mask,
+                                                                             **kwargs)
         if layer in self.overrides:
             return self.overrides[layer](module, query, key, value, attention_mask, base, **kwargs)
         return base(module, query, key, value, attention_mask, **kwargs)
+
+    def _inner(self, layer: int, base: Callable) -> Callable:
+        if layer not in self.overrides:
+            return base
+        fn = self.overrides[layer]
+        return lambda module, q, k, v, mask, **kw: fn(module, q, k, v, mask, base, **kw)
+
+
+def _wrapped(wrappers: list[Callable], inner: Callable) -> Callable:
+    for fn in reversed(wrappers):
+        inner = (lambda f, nxt: lambda module, q, k, v, mask, **kw: f(module, q, k, v, mask, nxt, **kw))(fn, inner)
+    return inner
+
+
+def active_session() -> "AttentionSession | None":
+    """The session the attention function currently dispatches to (None outside a call)."""
+    return _ACTIVE.get()
+
+
+@contextmanager
+def use(model: nn.Module, session: "AttentionSession | None") -> Iterator[None]:
+    """Run a block (one decode branch's forward) with ``session``. If vlmfast's attention is already installed on
+    ``model`` (the main branch's), only the active session is swapped, to ``session`` or to a pass-through one
+    (so the main branch's observers and wrappers never see another branch); otherwise it is installed."""
+    if model.config.get_text_config()._attn_implementation.startswith(_PREFIX):
+        base = _ACTIVE.get().base if _ACTIVE.get() is not None else ""
+        if session is None:
+            session = AttentionSession(base)
+        elif not session.base:
+            session.base = base
+        token = _ACTIVE.set(session)
+        try:
+            yield
+        finally:
+            _ACTIVE.reset(token)
+        return
+    with installed(model, session):
+        yield
 
 
 def vlmfast_attention(module, query, key, value, attention_mask=None, **kwargs):

@@ -49,6 +49,12 @@ def _eval(a) -> int:
     return 0
 
 
+def _hallucination(a) -> int:
+    from .eval import hallucination
+
+    return hallucination.run(a)
+
+
 def _export_lmms(a) -> int:
     from .eval.lmms import tasks
 
@@ -63,6 +69,12 @@ def _bench_prune(a) -> int:
     if a.json:
         print(f"\nwrote {a.json}")
     return 0
+
+
+def _search(a) -> int:
+    from .search.run import main as search_main
+
+    return search_main(a)
 
 
 def _policies(a) -> int:
@@ -84,6 +96,12 @@ def _methods(a) -> int:
         fields = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls))
         print(f"{name:<10} [{cls.stage}]  {fields}")
     return 0
+
+
+def _demo(a) -> int:
+    from .demo.app import run_from_args
+
+    return run_from_args(a)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,18 +148,32 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--policy", default="none", help="shipped name, YAML path, 'auto' or 'none' (default)")
     es.add_argument("--split", default="test", choices=["train", "dev", "test"])
     es.add_argument("--limit", type=int, default=200, help="number of scenes")
-    es.add_argument("--task", default="vqa,pope,chair", help="comma-separated subset of vqa,pope,chair")
+    es.add_argument("--task", default="vqa,pope,chair",
+                    help="comma-separated subset of vqa,pope,chair,grounding (grounding: referring-expression masks)")
     es.add_argument("--blank", action="store_true", help="replace images by a gray image (chance control)")
     es.add_argument("--batch-size", type=int, default=16)
     es.add_argument("--json", help="write the metrics as JSON to this path")
     es.set_defaults(func=_eval)
     from .eval.lmms.tasks import add_arguments as export_arguments  # light: no lmms-eval / datasets import
 
+    from .eval.hallucination import add_arguments as hallucination_arguments  # light: no torch import
+
+    hl = esub.add_parser("hallucination", help="baseline vs VAR / DAMRO / AGLA and combinations on ShapesWorld: "
+                                               "POPE, CHAIR, VQA and decode cost in one table")
+    hallucination_arguments(hl).set_defaults(func=_hallucination)
     ex = esub.add_parser("export-lmms", help="write ShapesWorld as offline lmms-eval tasks (parquet + YAML)")
     export_arguments(ex).set_defaults(func=_export_lmms)
 
+    from .search.run import add_arguments as search_arguments
+
+    se = sub.add_parser("search", help="find the policy closest to the unpruned model under a visual-token budget")
+    search_arguments(se).set_defaults(func=_search)
     sub.add_parser("policies", help="list shipped policies").set_defaults(func=_policies)
     sub.add_parser("methods", help="list registered methods and their hyper-parameters").set_defaults(func=_methods)
+    from .demo.app import add_arguments as demo_arguments  # light: Gradio is imported only when it runs
+
+    demo = sub.add_parser("demo", help="the Gradio demo: plain model vs. policy side by side, with grounding masks")
+    demo_arguments(demo).set_defaults(func=_demo)
     return p
 
 

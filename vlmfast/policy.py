@@ -27,6 +27,10 @@ from .adapters.base import ModelInfo
 from .errors import PolicyError
 from .pruners.base import AttentionMethod, LayerPruner, Method, VisionPruner
 from .registry import get_method
+from .reweight.base import BranchMethod, Reweighter
+
+#: attention methods that restrict prefill attention and rewrite the KV cache (no VAR / branches with them)
+_CACHE_REWRITERS = ("zipvl",)
 
 POLICY_DIR = Path(__file__).parent / "policies"
 
@@ -37,6 +41,7 @@ class _PolicyFile(BaseModel):
     description: str = ""
     models: list[str] = Field(default_factory=list)
     methods: list[dict[str, Any]] = Field(default_factory=list)
+    grounding: dict[str, Any] | None = None
 
 
 def _format_errors(err: ValidationError, prefix: str) -> str:
@@ -54,8 +59,10 @@ class Policy:
     """A validated list of method instances plus metadata. Compare, print, and save it like a value."""
 
     def __init__(self, methods: list[Method] | None = None, name: str | None = None, description: str = "",
-                 models: list[str] | None = None, source: str = "<object>"):
+                 models: list[str] | None = None, source: str = "<object>", grounding: Any = None):
         self.methods = list(methods or [])
+        self.grounding = _grounding_config(grounding, source)
+        """GroundingConfig for ``generate(..., ground=True)`` (None: its defaults)"""
         self.name = name
         self.description = description
         self.models = list(models or [])
@@ -71,6 +78,9 @@ class Policy:
                               "pruning yet (it needs the full sequence in every layer); use a vision-stage pruner")
         if len(self.attention_methods) > 1:
             raise PolicyError(f"{source}: at most one attention method per policy")
+        if len(self.sparse_prefill) > 1:
+            raise PolicyError(f"{source}: at most one sparse prefill method (mminference) per policy")
+        self._check_reweighting(source, layers)
 
     # -- views -----------------------------------------------------------------------------------------------
     @property
@@ -84,6 +94,39 @@ class Policy:
     @property
     def attention_methods(self) -> list[AttentionMethod]:
         return [m for m in self.methods if isinstance(m, AttentionMethod)]
+
+    @property
+    def sparse_prefill(self) -> list[Method]:
+        """Sparse prefill methods (``mminference``): they replace the dense attention kernel during prefill."""
+        return [m for m in self.methods if m.stage == "prefill"]
+
+    @property
+    def reweighters(self) -> list[Reweighter]:
+        return [m for m in self.methods if isinstance(m, Reweighter)]
+
+    @property
+    def branch_methods(self) -> list[BranchMethod]:
+        return [m for m in self.methods if isinstance(m, BranchMethod)]
+
+    def _check_reweighting(self, source: str, layers: list[int]) -> None:
+        """VAR wraps attention and DAMRO / AGLA decode extra branches: say which combinations cannot work."""
+        rw, br = self.reweighters, self.branch_methods
+        if len(rw) > 1:
+            raise PolicyError(f"{source}: at most one attention reweighting method (var) per policy")
+        names = [m.method_name for m in br]
+        if len(set(names)) != len(names):
+            raise PolicyError(f"{source}: each decoding method may appear once, got {names}")
+        for m in rw + br:
+            if layers:
+                raise PolicyError(f"{source}: {m.method_name} cannot be combined with layer-stage pruning "
+                                  f"({', '.join(p.method_name for p in self.layer_pruners)}) yet: it needs every "
+                                  "layer to see the tokens the language model received; use a vision-stage pruner")
+            for a in self.attention_methods:
+                if a.method_name in _CACHE_REWRITERS:
+                    raise PolicyError(f"{source}: {m.method_name} cannot be combined with {a.method_name}: "
+                                      f"{a.method_name} restricts prefill attention to its important tokens and "
+                                      "rewrites the KV cache, so the attention rows and keys "
+                                      f"{m.method_name} works on are not the model's")
 
     @property
     def is_empty(self) -> bool:
@@ -122,7 +165,8 @@ class Policy:
                 raise PolicyError(f"{source}: {_format_errors(e, f'methods[{i}] ({name})')}") from None
             except PolicyError as e:
                 raise PolicyError(f"{source}: methods[{i}] ({name}): {e}") from None
-        return cls(methods, name=raw.name, description=raw.description, models=raw.models, source=source)
+        return cls(methods, name=raw.name, description=raw.description, models=raw.models, source=source,
+                   grounding=raw.grounding)
 
     def to_dict(self) -> dict:
         out: dict[str, Any] = {}
@@ -133,6 +177,8 @@ class Policy:
         if self.models:
             out["models"] = self.models
         out["methods"] = [{"method": m.method_name, **dataclasses.asdict(m)} for m in self.methods]
+        if self.grounding is not None:
+            out["grounding"] = dataclasses.asdict(self.grounding)
         return out
 
     def to_yaml(self, path: str | Path | None = None, header: str = "") -> str:
@@ -142,7 +188,7 @@ class Policy:
         return text
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Policy) and self.methods == other.methods
+        return isinstance(other, Policy) and self.methods == other.methods and self.grounding == other.grounding
 
     def __repr__(self) -> str:
         return f"Policy(name={self.name!r}, methods={self.methods!r})"
@@ -151,6 +197,20 @@ class Policy:
         if self.is_empty:
             return "no methods (plain model)"
         return " + ".join(repr(m) for m in self.methods)
+
+
+def _grounding_config(value: Any, source: str):
+    """None, a GroundingConfig, or a dict of its fields."""
+    from .grounding.config import GroundingConfig
+
+    if value is None or isinstance(value, GroundingConfig):
+        return value
+    if not isinstance(value, dict):
+        raise PolicyError(f"{source}: grounding must be a mapping of GroundingConfig fields, got {type(value).__name__}")
+    try:
+        return GroundingConfig(**value)
+    except ValidationError as e:
+        raise PolicyError(f"{source}: {_format_errors(e, 'grounding')}") from None
 
 
 def shipped_policies() -> dict[str, Path]:

@@ -43,4 +43,5 @@ def available() -> list[str]:
 
 
 def _load_builtins() -> None:
-    from . import pruners  # noqa: F401  (importing registers the built-in methods)
+    from . import pruners, reweight  # noqa: F401  (importing registers the built-in methods)
+    from . import sparse  # noqa: F401  (mminference)

@@ -32,6 +32,9 @@ class Stats:
     new_tokens: int = 0
     kv_bytes: int = 0
     """KV-cache bytes after prefill (this sample's share of the batch)"""
+    grounding_s: float = 0.0
+    """``ground=True``: maps, points and SAM after decoding, for the whole batch (the attention capture itself
+    runs inside prefill and decode)"""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -43,6 +46,9 @@ class Stats:
         ]
         for st in self.stages:
             where = f"layer {st['layer']}" if st.get("layer") is not None else st["stage"]
+            if "summary" in st:  # reweighting and decoding methods describe themselves
+                rows.append((f"  {st['method']} @ {where}", st["summary"]))
+                continue
             if "important_share" in st:
                 rows.append((f"  {st['method']} @ {where}", f"{100 * st['important_share']:.1f}% tokens important "
                                                             f"(avg over layers), KV: {st['kv']}"))
@@ -59,5 +65,7 @@ class Stats:
             ("new tokens", f"{self.new_tokens}"),
             ("KV cache (bytes)", f"{self.kv_bytes:,}"),
         ]
+        if self.grounding_s:
+            rows.append(("grounding: maps + SAM (s)", f"{self.grounding_s:.4f}"))
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -135,6 +135,12 @@ class Adapter(ABC):
     def image_token_mask(self, inputs) -> torch.Tensor:
         return inputs["input_ids"] == self.image_token_id
 
+    def grid_region(self, processor, size: tuple[int, int]) -> tuple[float, float, float, float]:
+        """The box (x0, y0, x1, y1), in pixels of the original image of ``size`` (W, H), that an image's token
+        grid covers once the processor has laid it out (it may extend past the image when the processor pads).
+        Default: the whole image (Qwen2-VL resizes the whole image to its grid)."""
+        return 0.0, 0.0, float(size[0]), float(size[1])
+
     # -- vision ----------------------------------------------------------------------------------------------
     @abstractmethod
     def image_tokens(self, inputs, attention_layer: int | None) -> list[ImageTokens]:

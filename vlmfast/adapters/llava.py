@@ -77,3 +77,31 @@ class LlavaAdapter(Adapter):
 
     def model_position_ids(self, positions: torch.Tensor) -> torch.Tensor:
         return positions[0]
+
+    def grid_region(self, processor, size: tuple[int, int]) -> tuple[float, float, float, float]:
+        """LLaVA's processor: optional pad to a centred square (``do_pad``), resize (shortest edge, or to a fixed
+        height x width), optional centre crop; the grid covers the crop. Returned in original pixels."""
+        ip = getattr(processor, "image_processor", processor)
+
+        def get(d, key):
+            return d.get(key) if isinstance(d, dict) else getattr(d, key, None)
+
+        w, h = float(size[0]), float(size[1])
+        x0, y0, cw, ch = 0.0, 0.0, w, h
+        if getattr(ip, "do_pad", False):
+            side = max(w, h)
+            x0, y0, cw, ch = (w - side) / 2, (h - side) / 2, side, side
+        rw, rh = cw, ch
+        target = getattr(ip, "size", None) if getattr(ip, "do_resize", True) else None
+        if target is not None and get(target, "shortest_edge"):
+            scale = get(target, "shortest_edge") / min(cw, ch)
+            rw, rh = cw * scale, ch * scale
+        elif target is not None and get(target, "height") and get(target, "width"):
+            rw, rh = float(get(target, "width")), float(get(target, "height"))
+        sx, sy = rw / cw, rh / ch
+        crop = getattr(ip, "crop_size", None)
+        if getattr(ip, "do_center_crop", False) and crop is not None and get(crop, "height"):
+            left, top = (rw - get(crop, "width")) / 2, (rh - get(crop, "height")) / 2
+            return (x0 + left / sx, y0 + top / sy, x0 + (left + get(crop, "width")) / sx,
+                    y0 + (top + get(crop, "height")) / sy)
+        return x0, y0, x0 + cw, y0 + ch

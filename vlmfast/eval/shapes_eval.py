@@ -2,8 +2,9 @@
 
 Prints a metrics table and (optionally) writes JSON:
 ``{"model", "policy", "split", "n", "vqa": {"overall", <type>...}, "pope": {<split>: {"accuracy", "f1",
-"yes_ratio", ...}}, "chair": {"chair_s", "chair_i", "recall"}, "cost": {...}}``; sections not evaluated
-are absent. ``blank=True`` replaces every image by a uniform gray one (the "does it look?" control).
+"yes_ratio", ...}}, "chair": {"chair_s", "chair_i", "recall"}, "grounding": {"miou", "pointing",
+"peak_point_miou", "upper_bound_miou", "pruned_miou", "time", ...}, "cost": {...}}``; sections not evaluated
+are absent (``grounding`` only when asked for: see :mod:`.grounding_eval`). ``blank=True`` replaces every image by a uniform gray one (the "does it look?" control).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from .shapes import (
     POPE_SPLITS, caption_objects, chair, iter_scenes, pope_items, pope_metrics, vqa_accuracy, vqa_items,
 )
 
-TASKS = ("vqa", "pope", "chair")
+TASKS = ("vqa", "pope", "chair", "grounding")
+DEFAULT_TASKS = ("vqa", "pope", "chair")
 CAPTION_PROMPT = "what objects are in the image ?"
 
 
@@ -35,7 +37,7 @@ def _batched(acc, jobs: list[tuple[Image.Image, str]], max_new_tokens: int, batc
     return texts, stats
 
 
-def evaluate(acc, split: str = "test", limit: int = 200, tasks: Iterable[str] = TASKS, blank: bool = False,
+def evaluate(acc, split: str = "test", limit: int = 200, tasks: Iterable[str] = DEFAULT_TASKS, blank: bool = False,
              batch: int = 16, progress: bool = True) -> dict:
     tasks = list(tasks)
     unknown = [t for t in tasks if t not in TASKS]
@@ -48,11 +50,13 @@ def evaluate(acc, split: str = "test", limit: int = 200, tasks: Iterable[str] = 
     image = (lambda s: gray) if blank else (lambda s: s.image)
     result: dict = {"split": split, "n": len(scenes), "blank_image": blank}
     all_stats = []
+    task_stats: dict[str, list] = {}  # per task, for decode ms/token by answer length
     if "vqa" in tasks:
         items = [(s, it) for s in scenes for it in vqa_items(s, max_per_type=1)]
         preds, st = _batched(acc, [(image(s), it.question) for s, it in items], 4, batch, "vqa", progress)
         result["vqa"] = vqa_accuracy(preds, [it for _, it in items])
         all_stats += st
+        task_stats["vqa"] = st
     if "pope" in tasks:
         result["pope"] = {}
         for sp in POPE_SPLITS:
@@ -60,11 +64,17 @@ def evaluate(acc, split: str = "test", limit: int = 200, tasks: Iterable[str] = 
             preds, st = _batched(acc, [(image(s), it.question) for s, it in items], 2, batch, f"pope {sp}", progress)
             result["pope"][sp] = {**pope_metrics(preds, [it.answer for _, it in items]), "n": len(items)}
             all_stats += st
+            task_stats.setdefault("pope", []).extend(st)
     if "chair" in tasks:
         caps, st = _batched(acc, [(image(s), CAPTION_PROMPT) for s in scenes], 48, batch, "captions", progress)
         result["chair"] = {**chair(caps, [caption_objects(s) for s in scenes]), "n": len(caps)}
         result["captions_sample"] = caps[:3]
         all_stats += st
+        task_stats["chair"] = st
+    if "grounding" in tasks:  # referring-expression masks from attention + SAM (eval/grounding_eval.py)
+        from .grounding_eval import evaluate_grounding
+
+        result["grounding"] = evaluate_grounding(acc, scenes, image, batch=batch, progress=progress)
     if all_stats:
         dec = [s.decode_ms_per_token for s in all_stats if s.decode_ms_per_token is not None]
         result["cost"] = {
@@ -73,8 +83,15 @@ def evaluate(acc, split: str = "test", limit: int = 200, tasks: Iterable[str] = 
             "layer_avg_visual_tokens": statistics.mean(s.layer_avg_visual_tokens for s in all_stats),
             "prefill_s_per_batch": statistics.median(s.prefill_s for s in all_stats),
             "decode_ms_per_token": statistics.median(dec) if dec else None,
+            "decode_ms_per_token_by_task": {t: _median_decode(st) for t, st in task_stats.items()},
+            "batch": batch,
         }
     return result
+
+
+def _median_decode(stats: list) -> float | None:
+    dec = [s.decode_ms_per_token for s in stats if s.decode_ms_per_token is not None]
+    return round(statistics.median(dec), 3) if dec else None
 
 
 def table(res: dict) -> str:
@@ -90,10 +107,23 @@ def table(res: dict) -> str:
     if "chair" in res:
         c = res["chair"]
         rows.append(("CHAIR", f"CHAIR_s {c['chair_s']:.3f}  CHAIR_i {c['chair_i']:.3f}  recall {c['recall']:.3f}"))
+    if "grounding" in res and res["grounding"].get("n"):
+        g = res["grounding"]
+        rows.append(("grounding mIoU", f"{g['miou']:.3f}  pointing {g['pointing']:.3f}  (n={g['n']})"))
+        rows.append(("  peak point / naive peak", f"{g['peak_point_miou']:.3f} / {g['naive_peak_miou']:.3f}"))
+        rows.append(("  upper bound (GT centre)", f"{g['upper_bound_miou']:.3f}  (a / c = {g['ratio_to_upper_bound']:.3f})"))
+        rows.append((f"  FoPru {g['pruned_keep']:.0%}", f"{g['pruned_miou']:.3f}  pointing {g['pruned_pointing']:.3f}"))
+        if "time" in g:
+            rows.append(("  grounding time overhead", f"{100 * g['time']['overhead']:+.1f}% (new image), "
+                                                      f"{100 * g['time']['overhead_warm']:+.1f}% (image seen)"))
     if "cost" in res:
         c = res["cost"]
         rows.append(("visual tokens", f"{c['visual_tokens_in']:.0f} in, {c['visual_tokens_kept']:.0f} kept, "
                                       f"{c['layer_avg_visual_tokens']:.1f} layer avg"))
+        by_task = c.get("decode_ms_per_token_by_task") or {}
+        if by_task:
+            rows.append(("decode ms/token", "  ".join(f"{t} {v:.2f}" for t, v in by_task.items() if v is not None)
+                         + f"  (median per batch of {c.get('batch', '?')})"))
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
 

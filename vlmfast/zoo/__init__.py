@@ -21,6 +21,7 @@ WEIGHTS = Path(__file__).parent / "weights"
 SHIPPED: dict[str, tuple[Path, str]] = {
     "tiny-llava-shapes": (WEIGHTS / "tiny-llava-shapes", "python -m vlmfast.zoo.train_llava"),
     "tiny-sam-shapes": (WEIGHTS / "tiny-sam-shapes", "python -m vlmfast.zoo.train_sam"),  # vlmfast.zoo.sam.load_sam
+    "tiny-clip-shapes": (WEIGHTS / "tiny-clip-shapes", "python -m vlmfast.zoo.train_clip"),  # vlmfast.zoo.clip.load_clip
 }
 
 #: name -> builder returning (model, processor); random weights, for mechanics and demos only.

@@ -1,0 +1,394 @@
+"""Grounding (attention -> points -> SAM): known answers on hand-made attention and maps, the grid-to-pixel
+mapping of both families, masks from a synthetic map through tiny-sam-shapes, and the API end to end on the
+tiny random models (observing attention never changes the answer)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_image
+from vlmfast import FastV, FoPru, Grounding, GroundingConfig, Policy, PolicyError, VLMAccelerator
+from vlmfast.errors import InputError
+from vlmfast.grounding import maps, prompts
+from vlmfast.grounding.capture import AttentionCapture, attention_probs
+from vlmfast.grounding.phrases import find_phrase, object_phrases
+
+PROMPT = "where is the red circle ?"
+
+
+# --------------------------------------------------------------------------- head aggregation and flow
+
+
+def test_head_weights_and_aggregation_known_answer():
+    # 2 heads, 2 queries, 2 keys (causal). Head 0: row maxes 1 and 0.5 -> weight 0.75; head 1: 1 and 0.9 -> 0.95
+    probs = torch.tensor([[[1.0, 0.0], [0.5, 0.5]],
+                          [[1.0, 0.0], [0.1, 0.9]]])
+    w = maps.head_weights(probs)
+    assert torch.allclose(w, torch.tensor([0.75, 0.95]))
+    agg = maps.aggregate_heads(probs, w)
+    expected = (0.75 * probs[0] + 0.95 * probs[1]) / 2
+    assert torch.allclose(agg, expected)
+    assert torch.allclose(agg[1], torch.tensor([(0.375 + 0.095) / 2, (0.375 + 0.855) / 2]))
+
+
+def test_head_weights_skip_fully_masked_rows():
+    probs = torch.tensor([[[0.0, 0.0], [0.2, 0.8]]])  # row 0 is left padding (all masked -> 0)
+    assert torch.allclose(maps.head_weights(probs), torch.tensor([0.8]))
+
+
+def test_flow_column_factors():
+    assert torch.allclose(maps.flow_column_factors(torch.ones(4, dtype=torch.bool)),
+                          torch.tensor([0.25, 0.5, 0.75, 1.0]))
+    # left padding: L = 3 valid positions
+    assert torch.allclose(maps.flow_column_factors(torch.tensor([False, True, True, True])),
+                          torch.tensor([0.0, 1 / 3, 2 / 3, 1.0]))
+
+
+def _chain():
+    """3 tokens. Layer 0: token 1 attends only token 0. Layer 1: token 2 attends only token 1."""
+    a0 = torch.tensor([[1.0, 0, 0], [1.0, 0, 0], [0, 0, 1.0]])
+    a1 = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 1.0, 0]])
+    return [a0, a1]
+
+
+def test_propagate_direct_vs_rollout_known_answer():
+    mats, start = _chain(), torch.tensor([0.0, 0.0, 1.0])
+    # direct attention only: layer 0 says "itself", layer 1 says "token 1" -> mean [0, 0.5, 0.5]
+    assert torch.allclose(maps.propagate(mats, start, "none"), torch.tensor([0.0, 0.5, 0.5]))
+    # rollout v <- v (I + A) from the top: e2 -> e2 + e1 = [0, 1, 1] / 2 -> [0, .5, .5] + [.5, 0, .5] / 2
+    assert torch.allclose(maps.propagate(mats, start, "rollout"), torch.tensor([0.25, 0.25, 0.5]))
+    # the regularised flow damps early columns by (1 - (L0 - 1) / L) = [1/3, 2/3, 1]:
+    # top: [0, 0, 1] + [0, 2/3, 0] -> [0, .4, .6]; bottom: + [.4/3, 0, .6] -> [2/15, .4, 1.2] / (26/15)
+    reg = maps.propagate(mats, start, "regularised")
+    assert torch.allclose(reg, torch.tensor([2.0, 6.0, 18.0]) / 26)
+    assert reg[0] < maps.propagate(mats, start, "rollout")[0]  # less mass collapses into the first token
+
+
+def test_sink_tokens_massive_activation_rule():
+    image = torch.tensor([False, True, True, True])
+    phi = {0: torch.tensor([50.0, 4, 30, 4]), 2: torch.tensor([50.0, 25, 4, 4]), 3: torch.tensor([3.0, 4, 4, 4])}
+    # from layer 2: token 1 (25 > 20) is a sink; token 2 peaks only at layer 0; token 0 is text (BOS)
+    assert maps.sink_tokens(phi, image, 20.0, 2).tolist() == [False, True, False, False]
+    assert maps.sink_tokens(phi, image, 20.0, 0).tolist() == [False, True, True, False]
+
+
+# --------------------------------------------------------------------------- grid to pixels
+
+
+def test_grid_map_fills_pruned_tokens_with_zero():
+    g = maps.grid_map(torch.tensor([1.0, 2.0]), torch.tensor([1, 5]), (1, 2, 3))
+    assert g.tolist() == [[0.0, 1.0, 0.0], [0.0, 0.0, 2.0]]
+    two_frames = maps.grid_map(torch.tensor([2.0, 4.0]), torch.tensor([0, 4]), (2, 2, 2))  # frames averaged
+    assert two_frames.tolist() == [[3.0, 0.0], [0.0, 0.0]]
+
+
+@pytest.mark.parametrize("cell", [(0, 0), (1, 2), (2, 3)])
+def test_grid_to_pixels_peak_lands_in_its_cell(cell):
+    grid = torch.zeros(3, 4)
+    grid[cell] = 1.0
+    heat = maps.grid_to_pixels(grid, (0.0, 0.0, 80.0, 60.0), (80, 60))  # cells of 20 x 20 px
+    assert heat.shape == (60, 80) and float(heat.min()) >= 0
+    y, x = np.unravel_index(int(heat.argmax()), heat.shape)
+    assert cell[0] * 20 <= y < cell[0] * 20 + 20 and cell[1] * 20 <= x < cell[1] * 20 + 20
+
+
+def test_grid_to_pixels_respects_a_cropped_region():
+    # a 160 x 112 image whose centre 112 x 112 square became the grid (LLaVA's shortest-edge resize + crop)
+    grid = torch.zeros(4, 4)
+    grid[0, 0] = 1.0
+    heat = maps.grid_to_pixels(grid, (24.0, 0.0, 136.0, 112.0), (160, 112))
+    assert heat.shape == (112, 160)
+    assert float(heat[:, :24].max()) == 0 and float(heat[:, 136:].max()) == 0
+    y, x = np.unravel_index(int(heat.argmax()), heat.shape)
+    assert 24 <= x < 52 and 0 <= y < 28
+
+
+def test_llava_grid_region_from_the_processor(models):
+    model, processor = models["llava"]
+    acc = VLMAccelerator(model, processor, policy=None)
+    assert acc.adapter.grid_region(processor, (112, 112)) == pytest.approx((0, 0, 112, 112))
+    assert acc.adapter.grid_region(processor, (160, 112)) == pytest.approx((24, 0, 136, 112))  # centre crop
+    assert acc.adapter.grid_region(processor, (112, 160)) == pytest.approx((0, 24, 112, 136))
+
+    class Padded:  # LlavaImageProcessor(do_pad=True): pad to a centred square, then resize; no crop
+        do_pad, do_resize, do_center_crop = True, True, False
+        size = {"shortest_edge": 32}
+
+    assert acc.adapter.grid_region(Padded(), (160, 112)) == pytest.approx((0, -24, 160, 136))
+
+
+def test_qwen_grid_from_image_grid_thw_is_raster_order(models):
+    """Qwen2-VL: the grid is image_grid_thw / merge, the LLM's image tokens run in raster order over it (their
+    M-RoPE rows are (row, column)), and the grid covers the whole (resized) image."""
+    model, processor = models["qwen2_vl"]
+    acc = VLMAccelerator(model, processor, policy=None)
+    img = make_image(3, 112, 168)
+    inputs = acc.adapter.prepare(processor, [[img]], [PROMPT])
+    with torch.inference_mode():
+        (tokens,) = acc.adapter.image_tokens(inputs, None)
+    t, h, w = (int(x) for x in inputs["image_grid_thw"][0])
+    assert tokens.grid == (t, h // 2, w // 2) == (1, 4, 6)
+    pos = acc.adapter.positions(inputs)[:, 0]
+    img_pos = pos[:, acc.adapter.image_token_mask(inputs)[0]]  # (4 rows, n image tokens)
+    k = torch.arange(img_pos.shape[1])
+    assert torch.equal(img_pos[2] - img_pos[2].min(), k // 6) and torch.equal(img_pos[3] - img_pos[3].min(), k % 6)
+    assert acc.adapter.grid_region(processor, img.size) == (0.0, 0.0, 168.0, 112.0)
+
+
+# --------------------------------------------------------------------------- points
+
+
+def _blob(h, w, cx, cy, sigma, amp=1.0):
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32) + 0.5, torch.arange(w, dtype=torch.float32) + 0.5,
+                            indexing="ij")
+    return amp * torch.exp(-((xs - cx) ** 2 + (ys - cy) ** 2) / (2 * sigma ** 2))
+
+
+def test_components_labels_8_connected():
+    b = torch.tensor([[1, 1, 0, 0, 1],
+                      [0, 1, 0, 0, 1],
+                      [0, 0, 1, 0, 0],
+                      [1, 0, 0, 0, 0]], dtype=torch.bool)
+    lab = prompts.components(b)
+    assert (lab > 0).eq(b).all()
+    assert len(lab[b].unique()) == 3  # {(0,0),(0,1),(1,1),(2,2)} diagonal-connected, {(0,4),(1,4)}, {(3,0)}
+    assert lab[0, 0] == lab[2, 2] != lab[0, 4]
+
+
+def test_points_pick_the_peak_of_the_heaviest_component():
+    # a broad blob (most mass) at (30, 40) peaking at 0.9 and a one-pixel spike of 1.0 at (90, 10)
+    heat = _blob(64, 100, 30.5, 40.5, 6.0, 0.9)
+    heat[10, 90] = 1.0
+    pts, labels, region = prompts.initial_points(heat, 0.5)
+    assert labels.tolist() == [1, 0]
+    assert tuple(pts[0]) == (30.5, 40.5)  # the broad blob's peak, not the global maximum
+    assert bool(region[40, 30]) and not bool(region[10, 90])
+    assert prompts.peak(heat) == (90.5, 10.5)
+    # the negative point: the emptiest part of the map, as far from the positive point as possible
+    assert tuple(pts[1]) == (99.5, 0.5)
+
+
+def test_refinement_points_known_answer():
+    heat = _blob(40, 40, 20.5, 20.5, 5.0)
+    region = heat >= 0.5
+    mask = torch.zeros(40, 40, dtype=torch.bool)
+    mask[:, :20] = True  # covers the left half of the blob and a lot of empty map
+    pts, labels = prompts.refinement_points(heat, mask, region, np.array([[15.5, 20.5]]))
+    assert labels.tolist() == [1, 0]
+    assert tuple(pts[0]) == (20.5, 20.5)  # the strong part the mask misses
+    assert heat[int(pts[1][1]), int(pts[1][0])] < 0.05  # negative where the mask covers nothing
+    nothing, _ = prompts.refinement_points(heat, heat >= 0.05, region, np.array([[20.5, 20.5]]))
+    assert len(nothing) == 0
+
+
+def test_bbox():
+    m = np.zeros((10, 10), bool)
+    m[2:5, 3:8] = True
+    assert prompts.bbox(m).tolist() == [3, 2, 8, 5]
+    assert prompts.bbox(np.zeros((3, 3), bool)) is None
+
+
+# --------------------------------------------------------------------------- SAM
+
+
+@pytest.fixture(scope="module")
+def sam_predictor():
+    pytest.importorskip("segment_anything")
+    from vlmfast.grounding.segmenter import load_predictor
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield load_predictor(GroundingConfig())
+    torch.set_num_threads(threads)
+
+
+def test_synthetic_map_through_tiny_sam_gives_the_object_mask(sam_predictor):
+    from vlmfast.eval.shapes import generate_scene, mask_iou, split_seeds
+    from vlmfast.grounding.segmenter import segment
+
+    scene = generate_scene(split_seeds("test", 3)[2], 336)
+    sam_predictor.set_image(np.asarray(scene.image))
+    for obj in scene.objects[:3]:
+        if obj.mask.sum() < 300:
+            continue
+        cx, cy = obj.center
+        heat = maps.normalise(_blob(336, 336, cx, cy, 14.0))  # a map peaked on the object (as attention would be)
+        seg = segment(sam_predictor, heat, GroundingConfig())
+        assert seg.labels[0] == 1 and obj.mask[int(seg.points[0][1]), int(seg.points[0][0])]
+        assert seg.mask.shape == obj.mask.shape and seg.mask.dtype == bool
+        assert mask_iou(seg.mask, obj.mask) > 0.7, (obj, mask_iou(seg.mask, obj.mask))
+        assert 0 < seg.score <= 1.5
+
+
+def test_sam_checkpoint_errors(tmp_path):
+    from vlmfast.grounding.segmenter import load_predictor
+
+    with pytest.raises(PolicyError, match="needs grounding.sam_checkpoint"):
+        load_predictor(GroundingConfig(sam_type="vit_b"))
+    with pytest.raises(PolicyError, match="no file"):
+        load_predictor(GroundingConfig(sam_type="vit_b", sam_checkpoint=str(tmp_path / "none.pth")))
+    bad = tmp_path / "code.pth"
+    torch.save({"model": object()}, bad)  # not loadable with weights_only=True
+    with pytest.raises(PolicyError, match="weights_only"):
+        load_predictor(GroundingConfig(sam_type="vit_b", sam_checkpoint=str(bad)))
+
+
+# --------------------------------------------------------------------------- phrases and policy
+
+
+def test_object_phrases():
+    found = [p for p, _, _ in object_phrases("a red circle , a blue star and two green squares .")]
+    assert found == ["red circle", "blue star", "green squares"]
+    assert [p for p, _, _ in object_phrases("An orange cat near a traffic light and an orange.")] == [
+        "orange cat", "traffic light", "orange"]
+    assert object_phrases("top left") == []
+
+
+def test_find_phrase_in_prompt_tokens(models):
+    _, processor = models["llava"]
+    tok = processor.tokenizer
+    ids = tok("USER: where is the red circle ? ASSISTANT:", add_special_tokens=False)["input_ids"]
+    at = find_phrase(tok, ids, "red circle")
+    assert tok.decode([ids[i] for i in at]) == "red circle"
+    with pytest.raises(InputError, match="does not occur in the prompt"):
+        find_phrase(tok, ids, "blue star")
+
+
+def test_policy_grounding_section_round_trip():
+    pol = Policy.from_dict({"methods": [{"method": "fopru", "keep": 0.5}],
+                            "grounding": {"flow": "rollout", "sam_type": "tiny-sam-shapes"}})
+    assert pol.grounding == GroundingConfig(flow="rollout")
+    assert Policy.from_dict(pol.to_dict()) == pol
+    with pytest.raises(PolicyError, match="grounding.flow"):
+        Policy.from_dict({"grounding": {"flow": "sideways"}})
+    with pytest.raises(PolicyError, match="grounding.nope"):
+        Policy.from_dict({"grounding": {"nope": 1}})
+
+
+# --------------------------------------------------------------------------- capture and the API end to end
+
+
+def test_attention_probs_equal_eager_softmax():
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 5, 8)  # GQA: 4 query heads, 2 key heads
+
+    class M:
+        scaling = 8 ** -0.5
+
+    p = attention_probs(M(), q, k, None)
+    ref = (q @ k.repeat_interleave(2, 1).transpose(-1, -2) * M.scaling).masked_fill(
+        ~torch.ones(5, 5, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
+    assert torch.allclose(p, ref, atol=1e-6)
+    padded = torch.ones(2, 1, 5, 5, dtype=torch.bool).tril()
+    padded[1, :, :, 0] = False  # sample 1 has one left pad
+    padded[1, :, 0, :] = False
+    p2 = attention_probs(M(), q, k, padded)
+    assert float(p2[1, :, 0].abs().sum()) == 0 and float(p2[1, :, 1:, 0].abs().sum()) == 0
+
+
+@pytest.fixture
+def ground_acc(models, family):
+    model, processor = models[family]
+    cfg = GroundingConfig(prompt_rows="phrase")
+    return VLMAccelerator(model, processor, policy=Policy(grounding=cfg))
+
+
+def test_generate_ground_returns_groundings_and_same_tokens(ground_acc):
+    img = make_image(5, 112, 140)
+    plain = ground_acc.generate(images=[img], prompt=PROMPT, max_new_tokens=6)
+    out = ground_acc.generate(images=[img], prompt=PROMPT, max_new_tokens=6, ground=True,
+                              ground_phrases=["red circle"])
+    assert plain.grounding is None
+    assert out.token_ids == plain.token_ids  # observing attention changes nothing
+    assert out.grounding and isinstance(out.grounding[0], Grounding)
+    g = out.grounding[0]
+    assert g.phrase == "red circle" and g.image_index == 0
+    assert g.heatmap.dtype == np.float32 and g.heatmap.shape == (112, 140)
+    assert float(g.heatmap.min()) >= 0 and float(g.heatmap.max()) == pytest.approx(1.0)
+    assert g.mask.dtype == bool and g.mask.shape == (112, 140)
+    assert g.points.shape[1] == 2 and g.point_labels.shape == (len(g.points),) and g.point_labels[0] == 1
+    assert g.box is None and isinstance(g.score, float)
+    assert out.stats.grounding_s > 0
+    # answer object words are grounded too (after the prompt phrases)
+    words = [p for p, _, _ in object_phrases(out.text)]
+    assert [x.phrase for x in out.grounding[1:]] == list(dict.fromkeys(w.lower() for w in words))
+
+
+def test_ground_batch_equals_alone(ground_acc):
+    imgs = [make_image(6), make_image(7, 112, 150)]
+    prompts_ = [PROMPT, "is there a blue star on the left of the red circle ?"]
+    batch = ground_acc.generate(images=[[imgs[0]], [imgs[1]]], prompt=prompts_, max_new_tokens=3, ground=True,
+                                ground_phrases=[["red circle"], ["blue star"]])
+    for i in range(2):
+        alone = ground_acc.generate(images=[imgs[i]], prompt=prompts_[i], max_new_tokens=3, ground=True,
+                                    ground_phrases=[["red circle", "blue star"][i]])
+        assert batch[i].grounding[0].phrase == alone.grounding[0].phrase
+        np.testing.assert_allclose(batch[i].grounding[0].heatmap, alone.grounding[0].heatmap, atol=2e-3)
+
+
+@pytest.mark.parametrize("methods", [[FoPru(keep=0.25)], [FastV(layer=2, keep=0.25)]], ids=["fopru", "fastv"])
+def test_ground_with_pruning(models, family, methods):
+    model, processor = models[family]
+    acc = VLMAccelerator(model, processor, policy=Policy(methods, grounding=GroundingConfig(prompt_rows="phrase")))
+    img = make_image(8)
+    out = acc.generate(images=[img], prompt=PROMPT, max_new_tokens=4, ground=True, ground_phrases=["red circle"])
+    g = out.grounding[0]
+    assert g.heatmap.shape == (112, 112) and g.mask.shape == (112, 112)
+    if isinstance(methods[0], FoPru):  # pruned tokens read 0: the map has the kept tokens' support only
+        assert out.stats.visual_tokens_kept < out.stats.visual_tokens_in
+
+
+def test_capture_scatters_shortened_layers_back(models):
+    """FastV drops tokens from layer 2 on: those layers' captured rows and columns of dropped tokens are 0,
+    and the kept ones sit at their original positions."""
+    model, processor = models["llava"]
+    acc = VLMAccelerator(model, processor, policy=Policy([FastV(layer=2, keep=0.25)]))
+    seen = {}
+    from vlmfast.grounding import pipeline
+
+    orig = pipeline.Request.finish
+
+    def finish(self, **kw):
+        seen["capture"], seen["stage_keep"] = self.capture, self.capture.kept_index(3)
+        return orig(self, **kw)
+
+    pipeline.Request.finish = finish
+    try:
+        acc.generate(images=[make_image(9)], prompt=PROMPT, max_new_tokens=3, ground=True)
+    finally:
+        pipeline.Request.finish = orig
+    cap, keep = seen["capture"], seen["stage_keep"][0]
+    full = cap.matrices(0)
+    dropped = torch.ones(cap.prefill_len, dtype=torch.bool)
+    dropped[keep] = False
+    assert float(full[3][: cap.prefill_len][:, dropped].abs().sum()) == 0
+    assert float(full[0][: cap.prefill_len][:, dropped].abs().sum()) > 0  # layer 0 still sees every token
+    assert torch.allclose(full[3][: cap.prefill_len].sum(-1)[keep], torch.ones(len(keep)) * float(cap.weights[3][0].mean()),
+                          atol=1e-4)
+
+
+def test_ground_phrase_errors(ground_acc):
+    img = make_image(1)
+    with pytest.raises(InputError, match="does not occur in the prompt"):
+        ground_acc.generate(images=[img], prompt=PROMPT, max_new_tokens=2, ground=True, ground_phrases=["green star"])
+    with pytest.raises(InputError, match="needs ground=True"):
+        ground_acc.generate(images=[img], prompt=PROMPT, max_new_tokens=2, ground_phrases=["red circle"])
+    out = ground_acc.generate(images=None, prompt=PROMPT, max_new_tokens=2, ground=True)
+    assert out.grounding == []
+
+
+def test_capture_decode_rows_are_counted(models):
+    model, processor = models["qwen2_vl"]
+    cap = AttentionCapture(2, torch.ones(1, 3, dtype=torch.bool))
+
+    class M:
+        scaling = 1.0
+
+    q, k = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4)
+    cap._observer(0)(M(), q, k, None)
+    cap._observer(1)(M(), q, k, None)
+    cap._observer(0)(M(), q[:, :, :1], torch.randn(1, 2, 4, 4), None)
+    with pytest.raises(RuntimeError, match="expected 4 keys"):  # an evicted / foreign cache is refused
+        cap._observer(1)(M(), q[:, :, :1], torch.randn(1, 2, 9, 4), None)

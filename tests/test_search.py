@@ -1,0 +1,247 @@
+"""`vlmfast search`: search spaces under the budget, the objective and budget unit, data specs, the CLI
+(valid YAML, CSV, plot), resuming from storage, and clear errors. Tiny random-weight LLaVA; a few trials."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+
+import pytest
+import torch
+
+from conftest import make_image
+from vlmfast import InputError, VLMAccelerator, load_policy
+from vlmfast.cli import main
+from vlmfast.policy import Policy
+from vlmfast.pruners import FastV, FoPru, ZipVL
+from vlmfast.search import SpaceContext, describe_space, load_data, space_for
+from vlmfast.search.objective import last_hidden, visual_share
+from vlmfast.search.report import pareto_front
+from vlmfast.search.space import _layer_average
+from vlmfast.stats import Stats
+
+optuna = pytest.importorskip("optuna")
+
+MODEL = "tiny-random-llava"
+
+
+def _ctx(n_layers=8, budget=0.25, tokens=64):
+    return SpaceContext(budget=budget, n_layers=n_layers, n_vision_layers=4, feature_layer=2, tokens_per_image=tokens)
+
+
+def _trial(seed=0):
+    return optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed)).ask()
+
+
+# -- the space: every sampled policy spends at most the budget, by the same formula the stats use -------------------
+def test_fastv_keep_solved_from_the_budget():
+    ctx = _ctx(n_layers=8, budget=0.25)  # layers before K see all: K < 2, so K = 1 and keep = (2 - 1) / 7
+    m = space_for("fastv").suggest(_trial(), ctx)
+    assert m.layer == 1 and m.keep == pytest.approx(1 / 7, abs=1e-4) and m.keep <= 1 / 7
+    assert _layer_average(1.0, [m.layer], [m.keep], 8) == pytest.approx(0.25, abs=1e-3)
+
+
+def test_layer_pruners_left_out_when_the_budget_is_unreachable():
+    space = describe_space(_ctx(n_layers=4, budget=0.25), ["fopru", "fastv", "pyramiddrop"])
+    assert "above 1/4 = 0.25" in space["fastv"]["infeasible"] and "infeasible" in space["pyramiddrop"]
+    assert "strategy: one of rank, row" in space["fopru"]["params"]
+    assert "keep = 0.25" in space["fopru"]["params"][-1]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_vflowopt_and_pyramiddrop_samples_meet_the_budget(seed):
+    ctx = _ctx(n_layers=12, budget=0.3)
+    v = space_for("vflowopt").suggest(_trial(seed), ctx)
+    avg = _layer_average(v.keep, v.llm_layers, v.llm_keep, 12)
+    assert v.keep >= 0.3 - 1e-9 and avg <= 0.3 + 1e-6 and avg >= 0.3 - 0.01, v
+    p = space_for("pyramiddrop").suggest(_trial(seed), ctx)
+    avg = _layer_average(1.0, p.layers, [p.ratio] * len(p.layers), 12)
+    assert p.layers[0] <= 3 and avg <= 0.3 + 1e-6 and avg >= 0.3 - 0.01, p
+
+
+def test_schema_derived_space_and_unknown_method():
+    dims = {d.name: d for d in space_for("visionzip").dims(_ctx())}
+    assert dims["contextual"].low == 0.0 and dims["contextual"].high == 0.5  # explicit range
+    assert dims["layer"].choices == (None, -1)  # upper half of a 4-layer tower, feature layer 2 excluded
+    assert space_for("random").fixed(_ctx()) == ["seed"]
+    m = space_for("zipvl").suggest(_trial(), _ctx(n_layers=8, budget=0.25))
+    assert isinstance(m, ZipVL) and 0.1 <= m.tau <= 0.999 and m.first_layer in (0, 1) and m.kv == "quantize"
+    with pytest.raises(InputError, match="unknown method 'nope'"):
+        space_for("nope")
+
+
+# -- the objective's pieces ---------------------------------------------------------------------------------------
+def test_visual_share_for_layer_pruners_and_zipvl():
+    st = Stats(visual_tokens_in=64, visual_tokens_kept=64, visual_tokens_per_layer=[64, 64, 16, 16])
+    assert visual_share(st, Policy([FastV(layer=2, keep=0.25)])) == pytest.approx(0.625)
+    st = Stats(visual_tokens_in=64, visual_tokens_kept=16, visual_tokens_per_layer=[16] * 4)
+    assert visual_share(st, Policy([FoPru(keep=0.25)])) == pytest.approx(0.25)
+    st = Stats(visual_tokens_in=64, visual_tokens_kept=64, visual_tokens_per_layer=[64] * 4,
+               stages=[{"stage": "attention", "method": "zipvl", "layer": None, "important_share": 0.5, "kv": "none"}])
+    assert visual_share(st, Policy([ZipVL(first_layer=1)])) == pytest.approx((1 + 3 * 0.5) / 4)
+
+
+def test_last_hidden_is_the_final_hidden_state_of_the_last_prompt_token():
+    acc = VLMAccelerator.from_pretrained(MODEL, policy=None)
+    img, prompt = make_image(3), "what colour is the star ?"
+    with last_hidden(acc.model) as seen:
+        acc.generate(images=[img], prompt=prompt, max_new_tokens=3)
+    assert seen and seen[0].shape == (1, acc.model.config.text_config.hidden_size)  # the first call is the prefill
+    inputs = acc.adapter.prepare(acc.processor, [[img]], [prompt])
+    with torch.inference_mode():
+        ref = acc.model.model(**inputs).last_hidden_state[:, -1]
+    torch.testing.assert_close(seen[0], ref.float(), rtol=1e-4, atol=1e-5)
+    assert not acc.model.get_output_embeddings()._forward_pre_hooks  # removed after the block
+
+
+def test_pareto_front():
+    pts = [(0.5, 0.9), (0.25, 0.8), (0.25, 0.7), (0.3, 0.95), (0.9, 0.95), (1.0, 1.0)]
+    assert [pts[i] for i in pareto_front(pts)] == [(0.25, 0.8), (0.3, 0.95), (1.0, 1.0)]
+
+
+# -- data ----------------------------------------------------------------------------------------------------------
+def test_shapes_data_cycles_question_types():
+    from vlmfast.eval.shapes import QUESTION_TYPES, iter_scenes, vqa_items
+
+    data = load_data("shapes:dev:10")
+    assert len(data.samples) == 10 and data.has_answers
+    for i, (s, scene) in enumerate(zip(data.samples, iter_scenes("dev", 10))):
+        items = vqa_items(scene, max_per_type=1)
+        want = QUESTION_TYPES[i % 5]  # types in turn; another of the scene's questions when it has none
+        assert s.type == want or want not in {it.type for it in items}
+        assert (s.prompt, s.answer) in {(it.question, it.answer) for it in items}
+    assert len({s.type for s in data.samples}) >= 4
+    assert len(load_data("shapes:dev").samples) == 32
+
+
+def test_jsonl_data(tmp_path):
+    make_image(0).save(tmp_path / "a.png")
+    make_image(1).save(tmp_path / "b.png")
+    f = tmp_path / "calib.jsonl"
+    f.write_text('{"image": "a.png", "prompt": "what is it ?", "answer": "a star"}\n\n'
+                 f'{{"image": ["{tmp_path / "b.png"}", "a.png"], "prompt": "is it red ?", "answer": "yes", '
+                 '"type": "yes_no"}\n')
+    data = load_data(f"jsonl:{f}")
+    assert [len(s.images) for s in data.samples] == [1, 2] and data.has_answers
+    assert data.samples[0].images[0].size == (112, 112) and data.samples[1].type == "yes_no"
+    f.write_text('{"image": "a.png", "prompt": "what is it ?"}\n')
+    assert not load_data(f"jsonl:{f}").has_answers
+
+
+@pytest.mark.parametrize("line, match", [
+    ('{"image": "a.png"}', "missing \\['prompt'\\]"),
+    ('{"image": "a.png", "prompt": "x", "label": 1}', "unknown key\\(s\\) \\['label'\\]"),
+    ('{"image": "zzz.png", "prompt": "x"}', "cannot open image file"),
+    ("not json", "calib.jsonl:1: not valid JSON"),
+    ('{"image": "a.png", "prompt": "x", "answer": "y"}\n{"image": "a.png", "prompt": "x"}',
+     "1 of 2 lines have an \"answer\""),
+])
+def test_jsonl_errors(tmp_path, line, match):
+    make_image(0).save(tmp_path / "a.png")
+    f = tmp_path / "calib.jsonl"
+    f.write_text(line + "\n")
+    with pytest.raises(InputError, match=match):
+        load_data(f"jsonl:{f}")
+
+
+# -- the CLI -------------------------------------------------------------------------------------------------------
+def _search(tmp_path, *extra, trials=3, out="pol.yaml"):
+    return main(["search", "--model", MODEL, "--budget", "0.25", "--methods", "fopru,vflowopt,zipvl",
+                 "--data", "shapes:dev:4", "--batch-size", "2", "--trials", str(trials),
+                 "--out", str(tmp_path / out), "--no-progress", *extra])
+
+
+def test_search_writes_a_valid_policy_csv_and_plot(tmp_path, capsys):
+    assert _search(tmp_path) == 0
+    printed = capsys.readouterr().out
+    text = (tmp_path / "pol.yaml").read_text()
+    assert text.startswith("# vlmfast search") and "# model: tiny-random-llava" in text
+    assert "# data: shapes:dev:4 (4 samples)" in text and "# budget: 0.25" in text and "# date: " in text
+    pol = load_policy(tmp_path / "pol.yaml")
+    assert len(pol.methods) == 1 and pol.methods[0].method_name in ("fopru", "vflowopt", "zipvl")
+    acc = VLMAccelerator.from_pretrained(MODEL, policy=str(tmp_path / "pol.yaml"))  # binds to the model
+    out = acc.generate(images=[make_image(0)], prompt="what is it ?", max_new_tokens=2)
+    assert out.stats.visual_tokens_in == 64
+    with open(tmp_path / "pol.trials.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 and {r["state"] for r in rows} <= {"COMPLETE", "PRUNED"}
+    best = [r for r in rows if r["feasible"] == "True"]
+    assert best and all(float(r["visual_share"]) <= 0.25 + 1e-9 for r in best)
+    assert json.loads(best[0]["policy"])[0]["method"] in ("fopru", "vflowopt", "zipvl")
+    assert (tmp_path / "pol.pareto.png").read_bytes()[:4] == b"\x89PNG"
+    summary = json.loads((tmp_path / "pol.search.json").read_text())
+    assert summary["reference"]["objective"] == pytest.approx(1.0) and summary["trials"] == 3
+    assert f"objective: {summary['best']['objective']:.4f}" in text
+    assert "unpruned" in printed and "wrote policy" in printed
+
+
+def test_full_budget_keeps_the_model_unchanged(tmp_path):
+    """keep = 100% is the keep-all invariant: the objective is exactly cos(h, h) = 1."""
+    rc = main(["search", "--model", MODEL, "--budget", "1", "--methods", "fopru", "--data", "shapes:dev:2",
+               "--trials", "2", "--out", str(tmp_path / "p.yaml"), "--no-progress"])
+    assert rc == 0
+    best = json.loads((tmp_path / "p.search.json").read_text())["best"]
+    assert best["objective"] == pytest.approx(1.0, abs=1e-6) and best["visual_share"] == 1.0
+
+
+def test_search_resumes_from_storage(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'search.db'}"
+    assert _search(tmp_path, "--storage", storage, "--seed", "3", trials=2) == 0
+    first = list(csv.DictReader(open(tmp_path / "pol.trials.csv")))
+    assert _search(tmp_path, "--storage", storage, "--seed", "3", trials=4) == 0
+    second = list(csv.DictReader(open(tmp_path / "pol.trials.csv")))
+    assert len(first) == 2 and len(second) == 4
+    assert [r["params"] for r in second[:2]] == [r["params"] for r in first]  # continued, not restarted
+    assert json.loads((tmp_path / "pol.search.json").read_text())["new_trials"] == 2
+    name = optuna.get_all_study_names(storage)
+    assert len(name) == 1 and len(optuna.load_study(study_name=name[0], storage=storage).trials) == 4
+    # the study remembers its settings: another seed (or budget, data...) is refused, naming the difference
+    assert _search(tmp_path, "--storage", storage, "--seed", "4", trials=5) == 2
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--methods", "fopru,nope"], "unknown method 'nope'"),
+    (["--methods", "fopru,fopru"], "listed twice"),
+    (["--methods", ""], "expected a comma-separated list"),
+    (["--budget", "0"], "0 < budget <= 1"),
+    (["--budget", "1.5"], "0 < budget <= 1"),
+    (["--budget", "nan"], "0 < budget <= 1"),
+    (["--data", "shapes:test:8"], "test split is for evaluation"),
+    (["--data", "shapes:val"], "unknown ShapesWorld split 'val'"),
+    (["--data", "shapes:dev:x"], "N must be a positive integer"),
+    (["--data", "jsonl:/no/such.jsonl"], "is not a file"),
+    (["--data", "coco:train"], "unknown source 'coco'"),
+    (["--out", "policy.json"], "expected a .yaml path"),
+    (["--trials", "0"], "at least 1"),
+    (["--methods", "fastv"], "none can meet budget 0.25"),
+    (["--storage", "redis://x"], "expected a database URL"),
+])
+def test_clear_errors(tmp_path, capsys, args, match):
+    base = {"--model": MODEL, "--budget": "0.25", "--methods": "fopru", "--data": "shapes:dev:2",
+            "--trials": "1", "--out": str(tmp_path / "p.yaml")}
+    for k, v in zip(args[::2], args[1::2]):
+        base[k] = v
+    rc = main(["search", *[x for kv in base.items() for x in kv], "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "vlmfast: error:" in err
+    assert re.search(match, err), err
+
+
+def test_sparse_flag_is_a_clear_error_until_the_head_search_exists(tmp_path, capsys):
+    try:
+        from vlmfast.sparse import search_heads
+    except ImportError:
+        search_heads = None
+    if search_heads is None:
+        rc = _search(tmp_path, "--sparse", trials=1)
+        assert rc == 2 and "vlmfast.sparse.search_heads" in capsys.readouterr().err
+    else:
+        pytest.skip("vlmfast.sparse.search_heads exists: --sparse is wired")
+
+
+def test_dry_run_prints_the_space(capsys):
+    assert main(["search", "--model", MODEL, "--budget", "0.25", "--data", "shapes:dev:2", "--out", "x.yaml",
+                 "--methods", "fopru,fastv", "--dry-run", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "fopru:" in out and "strategy: one of rank, row" in out and "fastv: left out" in out

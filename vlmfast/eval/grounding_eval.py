@@ -1,0 +1,152 @@
+"""``vlmfast eval shapes --task grounding``: attention-as-prompt grounding on ShapesWorld referring expressions.
+
+Every unambiguous referring expression of a scene (``referring_expressions``: "the red star", "the circle on
+the left", ...) is asked about with ``"where is <expression> ?"`` and grounded with
+``generate(..., ground=True, ground_phrases=[<expression without "the">])``. Scored against the target's exact
+visible mask:
+
+* ``miou`` / ``pointing``: (a) VL-SAM style, the map's positive + negative points and refinement (the policy's
+  ``grounding`` config); pointing = the first positive point lands in the target;
+* ``peak_point_miou`` / ``peak_pointing``: (b) one positive point at the same map's peak, one SAM call;
+* ``naive_peak_miou`` / ``naive_pointing``: the peak of the naive map (plain head mean, the layers' direct
+  attention averaged, no sink removal), one SAM call: what VL-SAM's map generation adds;
+* ``upper_bound_miou``: (c) one positive point at the ground-truth centre (``center_point``), one SAM call;
+* ``pruned_miou`` / ``pruned_pointing``: (d) (a) with FoPru keeping 25% of the visual tokens;
+* ``time``: a plain generate call vs the same call with ``ground=True``, interleaved, one request at a time,
+  medians; ``overhead`` with the SAM image embedding computed in the call (a new image), ``overhead_warm`` when
+  the predictor already holds the image (a second phrase about the same image).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, replace
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .shapes import mask_iou, pointing_accuracy, referring_expressions
+
+PROMPT = "where is {expression} ?"
+MAX_NEW_TOKENS = 4
+
+
+def phrase_of(expression: str) -> str:
+    return expression[4:] if expression.startswith("the ") else expression
+
+
+def _siblings(acc, cfg, methods=()):
+    """An accelerator on the same model and processor with another policy, sharing the SAM predictor."""
+    from ..accelerator import VLMAccelerator
+    from ..policy import Policy
+
+    other = VLMAccelerator(acc.model, acc.processor, policy=Policy(list(methods), grounding=cfg))
+    other.grounder.predictor = acc.grounder.predictor
+    return other
+
+
+def _run_grounding(acc, jobs, batch: int, desc: str, progress: bool) -> list:
+    out = []
+    for i in tqdm(range(0, len(jobs), batch), desc=desc, disable=not progress, leave=False):
+        chunk = jobs[i:i + batch]
+        res = acc.generate(images=[[img] for img, _, _ in chunk], prompt=[p for _, p, _ in chunk],
+                           max_new_tokens=MAX_NEW_TOKENS, ground=True, ground_phrases=[[ph] for _, _, ph in chunk])
+        for (_, _, ph), o in zip(chunk, res):
+            g = o.grounding[0]
+            assert g.phrase == ph, (g.phrase, ph)
+            out.append(g)
+    return out
+
+
+def _first_positive(g) -> tuple[float, float] | None:
+    pos = np.flatnonzero(g.point_labels == 1)
+    return tuple(g.points[pos[0]]) if len(pos) else None
+
+
+def _peak(heat: np.ndarray) -> tuple[float, float]:
+    i = int(np.argmax(heat))
+    return i % heat.shape[1] + 0.5, i // heat.shape[1] + 0.5
+
+
+def evaluate_grounding(acc, scenes, image, batch: int = 16, progress: bool = True, timing: int = 30,
+                       pruned_keep: float = 0.25) -> dict:
+    """The ``grounding`` section of the ShapesWorld evaluation (see the module docstring)."""
+    from ..grounding import GroundingConfig
+    from ..pruners import FoPru
+    from ..grounding.segmenter import segment_points
+    from ..zoo.sam import center_point
+
+    cfg = acc.policy.grounding or GroundingConfig()
+    items = [(s, r) for s in scenes for r in referring_expressions(s)]
+    if not items:
+        return {"n": 0}
+    jobs = [(image(s), PROMPT.format(expression=r.expression), phrase_of(r.expression)) for s, r in items]
+    gts = [r.mask for _, r in items]
+    main = _run_grounding(acc, jobs, batch, "grounding", progress)
+    naive_cfg = replace(cfg, head_weights="mean", flow="none", remove_sinks=False)
+    naive = _run_grounding(_siblings(acc, naive_cfg), jobs, batch, "grounding naive map", progress)
+    pruned = _run_grounding(_siblings(acc, cfg, [FoPru(keep=pruned_keep)]), jobs, batch, "grounding fopru", progress)
+
+    predictor, emb = acc.grounder.predictor, acc.grounder.embeddings
+    peak_masks, naive_masks, upper_masks, peaks, naive_peaks = [], [], [], [], []
+    for (img, _, _), g, gn, gt in zip(jobs, main, naive, gts):
+        emb.set(np.asarray(img))
+        p = _peak(g.heatmap)
+        peaks.append(p)
+        peak_masks.append(segment_points(predictor, [p], [1])[0])
+        pn = _peak(gn.heatmap)
+        naive_peaks.append(pn)
+        naive_masks.append(segment_points(predictor, [pn], [1])[0])
+        upper_masks.append(segment_points(predictor, [center_point(gt)], [1])[0])
+
+    def miou(masks):
+        return float(np.mean([mask_iou(m, t) for m, t in zip(masks, gts)]))
+
+    res = {
+        "n": len(items), "prompt": PROMPT, "config": asdict(cfg),
+        "miou": miou([g.mask for g in main]),
+        "pointing": pointing_accuracy([_first_positive(g) for g in main], gts),
+        "map_pointing": pointing_accuracy(peaks, gts),
+        "peak_point_miou": miou(peak_masks),
+        "naive_peak_miou": miou(naive_masks),
+        "naive_pointing": pointing_accuracy(naive_peaks, gts),
+        "upper_bound_miou": miou(upper_masks),
+        "pruned_miou": miou([g.mask for g in pruned]),
+        "pruned_pointing": pointing_accuracy([_first_positive(g) for g in pruned], gts),
+        "pruned_keep": pruned_keep,
+    }
+    res["ratio_to_upper_bound"] = res["miou"] / res["upper_bound_miou"] if res["upper_bound_miou"] else None
+    kinds: dict[str, list[int]] = {}
+    for k, (_, r) in enumerate(items):
+        kinds.setdefault(r.kind, []).append(k)
+    res["by_kind"] = {kind: {"n": len(ix), "miou": float(np.mean([mask_iou(main[k].mask, gts[k]) for k in ix])),
+                             "upper_bound_miou": float(np.mean([mask_iou(upper_masks[k], gts[k]) for k in ix]))}
+                      for kind, ix in sorted(kinds.items())}
+    if timing:
+        res["time"] = time_overhead(acc, jobs[:: max(1, len(jobs) // timing)][:timing])
+    return res
+
+
+def time_overhead(acc, jobs) -> dict:
+    """Plain generate vs ground=True on the same requests, interleaved, one at a time; medians."""
+    emb = acc.grounder.embeddings
+    acc.generate(images=[jobs[0][0]], prompt=jobs[0][1], max_new_tokens=MAX_NEW_TOKENS)  # warm-up
+    plain, cold, warm, sam = [], [], [], []
+    for img, prompt, phrase in jobs:
+        t0 = time.perf_counter()
+        acc.generate(images=[img], prompt=prompt, max_new_tokens=MAX_NEW_TOKENS)
+        t1 = time.perf_counter()
+        emb.forget()
+        out = acc.generate(images=[img], prompt=prompt, max_new_tokens=MAX_NEW_TOKENS, ground=True,
+                           ground_phrases=[phrase])
+        t2 = time.perf_counter()
+        acc.generate(images=[img], prompt=prompt, max_new_tokens=MAX_NEW_TOKENS, ground=True, ground_phrases=[phrase])
+        t3 = time.perf_counter()
+        plain.append(t1 - t0)
+        cold.append(t2 - t1)
+        warm.append(t3 - t2)
+        sam.append(out.stats.grounding_s)
+    p, c, w = statistics.median(plain), statistics.median(cold), statistics.median(warm)
+    return {"n": len(jobs), "generate_s": p, "generate_ground_s": c, "generate_ground_warm_s": w,
+            "grounding_stage_s": statistics.median(sam), "overhead": c / p - 1, "overhead_warm": w / p - 1}

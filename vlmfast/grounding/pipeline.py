@@ -1,0 +1,200 @@
+"""One request's grounding, after decoding: phrases -> query rows -> attention flow -> pixel map -> SAM.
+
+Called by :class:`~vlmfast.accelerator.VLMAccelerator` when ``generate(..., ground=True)``; everything it
+needs comes from the request (the processor's inputs, the assembled and possibly pruned sequence, the kept
+image tokens, the generated tokens) and from the :class:`~.capture.AttentionCapture` that observed the call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import InputError, PolicyError
+from . import Grounding, maps
+from .capture import AttentionCapture
+from .config import GroundingConfig
+from .phrases import find_phrase, object_phrases, token_spans, tokens_in
+from .segmenter import ImageEmbeddings, load_predictor, segment
+
+
+@dataclass
+class PhraseRows:
+    phrase: str
+    rows: list[int]
+    """positions (in the assembled sequence, decode steps after it) whose attention makes the map"""
+
+
+def layer_index_fn(stage):
+    """For a LayerStage: layer -> (B, L') indices of the tokens a shortened layer holds (None: all)."""
+    def kept_index(layer: int):
+        held = [st for st in stage.stages if st.layer <= layer]
+        return held[-1].keep if held else None
+
+    return kept_index
+
+
+def _assembled_index(inputs, positions: torch.Tensor, valid: torch.Tensor, b: int) -> dict[int, int]:
+    """Original (processor) token index -> position in the assembled sequence, for sample ``b``. Row 0 of the
+    positions is the token's index among the sample's real tokens, so pruning and re-padding are undone."""
+    n_pad = int((inputs["attention_mask"][b] == 0).sum())
+    pos = positions[0, b]
+    return {n_pad + int(pos[j]): j for j in valid[b].nonzero().flatten().tolist()}
+
+
+def phrase_rows(tokenizer, cfg: GroundingConfig, inputs, positions, valid, b: int, phrases: list[str],
+                answer_ids: list[int], decode_steps: int) -> list[PhraseRows]:
+    length = valid.shape[1]
+    out: list[PhraseRows] = []
+    if phrases:
+        to_assembled = _assembled_index(inputs, positions, valid, b)
+        ids = inputs["input_ids"][b].tolist()
+        for p in phrases:
+            orig = find_phrase(tokenizer, ids, p)
+            own = [to_assembled[i] for i in orig if i in to_assembled]
+            rows = {"phrase": own, "answer": [length - 1], "phrase+answer": own + [length - 1]}[cfg.prompt_rows]
+            out.append(PhraseRows(p, sorted(set(rows))))
+    if cfg.answer_objects and answer_ids:
+        text, spans = token_spans(tokenizer, answer_ids)
+        merged: dict[str, list[int]] = {}
+        for phrase, s, e in object_phrases(text, cfg.object_words):
+            toks = tokens_in(spans, s, e)
+            # the row that chose answer token i: the last prompt token for i = 0, else decode step i - 1
+            rows = [length - 1 if i == 0 else length + i - 1 for i in toks if i - 1 < decode_steps]
+            if rows:
+                merged.setdefault(phrase.lower(), []).extend(rows)
+        out += [PhraseRows(p, sorted(set(r))) for p, r in merged.items()]
+    return out
+
+
+def ground_sample(capture: AttentionCapture, cfg: GroundingConfig, requests: list[PhraseRows], b: int, *,
+                  image_mask: torch.Tensor, valid: torch.Tensor, images: list, kept: list[torch.Tensor],
+                  pil_images: list, regions: list[tuple[float, float, float, float]], predictor,
+                  embeddings: ImageEmbeddings) -> list[Grounding]:
+    """Ground ``requests`` for sample ``b``. ``images`` / ``kept`` / ``pil_images`` / ``regions``: this
+    sample's images (ImageTokens with their grid, kept token indices, the original PIL images, and the box of
+    each original image its grid covers)."""
+    if not requests or not images:
+        return []
+    length = valid.shape[1]
+    n = max(max(r.rows) for r in requests) + 1
+    mats = [m.cpu() for m in capture.matrices(b, max(n, length))]
+    if cfg.layers is not None:
+        try:
+            mats = [mats[k] for k in cfg.layers]
+        except IndexError:
+            raise PolicyError(f"grounding.layers = {cfg.layers}: the model has {len(mats)} decoder layers") from None
+    extra = mats[0].shape[0] - length
+    valid_full = torch.cat([valid[b].cpu(), torch.ones(extra, dtype=torch.bool)])
+    image_full = torch.cat([(image_mask[b] & valid[b]).cpu(), torch.zeros(extra, dtype=torch.bool)])
+    cols = image_full.nonzero().flatten()
+    cells = torch.cat([k.cpu() for k in kept])
+    owner = torch.cat([torch.full((k.numel(),), i) for i, k in enumerate(kept)])
+    if cols.numel() != cells.numel():
+        raise RuntimeError(f"grounding found {cols.numel()} image tokens in the sequence but {cells.numel()} kept "
+                           "tokens for the sample's images")
+    sinks = torch.zeros(cols.numel(), dtype=torch.bool)
+    if cfg.remove_sinks:
+        phi = {k: v[b].cpu() for k, v in capture.phi.items()}
+        sinks = maps.sink_tokens(phi, image_full[:length], cfg.sink_tau, cfg.sink_from_layer)[cols]
+    out = []
+    for req in requests:
+        start = torch.zeros(mats[0].shape[0])
+        start[req.rows] = 1.0 / len(req.rows)
+        rel = maps.propagate(mats, start, cfg.flow, valid_full)
+        vals = rel[cols].masked_fill(sinks, 0.0)
+        mass = torch.zeros(len(kept)).index_add_(0, owner, vals)
+        i = int(mass.argmax())
+        own = owner == i
+        grid = maps.grid_map(vals[own], cells[own], images[i].grid)
+        w, h = pil_images[i].size
+        heat = maps.normalise(maps.grid_to_pixels(maps.normalise(grid), regions[i], (w, h)))
+        if float(heat.max()) <= 0:  # no attention left on this image (e.g. everything pruned or a sink)
+            out.append(Grounding(req.phrase, i, heat.numpy(), np.zeros((0, 2), np.float32), np.zeros(0, np.int64),
+                                 None, np.zeros((h, w), bool), 0.0))
+            continue
+        embeddings.set(np.asarray(pil_images[i].convert("RGB")))
+        seg = segment(predictor, heat, cfg)
+        out.append(Grounding(req.phrase, i, heat.numpy().astype(np.float32), seg.points, seg.labels, seg.box,
+                             seg.mask, seg.score))
+    return out
+
+
+def per_sample_phrases(ground_phrases, n: int, single: bool) -> list[list[str]]:
+    """``ground_phrases`` as one list per prompt: a string or a list of strings (the same for every prompt of a
+    batch), or for a batch a list of per-prompt lists."""
+    if ground_phrases is None:
+        return [[] for _ in range(n)]
+    if isinstance(ground_phrases, str):
+        return [[ground_phrases] for _ in range(n)]
+    items = list(ground_phrases)
+    if all(isinstance(p, str) for p in items):
+        return [list(items) for _ in range(n)]
+    if not single and len(items) == n and all(isinstance(x, (list, tuple)) and all(isinstance(p, str) for p in x)
+                                             for x in items):
+        return [list(x) for x in items]
+    raise InputError(f"ground_phrases must be a string, a list of strings, or (for a batch of {n} prompts) a list "
+                     f"of {n} lists of strings; got {ground_phrases!r}")
+
+
+class Grounder:
+    """An accelerator's grounding stage: its config and its SAM predictor (loaded on first use; assign
+    ``acc.grounder.predictor`` to use another object with segment-anything's predictor API)."""
+
+    def __init__(self, cfg: GroundingConfig | None, device="cpu"):
+        self.cfg = cfg or GroundingConfig()
+        self.device = device
+        self._predictor = None
+        self.embeddings: ImageEmbeddings | None = None
+        self.last_request: Request | None = None
+
+    @property
+    def predictor(self):
+        if self._predictor is None:
+            self.predictor = load_predictor(self.cfg, self.device)
+        return self._predictor
+
+    @predictor.setter
+    def predictor(self, value) -> None:
+        self._predictor = value
+        self.embeddings = ImageEmbeddings(value)
+
+    def begin(self, phrases: list[list[str]], n_layers: int, valid: torch.Tensor, stage=None,
+              image_mask: torch.Tensor | None = None) -> "Request":
+        """A per-call request whose capture the accelerator registers on its attention session."""
+        kept_index = layer_index_fn(stage) if stage is not None and stage.stages else None
+        capture = AttentionCapture(n_layers, valid, self.cfg.head_weights, kept_index,
+                                   image=None if image_mask is None else image_mask & valid)
+        return Request(self, capture, phrases)
+
+
+@dataclass
+class Request:
+    grounder: Grounder
+    capture: AttentionCapture
+    phrases: list[list[str]]
+
+    def finish(self, *, tokenizer, processor, adapter, inputs, positions, valid, image_mask, images, kept,
+               batch_images, tokens) -> list[list[Grounding]]:
+        """Per sample, its groundings (after decoding; ``tokens`` are the generated ids per sample)."""
+        g, cfg = self.grounder, self.grounder.cfg
+        g.last_request = self  # kept until the next call: its capture, for inspection (demo, ablations)
+        out, first = [], 0
+        with torch.inference_mode():
+            for b, imgs in enumerate(batch_images):
+                own = range(first, first + len(imgs))
+                first += len(imgs)
+                reqs = phrase_rows(tokenizer, cfg, inputs, positions, valid, b, self.phrases[b], tokens[b],
+                                   self.capture.decode_steps)
+                if not reqs or not imgs:
+                    out.append([])
+                    continue
+                out.append(ground_sample(
+                    self.capture, cfg, reqs, b, image_mask=image_mask, valid=valid, images=[images[i] for i in own],
+                    kept=[kept[i] for i in own], pil_images=imgs,
+                    regions=[adapter.grid_region(processor, im.size) for im in imgs], predictor=g.predictor,
+                    embeddings=g.embeddings,
+                ))
+        return out

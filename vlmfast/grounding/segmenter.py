@@ -1,0 +1,140 @@
+"""SAM for grounding: loading a predictor safely, and turning a map's point prompts into a mask.
+
+Any object with segment-anything's predictor API works (``set_image(HxWx3 uint8 RGB)``,
+``predict(point_coords, point_labels, box, mask_input, multimask_output) -> (masks, scores, low_res)``):
+segment-anything's ``SamPredictor`` (the default, on ``tiny-sam-shapes`` or a ViT-B/L/H checkpoint), MobileSAM's
+(``vit_t``), or one you assign to ``acc.sam_predictor``. Checkpoints are loaded with
+``torch.load(weights_only=True)`` (or safetensors); segment-anything's own builders, which call a bare
+``torch.load``, only ever receive ``checkpoint=None``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import PolicyError
+from . import prompts
+from .config import GroundingConfig
+
+
+def _state_dict(path: Path) -> dict:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle with code in it, or not a torch file
+        raise PolicyError(f"grounding.sam_checkpoint: cannot load {str(path)!r} with weights_only=True ({e}); "
+                          "expected a plain state dict (.pth / .pt) or a .safetensors file") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):  # {"model": state_dict} files
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise PolicyError(f"grounding.sam_checkpoint: {str(path)!r} holds a {type(state).__name__}, expected a "
+                          "state dict")
+    return state
+
+
+def load_predictor(cfg: GroundingConfig, device: torch.device | str = "cpu"):
+    """The SAM predictor ``cfg`` names, on ``device``, in eval mode."""
+    try:
+        import segment_anything
+    except ImportError:
+        raise PolicyError("grounding needs segment-anything: pip install 'vlmfast[grounding]'") from None
+    if cfg.sam_type == "tiny-sam-shapes":
+        from ..zoo.sam import load_sam
+
+        try:
+            sam = load_sam(cfg.sam_checkpoint or "tiny-sam-shapes", device=str(device))
+        except FileNotFoundError as e:
+            raise PolicyError(f"grounding.sam_checkpoint: {e}") from None
+        return segment_anything.SamPredictor(sam)
+    if cfg.sam_checkpoint is None:
+        raise PolicyError(f"grounding.sam_type = {cfg.sam_type!r} needs grounding.sam_checkpoint (a weights file)")
+    path = Path(cfg.sam_checkpoint).expanduser()
+    if not path.is_file():
+        raise PolicyError(f"grounding.sam_checkpoint: no file at {str(path)!r}")
+    if cfg.sam_type == "vit_t":
+        try:
+            import mobile_sam as package
+        except ImportError:
+            raise PolicyError("grounding.sam_type = 'vit_t' (MobileSAM) needs the mobile_sam package: "
+                              "pip install git+https://github.com/ChaoningZhang/MobileSAM") from None
+    else:
+        package = segment_anything
+    sam = package.sam_model_registry[cfg.sam_type](checkpoint=None)
+    try:
+        sam.load_state_dict(_state_dict(path))
+    except RuntimeError as e:
+        raise PolicyError(f"grounding.sam_checkpoint: {str(path)!r} does not fit a {cfg.sam_type} SAM: "
+                          f"{str(e).splitlines()[0]}") from None
+    return package.SamPredictor(sam.to(device).eval())
+
+
+class ImageEmbeddings:
+    """``set_image`` that skips re-encoding the image the predictor already holds (same pixels)."""
+
+    def __init__(self, predictor):
+        self.predictor = predictor
+        self.key: str | None = None
+
+    def set(self, image: np.ndarray) -> None:
+        key = hashlib.blake2b(np.ascontiguousarray(image).data, digest_size=16).hexdigest() + str(image.shape)
+        if key != self.key or getattr(self.predictor, "is_image_set", True) is False:
+            self.predictor.set_image(image)
+            self.key = key
+
+    def forget(self) -> None:
+        self.key = None
+
+
+@dataclass
+class Segmentation:
+    points: np.ndarray
+    labels: np.ndarray
+    box: np.ndarray | None
+    mask: np.ndarray
+    score: float
+
+
+def _predict(predictor, points, labels, box, mask_input, multimask: bool):
+    masks, scores, low = predictor.predict(point_coords=points if len(points) else None,
+                                           point_labels=labels if len(points) else None, box=box,
+                                           mask_input=mask_input, multimask_output=multimask)
+    best = int(np.argmax(scores))
+    return np.asarray(masks[best]).astype(bool), float(scores[best]), low[best][None]
+
+
+def segment(predictor, heat: torch.Tensor, cfg: GroundingConfig) -> Segmentation:
+    """VL-SAM's prompt generation and iterative refinement on one map (the predictor holds the image).
+
+    1. positive region, peak (+) and lowest point (-) (:func:`~.prompts.initial_points`), optional box;
+    2. SAM (``cfg.multimask``: three candidates, best by predicted IoU);
+    3. ``cfg.refine`` rounds: :func:`~.prompts.refinement_points` (plus the previous low-res logits as
+       ``mask_input`` when mask feedback is on); stops when no point is added (after at least one cascade when
+       mask feedback is on).
+    """
+    points, labels, region = prompts.initial_points(heat, cfg.threshold, cfg.negative_point)
+    box = prompts.bbox(region) if cfg.use_box and bool(region.any()) else None
+    mask, score, low = _predict(predictor, points, labels, box, None, cfg.multimask)
+    feedback = cfg.mask_feedback == "on" or (cfg.mask_feedback == "auto" and cfg.sam_type != "tiny-sam-shapes")
+    for r in range(cfg.refine):
+        new, new_labels = prompts.refinement_points(heat, torch.from_numpy(mask), region, points)
+        if not len(new) and (r > 0 or not feedback):
+            break
+        points = np.concatenate([points, new]).astype(np.float32)
+        labels = np.concatenate([labels, new_labels])
+        mask, score, low = _predict(predictor, points, labels, box, low if feedback else None, False)
+    return Segmentation(points, labels, box, mask, score)
+
+
+def segment_points(predictor, points, labels, box=None, multimask: bool = False) -> tuple[np.ndarray, float]:
+    """One SAM call from explicit prompts (baselines: the attention peak, the ground-truth centre)."""
+    mask, score, _ = _predict(predictor, np.asarray(points, np.float32).reshape(-1, 2), np.asarray(labels),
+                              box, None, multimask)
+    return mask, score

@@ -1,0 +1,310 @@
+"""Train ``tiny-clip-shapes``: a tiny open_clip CLIP on ShapesWorld image-text pairs (CPU, minutes).
+
+    python -m vlmfast.zoo.train_clip --out /tmp/tiny-clip --minutes 20 --seed 0 --steps 500 [--resume]
+
+Each step draws ``--batch`` train-split scenes (scene seeds from ``numpy.random.default_rng((seed, step))``, so
+the data is a function of the seed and the step alone), renders each at 96 or 192 px and resizes it to the
+model input with the same :func:`~vlmfast.zoo.clip.preprocess` the matcher uses. Each image is paired with one
+text: its canonical caption (40%), the name of one of its objects, ``"<colour> <shape>"`` (40%), or one
+attribute word, a colour or a shape it contains (20%). Several texts of a batch can be true of the same image
+(two scenes with a red circle), so the loss is CLIP's symmetric cross-entropy with *soft* targets: every
+(image, text) pair whose text holds for the image (known exactly from the ground truth) is a positive, weighted
+uniformly. AdamW, linear warm-up, cosine decay; open_clip's learnable temperature.
+
+``--steps`` fixes the schedule (and so the result, given ``--seed``); ``--minutes`` caps the wall clock of one
+invocation: ``checkpoint.pt`` (model, optimizer, step, RNG states) is saved every ``--ckpt-every`` steps and when
+it stops, and ``--resume`` continues from it. At the end it writes ``model.safetensors`` (fp16) + ``config.json``
+(loadable by :func:`~vlmfast.zoo.clip.load_clip`) and the dev metrics into ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..eval.shapes import SPLIT_SIZE, caption, generate_scene, iter_scenes, split_seeds
+from .clip import ClipMatcher, TinyClipConfig, WordTokenizer, build_tiny_clip, preprocess, save_tiny_clip
+
+RENDER_SIZES = (96, 192)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _holds(kind: str, value, scene_objects: set[tuple[str, str]], scene_caption: str) -> bool:
+    """Is a text of this kind true of a scene?"""
+    if kind == "caption":
+        return value == scene_caption
+    if kind == "object":
+        return value in scene_objects
+    if kind == "color":
+        return any(c == value for c, _ in scene_objects)
+    return any(s == value for _, s in scene_objects)  # "shape"
+
+
+def sample_batch(seed: int, step: int, n: int, cfg: TinyClipConfig) -> tuple:
+    """(pixels (n, 3, S, S), texts [n], positives (n images, n texts) bool) for one step."""
+    import torch
+
+    rng = np.random.default_rng((seed, step))
+    images, texts, truths = [], [], []
+    for _ in range(n):
+        scene = generate_scene(int(split_seeds("train", 1, start=int(rng.integers(SPLIT_SIZE)))[0]),
+                               int(rng.choice(RENDER_SIZES)))
+        objs = {(o.color, o.shape) for o in scene.objects}
+        cap = caption(scene)
+        u = rng.random()
+        if u < 0.4:
+            kind, value, text = "caption", cap, cap
+        elif u < 0.8:
+            c, s = sorted(objs)[int(rng.integers(len(objs)))]
+            kind, value, text = "object", (c, s), f"{c} {s}"
+        else:
+            c, s = sorted(objs)[int(rng.integers(len(objs)))]
+            kind, value = ("color", c) if rng.random() < 0.5 else ("shape", s)
+            text = value
+        images.append(scene.image)
+        texts.append(text)
+        truths.append((objs, cap, kind, value))
+    pos = torch.tensor([[_holds(t[2], t[3], i[0], i[1]) for t in truths] for i in truths])
+    return preprocess(images, cfg.image_size, cfg.mean, cfg.std), texts, pos
+
+
+def soft_clip_loss(img, txt, logit_scale, pos):
+    """Symmetric cross-entropy of CLIP with soft targets spread uniformly over the positives."""
+    import torch.nn.functional as F
+
+    img, txt = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
+    logits = logit_scale.exp() * img @ txt.T
+    p = pos.float()
+    i2t = -(F.log_softmax(logits, 1) * p / p.sum(1, keepdim=True)).sum(1).mean()
+    t2i = -(F.log_softmax(logits.T, 1) * p.T / p.T.sum(1, keepdim=True)).sum(1).mean()
+    return (i2t + t2i) / 2, logits
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def evaluate(matcher: ClipMatcher, n_scenes: int, split: str = "dev") -> dict:
+    """On the first ``n_scenes`` scenes of ``split``:
+
+    * ``retrieval_i2t`` / ``retrieval_t2i``: top-1 caption retrieval among the ``n_scenes`` captions (a hit when
+      the retrieved caption / image has the query's caption text: single-object scenes can share one);
+    * ``pointing``: for every distinct object ``"<colour> <shape>"`` of a scene, does the argmax cell of its dense
+      patch-text map contain a pixel of that object (pointing game with one cell of tolerance);
+    * ``object_auc``: how well the global similarity of ``"<colour> <shape>"`` separates objects present in the
+      image from absent ones (ROC AUC over all scene x object-name pairs; 0.5 = chance).
+    """
+    import torch
+
+    from ..eval.shapes import COLOR_NAMES, SHAPES
+
+    scenes = list(iter_scenes(split, n_scenes))
+    caps = [caption(s) for s in scenes]
+    with torch.inference_mode():
+        img = matcher.encode_image(matcher.preprocess([s.image for s in scenes]))
+        txt = matcher.encode_text(caps)
+        sim = img @ txt.T
+        i2t = float(np.mean([caps[int(j)] == caps[i] for i, j in enumerate(sim.argmax(1))]))
+        t2i = float(np.mean([caps[int(i)] == caps[j] for j, i in enumerate(sim.argmax(0))]))
+        names = [f"{c} {s}" for c in COLOR_NAMES for s in SHAPES]
+        obj_sim = img @ matcher.encode_text(names).T  # (n, 48)
+    present = torch.tensor([[(c, sh) in {(o.color, o.shape) for o in s.objects} for c in COLOR_NAMES for sh in SHAPES]
+                            for s in scenes])
+    auc = _auc(obj_sim[present].tolist(), obj_sim[~present].tolist())
+    hits = []
+    for s in scenes:
+        objs = sorted({(o.color, o.shape) for o in s.objects})
+        _, maps = matcher.match([s.image] * len(objs), [f"{c} {sh}" for c, sh in objs])
+        g = maps.shape[-1]
+        cell = s.size / g
+        for (c, sh), m in zip(objs, maps):
+            r, k = divmod(int(m.argmax()), g)
+            mask = np.zeros((s.size, s.size), dtype=bool)
+            for o in s.objects:
+                if (o.color, o.shape) == (c, sh):
+                    mask |= o.mask
+            hits.append(bool(mask[int(r * cell):int(math.ceil((r + 1) * cell)),
+                                  int(k * cell):int(math.ceil((k + 1) * cell))].any()))
+    return {"retrieval_i2t": i2t, "retrieval_t2i": t2i, "pointing": float(np.mean(hits)), "object_auc": auc,
+            "n_scenes": n_scenes, "n_objects": len(hits), "split": split}
+
+
+def _auc(pos: list[float], neg: list[float]) -> float:
+    """ROC AUC by ranks (ties count half)."""
+    scores = np.array(pos + neg)
+    order = scores.argsort(kind="mergesort")
+    ranks = np.empty(len(scores))
+    ranks[order] = np.arange(1, len(scores) + 1)
+    for v in np.unique(scores):  # average ranks of ties
+        idx = scores == v
+        ranks[idx] = ranks[idx].mean()
+    n_pos, n_neg = len(pos), len(neg)
+    return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+# --------------------------------------------------------------------------- training
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int, final_frac: float = 0.05) -> float:
+    """Linear warmup to ``peak`` over ``warmup`` steps, then cosine decay to ``final_frac * peak``."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def _save_checkpoint(path: Path, model, opt, step: int, elapsed: float, args, cfg: TinyClipConfig, log) -> None:
+    import torch
+
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "elapsed_s": elapsed,
+             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()},
+             "args": vars(args), "config": cfg.to_dict(), "log": log}
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m vlmfast.zoo.train_clip", description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="output folder (checkpoint, log, weights)")
+    p.add_argument("--minutes", type=float, default=20.0, help="wall-clock cap of this invocation")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--steps", type=int, default=500, help="total optimizer steps (the schedule length)")
+    p.add_argument("--batch", type=int, default=64, help="image-text pairs per step")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=60)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--clip", type=float, default=1.0)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--ckpt-every", type=int, default=100)
+    p.add_argument("--eval-every", type=int, default=150)
+    p.add_argument("--eval-scenes", type=int, default=50, help="dev scenes per periodic evaluation")
+    p.add_argument("--final-scenes", type=int, default=200, help="dev scenes for the final evaluation (0: none)")
+    p.add_argument("--config", default="", help="size overrides, e.g. 'vision_layers=2,text_layers=1'")
+    return p.parse_args(argv)
+
+
+def _config_from(text: str) -> TinyClipConfig:
+    kw = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        key, value = item.split("=", 1)
+        kw[key] = json.loads(value)
+    return TinyClipConfig.from_dict({**TinyClipConfig().to_dict(), **kw})
+
+
+def main(argv=None) -> int:
+    import torch
+    from tqdm import tqdm
+
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "checkpoint.pt"
+    start_time = time.monotonic()
+    ckpt = None
+    if args.resume:
+        if not ckpt_path.is_file():
+            print(f"--resume: no checkpoint at {ckpt_path}", file=sys.stderr)
+            return 2
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        cfg = TinyClipConfig.from_dict(ckpt["config"])
+    else:
+        cfg = _config_from(args.config)
+    torch.manual_seed(args.seed)
+    model = build_tiny_clip(cfg)
+    tokenizer = WordTokenizer(cfg.vocab, cfg.context_length)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
+    step, elapsed_before, log = 0, 0.0, []
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step, elapsed_before, log = ckpt["step"], ckpt["elapsed_s"], ckpt.get("log", [])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        np.random.set_state(ckpt["rng"]["numpy"])
+        print(f"resumed from {ckpt_path} at step {step} ({elapsed_before / 60:.1f} min trained)", file=sys.stderr)
+    model.train()
+    log_path = out / "train_log.jsonl"
+    if ckpt is not None and log_path.is_file():  # drop records of steps after the checkpoint (a crash)
+        kept = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        log_path.write_text("".join(ln + "\n" for ln in kept))
+    elif ckpt is None and log_path.is_file():
+        log_path.unlink()
+    log_file = open(log_path, "a")
+
+    def elapsed() -> float:
+        return elapsed_before + time.monotonic() - start_time
+
+    def matcher() -> ClipMatcher:
+        return ClipMatcher(model, tokenizer, cfg.image_size, cfg.mean, cfg.std)
+
+    deadline = start_time + 60 * args.minutes
+    bar = tqdm(total=args.steps, initial=step, desc="tiny-clip", mininterval=5, dynamic_ncols=True)
+    stopped_early = False
+    while step < args.steps:
+        if time.monotonic() > deadline:
+            stopped_early = True
+            break
+        lr = lr_at(step, args.steps, args.lr, args.warmup)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        pixels, texts, pos = sample_batch(args.seed, step, args.batch, cfg)
+        img = model.encode_image(pixels)
+        txt = model.encode_text(tokenizer(texts))
+        loss, logits = soft_clip_loss(img, txt, model.logit_scale, pos)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if args.clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        step += 1
+        bar.update(1)
+        acc = float((pos[torch.arange(len(texts)), logits.argmax(1)]).float().mean())
+        record = {"step": step, "lr": lr, "loss": round(float(loss.detach()), 5), "train_i2t": round(acc, 4),
+                  "scale": round(float(model.logit_scale.detach().exp()), 2), "elapsed_s": round(elapsed(), 1)}
+        if args.eval_every > 0 and args.eval_scenes > 0 and (step % args.eval_every == 0 or step == args.steps):
+            model.eval()
+            dev = evaluate(matcher(), args.eval_scenes, split="dev")
+            model.train()
+            record.update({f"dev_{k}": round(v, 4) for k, v in dev.items() if isinstance(v, float)})
+            log.append(record)
+            bar.write(json.dumps(record))
+        bar.set_postfix(loss=f"{float(loss.detach()):.3f}", acc=f"{acc:.2f}", lr=f"{lr:.1e}", refresh=False)
+        log_file.write(json.dumps(record) + "\n")
+        log_file.flush()
+        if step % args.ckpt_every == 0:
+            _save_checkpoint(ckpt_path, model, opt, step, elapsed(), args, cfg, log)
+    bar.close()
+    _save_checkpoint(ckpt_path, model, opt, step, elapsed(), args, cfg, log)
+    if stopped_early:
+        print(f"stopped at step {step}/{args.steps} after {args.minutes} min; continue with --resume",
+              file=sys.stderr)
+        return 0
+    model.eval()
+    save_tiny_clip(model, cfg, out)
+    metrics = {"steps": step, "train_minutes": round(elapsed() / 60, 2), "seed": args.seed, "batch": args.batch}
+    if args.final_scenes > 0:
+        from .clip import load_clip
+
+        metrics["dev"] = evaluate(load_clip(str(out)), args.final_scenes, split="dev")  # the saved (fp16) weights
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    print(json.dumps(metrics), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
