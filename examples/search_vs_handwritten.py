@@ -59,7 +59,7 @@ def main() -> None:
     shipped, _ = default_policy_for(base.model.name_or_path)
     hand = handwritten(a.budget)
     if not shipped.is_empty:
-        hand = {f"shipped ({shipped.name})": shipped, **hand}
+        hand = {f"shipped ({shipped.name})": shipped, **{n: pol for n, pol in hand.items() if pol != shipped}}
     data = load_data(a.data)
     batches = data.batches(8)
     ref = [run_batch(base, b, 4).hidden for b in batches]

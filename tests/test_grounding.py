@@ -129,11 +129,13 @@ def test_qwen_grid_from_image_grid_thw_is_raster_order(models):
     with torch.inference_mode():
         (tokens,) = acc.adapter.image_tokens(inputs, None)
     t, h, w = (int(x) for x in inputs["image_grid_thw"][0])
-    assert tokens.grid == (t, h // 2, w // 2) == (1, 4, 6)
+    assert tokens.grid == (t, h // 2, w // 2) and t == 1 and w > h > 1  # a landscape image: more columns
     pos = acc.adapter.positions(inputs)[:, 0]
     img_pos = pos[:, acc.adapter.image_token_mask(inputs)[0]]  # (4 rows, n image tokens)
     k = torch.arange(img_pos.shape[1])
-    assert torch.equal(img_pos[2] - img_pos[2].min(), k // 6) and torch.equal(img_pos[3] - img_pos[3].min(), k % 6)
+    cols = w // 2
+    assert torch.equal(img_pos[2] - img_pos[2].min(), k // cols)
+    assert torch.equal(img_pos[3] - img_pos[3].min(), k % cols)
     assert acc.adapter.grid_region(processor, img.size) == (0.0, 0.0, 168.0, 112.0)
 
 
@@ -166,8 +168,9 @@ def test_points_pick_the_peak_of_the_heaviest_component():
     assert tuple(pts[0]) == (30.5, 40.5)  # the broad blob's peak, not the global maximum
     assert bool(region[40, 30]) and not bool(region[10, 90])
     assert prompts.peak(heat) == (90.5, 10.5)
-    # the negative point: the emptiest part of the map, as far from the positive point as possible
-    assert tuple(pts[1]) == (99.5, 0.5)
+    # the negative point: the emptiest part of the map, as far from the positive point as possible (a cell of
+    # the 64-pixel work copy: within 2 pixels of the far corner)
+    assert abs(pts[1][0] - 99.5) < 2 and abs(pts[1][1] - 0.5) < 2
 
 
 def test_refinement_points_known_answer():
@@ -344,29 +347,22 @@ def test_capture_scatters_shortened_layers_back(models):
     """FastV drops tokens from layer 2 on: those layers' captured rows and columns of dropped tokens are 0,
     and the kept ones sit at their original positions."""
     model, processor = models["llava"]
-    acc = VLMAccelerator(model, processor, policy=Policy([FastV(layer=2, keep=0.25)]))
-    seen = {}
-    from vlmfast.grounding import pipeline
-
-    orig = pipeline.Request.finish
-
-    def finish(self, **kw):
-        seen["capture"], seen["stage_keep"] = self.capture, self.capture.kept_index(3)
-        return orig(self, **kw)
-
-    pipeline.Request.finish = finish
-    try:
-        acc.generate(images=[make_image(9)], prompt=PROMPT, max_new_tokens=3, ground=True)
-    finally:
-        pipeline.Request.finish = orig
-    cap, keep = seen["capture"], seen["stage_keep"][0]
+    acc = VLMAccelerator(model, processor, policy=Policy([FastV(layer=2, keep=0.25)],
+                                                         grounding=GroundingConfig(flow="rollout")))
+    acc.generate(images=[make_image(9)], prompt=PROMPT, max_new_tokens=3, ground=True)
+    cap = acc.grounder.last_request.capture
+    assert cap.all_rows  # the flows need every query row
+    keep = cap.kept_index(3)[0]
+    n = cap.prefill_len
     full = cap.matrices(0)
-    dropped = torch.ones(cap.prefill_len, dtype=torch.bool)
+    dropped = torch.ones(n, dtype=torch.bool)
     dropped[keep] = False
-    assert float(full[3][: cap.prefill_len][:, dropped].abs().sum()) == 0
-    assert float(full[0][: cap.prefill_len][:, dropped].abs().sum()) > 0  # layer 0 still sees every token
-    assert torch.allclose(full[3][: cap.prefill_len].sum(-1)[keep], torch.ones(len(keep)) * float(cap.weights[3][0].mean()),
-                          atol=1e-4)
+    assert bool(dropped.any())
+    assert float(full[3][:n, :n][:, dropped].abs().sum()) == 0 and float(full[3][:n, :n][dropped].abs().sum()) == 0
+    assert float(full[0][:n, :n][:, dropped].abs().sum()) > 0  # layer 0 still sees every token
+    # kept rows are whole attention rows (weighted head mean): they sum to the mean head weight
+    assert torch.allclose(full[3][:n, :n][keep].sum(-1), cap.weights[3][0].mean().expand(len(keep)), atol=1e-4)
+    assert full[3].shape[0] == n + cap.decode_steps == n + 2  # 3 new tokens, the last one never fed
 
 
 def test_ground_phrase_errors(ground_acc):
@@ -392,3 +388,20 @@ def test_capture_decode_rows_are_counted(models):
     cap._observer(0)(M(), q[:, :, :1], torch.randn(1, 2, 4, 4), None)
     with pytest.raises(RuntimeError, match="expected 4 keys"):  # an evicted / foreign cache is refused
         cap._observer(1)(M(), q[:, :, :1], torch.randn(1, 2, 9, 4), None)
+
+
+def test_direct_maps_capture_text_rows_only(models):
+    """flow=none with plain head means reads only text queries: image rows are left empty, text rows are whole
+    attention rows (sum 1)."""
+    model, processor = models["llava"]
+    acc = VLMAccelerator(model, processor, policy=Policy(grounding=GroundingConfig(flow="none", head_weights="mean")))
+    acc.generate(images=[make_image(2)], prompt=PROMPT, max_new_tokens=2, ground=True, ground_phrases="red circle")
+    req = acc.grounder.last_request
+    cap, (_, ctx) = req.capture, req.samples[0]
+    assert not cap.all_rows
+    image = ctx.image_mask[0] & ctx.valid[0]
+    n = cap.prefill_len
+    for m in cap.matrices(0):
+        assert float(m[:n][image].abs().sum()) == 0
+        assert torch.allclose(m[:n][~image & ctx.valid[0]].sum(-1), torch.ones(int((~image & ctx.valid[0]).sum())),
+                              atol=1e-5)

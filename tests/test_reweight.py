@@ -187,6 +187,15 @@ def test_damro_alpha_zero_is_the_identity(tiny):
     assert rep["branch_visual_tokens"] == 3
 
 
+def test_loglikelihood_uses_the_combined_distribution(tiny):
+    img, cont = make_image(16), " the image"
+    base = _acc(tiny).loglikelihood(images=[img], prompt=PROMPT, continuation=cont)
+    off = _acc(tiny, DAMRO(k=2, alpha=0.0, beta=0.0)).loglikelihood(images=[img], prompt=PROMPT, continuation=cont)
+    on = _acc(tiny, DAMRO(k=2, alpha=1.0, beta=0.0)).loglikelihood(images=[img], prompt=PROMPT, continuation=cont)
+    assert off[0] == pytest.approx(base[0], abs=1e-4) and off[1] == base[1]
+    assert abs(on[0] - base[0]) > 1e-3
+
+
 def _record_caches(monkeypatch):
     """Every cache object the decode loop steps, in order, with its layer-0 key storage at that moment."""
     seen = []

@@ -182,6 +182,7 @@ class VLMAccelerator:
             from .grounding.pipeline import per_sample_phrases
 
             grounding = per_sample_phrases(ground_phrases, len(prompts), single)
+            self.grounder.prefetch(batch_images)  # SAM's image encoder overlaps the VLM (cfg.overlap)
         elif ground_phrases is not None:
             raise InputError("ground_phrases needs ground=True")
         outs = self._run(batch_images, prompts, args, grounding=grounding)

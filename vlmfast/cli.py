@@ -61,6 +61,18 @@ def _export_lmms(a) -> int:
     return tasks.run(a)
 
 
+def _bench_sparse(a) -> int:
+    from .eval import bench_sparse
+
+    result = bench_sparse.run(a.json, seq_lens=tuple(a.seq_lens), heads=a.heads, head_dim=a.head_dim, block=a.block,
+                              repeats=a.repeats, e2e_lens=tuple(a.e2e_lens), e2e_repeats=a.e2e_repeats,
+                              flex=not a.no_flex, recall=not a.no_recall, quick=a.quick, threads=a.threads)
+    print(bench_sparse.table(result, markdown=a.markdown))
+    if a.json:
+        print(f"\nwrote {a.json}")
+    return 0
+
+
 def _bench_prune(a) -> int:
     from .eval import bench_prune
 
@@ -132,6 +144,22 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--quick", action="store_true", help="a tiny proxy (seconds; for smoke tests only)")
     bp.add_argument("--markdown", action="store_true", help="print a Markdown table")
     bp.set_defaults(func=_bench)
+    bs = bsub.add_parser("sparse", help="sparse prefill: kernel vs SDPA/FlexAttention, end-to-end video prefill, "
+                                         "attention recall on the embedded model")
+    bs.add_argument("--json", help="write the results as JSON to this path")
+    bs.add_argument("--seq-lens", type=int, nargs="*", default=[8192, 16384, 32768], help="kernel sequence lengths")
+    bs.add_argument("--heads", type=int, default=4)
+    bs.add_argument("--head-dim", type=int, default=64)
+    bs.add_argument("--block", type=int, default=128, help="kernel block size in tokens")
+    bs.add_argument("--repeats", type=int, default=3)
+    bs.add_argument("--e2e-lens", type=int, nargs="*", default=[16384], help="video lengths for the end-to-end proxy")
+    bs.add_argument("--e2e-repeats", type=int, default=2)
+    bs.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compile takes minutes on CPU)")
+    bs.add_argument("--no-recall", action="store_true", help="skip the recall measurement on tiny-llava-shapes")
+    bs.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    bs.add_argument("--quick", action="store_true", help="tiny sizes (seconds; for smoke tests only)")
+    bs.add_argument("--markdown", action="store_true", help="print Markdown tables")
+    bs.set_defaults(func=_bench_sparse)
     bq = bsub.add_parser("prune", help="every pruner at 50/25/10/5%: ShapesWorld accuracy + proxy speed")
     bq.add_argument("--json", help="write the rows as JSON to this path")
     bq.add_argument("--model", default="tiny-llava-shapes", help="model for the accuracy columns")

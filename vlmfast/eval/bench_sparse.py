@@ -241,17 +241,26 @@ def qwen2_vl_7b_share(n: int, with_vit: bool = True) -> float:
     return att / (att + lin)
 
 
-def end_to_end_rows(seq_lens=(16384,), repeats: int = 2, block: int = 128, log=print) -> list[dict]:
+def quick_proxy_spec():
+    from ..zoo.tiny import TinySpec
+
+    return TinySpec(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vision_hidden=32, vision_layers=1,
+                    vision_heads=2, image_size=112, patch=14, seed=0)
+
+
+def end_to_end_rows(seq_lens=(16384,), repeats: int = 2, block: int = 128, spec=None, log=print) -> list[dict]:
     from .. import attention
     from ..sparse.method import HeadPatterns, MMInference, SparseRun
     from ..zoo.tiny import tiny_qwen2_vl
 
-    model, processor = tiny_qwen2_vl(proxy_spec())
+    spec = spec or proxy_spec()
+    model, processor = tiny_qwen2_vl(spec)
     tc = model.config.get_text_config()
+    per_frame = (spec.image_size // (2 * spec.patch)) ** 2  # LLM tokens per temporal patch (2 frames)
     rows = []
     for target in seq_lens:
-        frames = 2 * max(1, round((target - 40) / 196))
-        inputs = video_inputs(processor, frames)
+        frames = 2 * max(1, round((target - 40) / per_frame))
+        inputs = video_inputs(processor, frames, spec.image_size)
         n = inputs["input_ids"].shape[1]
         layout = video_layout_from_inputs(model, inputs)
         pats = head_patterns(tc.num_attention_heads)
@@ -346,13 +355,20 @@ def recall_rows(model_name: str = "tiny-llava-shapes", heads: str = "tiny-llava-
 
 def run(json_path=None, *, seq_lens=(8192, 16384, 32768), heads: int = 4, head_dim: int = 64, block: int = 128,
         repeats: int = 3, e2e_lens=(16384,), e2e_repeats: int = 2, flex: bool = True, recall: bool = True,
-        threads: int | None = None, log=print) -> dict:
+        quick: bool = False, threads: int | None = None, log=print) -> dict:
+    """Everything in one process; ``quick``: tiny sizes for smoke tests (2k-token kernel, ~600-token video on a
+    tiny proxy, no FlexAttention compile, no recall)."""
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
-    result: dict = {"meta": {"torch": torch.__version__, "threads": torch.get_num_threads()}}
+    spec = None
+    if quick:
+        seq_lens, heads, repeats, e2e_lens, e2e_repeats, flex, recall = (2048,), 4, 1, (600,), 1, False, False
+        block, spec = 64, quick_proxy_spec()
+    result: dict = {"meta": {"torch": torch.__version__, "threads": torch.get_num_threads(), "quick": quick,
+                             "block": block}}
     result["kernel"] = kernel_rows(seq_lens, heads, head_dim, block, repeats, flex, log=log) if seq_lens else []
-    result["end_to_end"] = end_to_end_rows(e2e_lens, e2e_repeats, block, log=log) if e2e_lens else []
+    result["end_to_end"] = end_to_end_rows(e2e_lens, e2e_repeats, block, spec, log=log) if e2e_lens else []
     if recall:
         result["recall"] = recall_rows(log=log)
     if json_path:

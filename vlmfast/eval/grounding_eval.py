@@ -8,8 +8,8 @@ visible mask:
 * ``miou`` / ``pointing``: (a) VL-SAM style, the map's positive + negative points and refinement (the policy's
   ``grounding`` config); pointing = the first positive point lands in the target;
 * ``peak_point_miou`` / ``peak_pointing``: (b) one positive point at the same map's peak, one SAM call;
-* ``naive_peak_miou`` / ``naive_pointing``: the peak of the naive map (plain head mean, the layers' direct
-  attention averaged, no sink removal), one SAM call: what VL-SAM's map generation adds;
+* ``vlsam_map_miou`` / ``vlsam_map_pointing``: (a) with VL-SAM's own map (mean-max head weights and the
+  regularised attention flow over all layers) instead of the policy's;
 * ``upper_bound_miou``: (c) one positive point at the ground-truth centre (``center_point``), one SAM call;
 * ``pruned_miou`` / ``pruned_pointing``: (d) (a) with FoPru keeping 25% of the visual tokens;
 * ``time``: a plain generate call vs the same call with ``ground=True``, interleaved, one request at a time,
@@ -84,20 +84,17 @@ def evaluate_grounding(acc, scenes, image, batch: int = 16, progress: bool = Tru
     jobs = [(image(s), PROMPT.format(expression=r.expression), phrase_of(r.expression)) for s, r in items]
     gts = [r.mask for _, r in items]
     main = _run_grounding(acc, jobs, batch, "grounding", progress)
-    naive_cfg = replace(cfg, head_weights="mean", flow="none", remove_sinks=False)
-    naive = _run_grounding(_siblings(acc, naive_cfg), jobs, batch, "grounding naive map", progress)
+    vlsam_cfg = replace(cfg, head_weights="mean-max", flow="regularised", layers=None)
+    vlsam = _run_grounding(_siblings(acc, vlsam_cfg), jobs, batch, "grounding vl-sam map", progress)
     pruned = _run_grounding(_siblings(acc, cfg, [FoPru(keep=pruned_keep)]), jobs, batch, "grounding fopru", progress)
 
     predictor, emb = acc.grounder.predictor, acc.grounder.embeddings
-    peak_masks, naive_masks, upper_masks, peaks, naive_peaks = [], [], [], [], []
-    for (img, _, _), g, gn, gt in zip(jobs, main, naive, gts):
+    peak_masks, upper_masks, peaks = [], [], []
+    for (img, _, _), g, gt in zip(jobs, main, gts):
         emb.set(np.asarray(img))
         p = _peak(g.heatmap)
         peaks.append(p)
         peak_masks.append(segment_points(predictor, [p], [1])[0])
-        pn = _peak(gn.heatmap)
-        naive_peaks.append(pn)
-        naive_masks.append(segment_points(predictor, [pn], [1])[0])
         upper_masks.append(segment_points(predictor, [center_point(gt)], [1])[0])
 
     def miou(masks):
@@ -109,8 +106,8 @@ def evaluate_grounding(acc, scenes, image, batch: int = 16, progress: bool = Tru
         "pointing": pointing_accuracy([_first_positive(g) for g in main], gts),
         "map_pointing": pointing_accuracy(peaks, gts),
         "peak_point_miou": miou(peak_masks),
-        "naive_peak_miou": miou(naive_masks),
-        "naive_pointing": pointing_accuracy(naive_peaks, gts),
+        "vlsam_map_miou": miou([g.mask for g in vlsam]),
+        "vlsam_map_pointing": pointing_accuracy([_first_positive(g) for g in vlsam], gts),
         "upper_bound_miou": miou(upper_masks),
         "pruned_miou": miou([g.mask for g in pruned]),
         "pruned_pointing": pointing_accuracy([_first_positive(g) for g in pruned], gts),

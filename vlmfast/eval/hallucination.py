@@ -95,24 +95,44 @@ def var_diagnostics(acc, scenes, tau: float) -> dict:
 
 
 def damro_diagnostics(acc, scenes, k: int) -> dict:
-    """How concentrated is the vision tower's [CLS] attention (the share of its mass on the top-k tokens)?"""
+    """Are DAMRO's outliers what the paper says they are? How concentrated the vision tower's [CLS] attention is
+    (its mass on the top-k tokens vs. k/N), and whether the top-k tokens sit on the background (no object pixel
+    under the token) or on objects, against the share of background tokens overall; and the outliers' feature
+    norm relative to the image's mean token norm (the paper: high-norm background tokens)."""
+    import numpy as np
     import torch
+
+    from ..reweight.damro import select_outliers
 
     ad = acc.adapter
     inputs = ad.prepare(acc.processor, [[s.image] for s in scenes], ["is there a red circle ?"] * len(scenes))
     with torch.inference_mode():
         images = ad.image_tokens(inputs, ad.resolve_vision_layer(None))
-    shares, uniform = [], []
-    for im in images:
+    shares, uniform, on_bg, bg, norm_ratio = [], [], [], [], []
+    for s, im in zip(scenes, images):
         if im.cls_attention is None:
             continue
         a = im.cls_attention.float() / im.cls_attention.float().sum()
         shares.append(float(a.topk(k).values.sum()))
         uniform.append(k / a.numel())
+        _, gh, gw = im.grid
+        objects = np.zeros((s.size, s.size), dtype=bool)
+        for o in s.objects:
+            objects |= o.mask
+        cells = objects[: s.size // gh * gh, : s.size // gw * gw].reshape(gh, s.size // gh, gw, s.size // gw)
+        background = ~cells.any(axis=(1, 3)).reshape(-1)  # (gh * gw,) no object pixel under the token
+        top = select_outliers(im, k).cpu().numpy()
+        on_bg.append(float(background[top].mean()))
+        bg.append(float(background.mean()))
+        norms = im.features.float().norm(dim=-1)
+        norm_ratio.append(float(norms[torch.as_tensor(top)].mean() / norms.mean()))
     if not shares:
         return {"cls": False}
     return {"cls": True, "k": k, "top_k_share_of_cls_attention": round(statistics.mean(shares), 4),
-            "uniform_share": round(statistics.mean(uniform), 4)}
+            "uniform_share": round(statistics.mean(uniform), 4),
+            "outliers_on_background": round(statistics.mean(on_bg), 4),
+            "background_tokens": round(statistics.mean(bg), 4),
+            "outlier_norm_over_mean_norm": round(statistics.mean(norm_ratio), 4)}
 
 
 def agla_diagnostics(method, n_scenes: int) -> dict:

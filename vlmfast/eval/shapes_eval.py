@@ -110,7 +110,7 @@ def table(res: dict) -> str:
     if "grounding" in res and res["grounding"].get("n"):
         g = res["grounding"]
         rows.append(("grounding mIoU", f"{g['miou']:.3f}  pointing {g['pointing']:.3f}  (n={g['n']})"))
-        rows.append(("  peak point / naive peak", f"{g['peak_point_miou']:.3f} / {g['naive_peak_miou']:.3f}"))
+        rows.append(("  peak point / VL-SAM map", f"{g['peak_point_miou']:.3f} / {g['vlsam_map_miou']:.3f}"))
         rows.append(("  upper bound (GT centre)", f"{g['upper_bound_miou']:.3f}  (a / c = {g['ratio_to_upper_bound']:.3f})"))
         rows.append((f"  FoPru {g['pruned_keep']:.0%}", f"{g['pruned_miou']:.3f}  pointing {g['pruned_pointing']:.3f}"))
         if "time" in g:

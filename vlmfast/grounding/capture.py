@@ -23,11 +23,12 @@ CHUNK_ELEMENTS = 1 << 26
 
 
 def attention_probs(module, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
-                    rows: slice = slice(None)) -> torch.Tensor:
+                    rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:
     """softmax(q k^T * scaling) with the layer's mask, float32, (B, H, Q', K) for query rows ``rows``.
 
     ``query`` (B, H, Q, D), ``key`` (B, H_kv, K, D) (GQA keys are repeated). ``mask``: bool (True = attend),
     additive float, or None (causal: query i is position K - Q + i). Fully masked rows (left padding) are 0.
+    ``rows``: a slice or an index tensor of query rows.
     """
     groups = query.shape[1] // key.shape[1]
     k = key.repeat_interleave(groups, dim=1) if groups > 1 else key
@@ -54,8 +55,11 @@ class AttentionCapture:
     """
 
     def __init__(self, n_layers: int, valid: torch.Tensor, head_weighting: str = "mean-max",
-                 kept_index: Callable[[int], torch.Tensor | None] | None = None, image: torch.Tensor | None = None):
+                 kept_index: Callable[[int], torch.Tensor | None] | None = None, image: torch.Tensor | None = None,
+                 all_rows: bool = True):
         self.n_layers = n_layers
+        self.all_rows = all_rows
+        """record every query row (attention flow, VL-SAM head weights) or only the text rows (direct maps)"""
         self.valid = valid
         self.image = image if image is not None else torch.zeros_like(valid)
         """(B, L) image-token positions (for the ``image-mean-max`` head weights)"""
@@ -133,22 +137,24 @@ class AttentionCapture:
             )
         b, h, n_q, _ = query.shape
         n_k = key.shape[2]
-        step = max(1, CHUNK_ELEMENTS // max(1, b * h * n_k))
-        chunks = [slice(s, s + step) for s in range(0, n_q, step)]
         cols = self._columns(layer, n_k)
         image = self.image.gather(1, cols[:, :n_k])  # (B, K) which key columns are image tokens
         text_rows = self.valid.gather(1, cols[:, :n_q]) & ~image[:, :n_q]
+        rows = (torch.arange(n_q, device=query.device) if self.all_rows
+                else text_rows.any(0).nonzero().flatten())  # direct maps only read text queries
+        step = max(1, CHUNK_ELEMENTS // max(1, b * h * n_k))
+        chunks = [rows[s:s + step] for s in range(0, len(rows), step)]
 
-        def row_max(p: torch.Tensor, c: slice) -> torch.Tensor:
+        def row_max(p: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
             if self.head_weighting == "image-mean-max":  # text queries' largest attention on one image token
                 m = p.masked_fill(~image[:, None, None, :], 0).amax(-1)
                 return m * text_rows[:, None, c]
             return p.amax(-1)
 
-        if len(chunks) == 1:
-            probs = attention_probs(module, query, key, mask)
-            w = (torch.ones(b, h, device=probs.device) if self.head_weighting == "mean"
-                 else head_weights(None, row_max=row_max(probs, slice(None))))
+        if len(chunks) <= 1:
+            probs = attention_probs(module, query, key, mask, rows)
+            w = (torch.ones(b, h, device=probs.device) if self.head_weighting == "mean" or not len(rows)
+                 else head_weights(None, row_max=row_max(probs, rows)))
             agg = aggregate_heads(probs, w)
         else:  # two passes: the head weights need every row first
             if self.head_weighting == "mean":
@@ -158,12 +164,12 @@ class AttentionCapture:
                     [row_max(attention_probs(module, query, key, mask, c), c) for c in chunks], -1))
             agg = torch.cat([aggregate_heads(attention_probs(module, query, key, mask, c), w) for c in chunks], 1)
         self.weights[layer] = w
-        if n_q == self.prefill_len and self.kept_index(layer) is None:
+        if len(rows) == n_q == self.prefill_len and self.kept_index(layer) is None:
             self.prefill[layer] = agg
             return
         full = torch.zeros(b, self.prefill_len, self.prefill_len, dtype=agg.dtype, device=agg.device)
         r = torch.arange(b, device=agg.device)[:, None, None]
-        full[r, cols[:, :n_q, None], cols[:, None, :n_k]] = agg
+        full[r, cols[:, rows, None], cols[:, None, :n_k]] = agg
         self.prefill[layer] = full
 
     def _decode(self, layer: int, module, query, key, mask) -> None:

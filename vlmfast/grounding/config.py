@@ -3,10 +3,13 @@
     grounding:
       sam_type: tiny-sam-shapes        # or vit_b / vit_l / vit_h (segment-anything), vit_t (MobileSAM)
       sam_checkpoint: null             # a .pth / .pt / .safetensors path (required for vit_*)
-      head_weights: mean-max
-      flow: regularised
+      head_weights: mean               # VL-SAM's: mean-max
+      flow: none                       # VL-SAM's: regularised
 
-Validated like a method dataclass (pydantic, unknown fields rejected). Spec:
+The map defaults (plain head mean, the layers' direct attention averaged, phrase and answer rows) are the
+variant that pointed best on the embedded models' dev split; VL-SAM's head weights and regularised flow are
+implemented as options and measured beside them (docs/methods/grounding.md). Validated like a method
+dataclass (pydantic, unknown fields rejected). Spec:
 shared/reference/hallucination_grounding.md sections 4-5; docs/methods/grounding.md.
 """
 
@@ -29,11 +32,11 @@ class GroundingConfig:
     sam_checkpoint: str | None = None
     """weights file (.pth / .pt loaded with ``torch.load(weights_only=True)``, or .safetensors); required for
     vit_*; for tiny-sam-shapes a tiny-sam folder or .safetensors (default: the committed weights)"""
-    head_weights: Literal["mean-max", "image-mean-max", "mean"] = "mean-max"
+    head_weights: Literal["mean-max", "image-mean-max", "mean"] = "mean"
     """mean-max: each head weighted by the mean over queries of its max attention (VL-SAM); image-mean-max: the
     same over text queries and image keys only (a head that pours its attention into the BOS sink gets no
     weight); mean: plain mean"""
-    flow: Literal["regularised", "rollout", "none"] = "regularised"
+    flow: Literal["regularised", "rollout", "none"] = "none"
     """propagation across layers: VL-SAM's regularised attention flow (columns damped by
     1 - (L0 - 1) / L), plain rollout v <- v (I + A), or none (the layers' direct attention averaged)"""
     layers: list[int] | None = None
@@ -60,6 +63,8 @@ class GroundingConfig:
     """also prompt SAM with the positive region's bounding box"""
     multimask: bool = False
     """first SAM call with 3 candidate masks (best by predicted IoU) instead of SAM's single-mask output"""
+    overlap: bool = True
+    """encode the images for SAM in a background thread while the VLM prefills and decodes"""
     refine: Annotated[int, Field(ge=0, le=5)] = 1
     """refinement rounds: add points where the mask and the map disagree and ask SAM again; stops when nothing
     is added"""

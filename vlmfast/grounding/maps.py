@@ -92,18 +92,21 @@ def grid_to_pixels(grid: torch.Tensor, region: tuple[float, float, float, float]
 
     ``region`` (x0, y0, x1, y1): the box of the original image (pixels, may extend past its borders) the grid
     covers, as the processor laid it out; ``size`` (W, H) of the original image. Cell (i, j) covers
-    ``[x0 + j * cw, x0 + (j + 1) * cw)`` horizontally (``cw = (x1 - x0) / w``), likewise vertically. Pixels
-    outside the region read 0. Returns (H, W) float32, clamped at 0.
+    ``[x0 + j * cw, x0 + (j + 1) * cw)`` horizontally (``cw = (x1 - x0) / w``), likewise vertically (the box is
+    rounded to whole pixels). Pixels outside the region read 0. Returns (H, W) float32, clamped at 0.
     """
     width, height = size
-    x0, y0, x1, y1 = region
-    xs = (torch.arange(width, dtype=torch.float32) + 0.5 - x0) / (x1 - x0) * 2 - 1
-    ys = (torch.arange(height, dtype=torch.float32) + 0.5 - y0) / (y1 - y0) * 2 - 1
-    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
-    where = torch.stack([gx, gy], -1)[None].to(grid.device)
-    out = F.grid_sample(grid.float()[None, None], where, mode="bicubic", padding_mode="border", align_corners=False)[0, 0]
-    inside = (gx.abs() <= 1) & (gy.abs() <= 1)
-    return (out * inside.to(out.device)).clamp(min=0)
+    x0, y0, x1, y1 = (int(round(v)) for v in region)
+    up = F.interpolate(grid.float()[None, None], size=(max(1, y1 - y0), max(1, x1 - x0)), mode="bicubic",
+                       align_corners=False)[0, 0].clamp(min=0)
+    if (x0, y0, x1, y1) == (0, 0, width, height):
+        return up
+    out = torch.zeros(height, width, dtype=up.dtype, device=up.device)
+    ox, oy = max(0, x0), max(0, y0)
+    ex, ey = min(width, x1), min(height, y1)
+    if ex > ox and ey > oy:
+        out[oy:ey, ox:ex] = up[oy - y0:ey - y0, ox - x0:ex - x0]
+    return out
 
 
 def normalise(heat: torch.Tensor) -> torch.Tensor:

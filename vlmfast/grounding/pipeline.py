@@ -69,15 +69,25 @@ def phrase_rows(tokenizer, cfg: GroundingConfig, inputs, positions, valid, b: in
     return out
 
 
-def ground_sample(capture: AttentionCapture, cfg: GroundingConfig, requests: list[PhraseRows], b: int, *,
-                  image_mask: torch.Tensor, valid: torch.Tensor, images: list, kept: list[torch.Tensor],
-                  pil_images: list, regions: list[tuple[float, float, float, float]], predictor,
-                  embeddings: ImageEmbeddings) -> list[Grounding]:
-    """Ground ``requests`` for sample ``b``. ``images`` / ``kept`` / ``pil_images`` / ``regions``: this
-    sample's images (ImageTokens with their grid, kept token indices, the original PIL images, and the box of
-    each original image its grid covers)."""
-    if not requests or not images:
-        return []
+@dataclass
+class SampleContext:
+    """What mapping sample ``b``'s attention onto its images needs (this sample's images only: ImageTokens with
+    their grid, kept token indices, the original PIL images, and the box of each image its grid covers)."""
+
+    b: int
+    image_mask: torch.Tensor
+    valid: torch.Tensor
+    images: list
+    kept: list[torch.Tensor]
+    pil_images: list
+    regions: list[tuple[float, float, float, float]]
+
+
+def phrase_maps(capture: AttentionCapture, cfg: GroundingConfig, requests: list[PhraseRows],
+                ctx: SampleContext) -> list[tuple[int, torch.Tensor]]:
+    """Per request: (image index, H x W map in [0, 1]) -- head-aggregated attention of its rows, propagated
+    across ``cfg.layers`` (``cfg.flow``), sinks zeroed, on the image holding most of it, upsampled to pixels."""
+    b, valid = ctx.b, ctx.valid
     length = valid.shape[1]
     n = max(max(r.rows) for r in requests) + 1
     mats = [m.cpu() for m in capture.matrices(b, max(n, length))]
@@ -88,10 +98,10 @@ def ground_sample(capture: AttentionCapture, cfg: GroundingConfig, requests: lis
             raise PolicyError(f"grounding.layers = {cfg.layers}: the model has {len(mats)} decoder layers") from None
     extra = mats[0].shape[0] - length
     valid_full = torch.cat([valid[b].cpu(), torch.ones(extra, dtype=torch.bool)])
-    image_full = torch.cat([(image_mask[b] & valid[b]).cpu(), torch.zeros(extra, dtype=torch.bool)])
+    image_full = torch.cat([(ctx.image_mask[b] & valid[b]).cpu(), torch.zeros(extra, dtype=torch.bool)])
     cols = image_full.nonzero().flatten()
-    cells = torch.cat([k.cpu() for k in kept])
-    owner = torch.cat([torch.full((k.numel(),), i) for i, k in enumerate(kept)])
+    cells = torch.cat([k.cpu() for k in ctx.kept])
+    owner = torch.cat([torch.full((k.numel(),), i) for i, k in enumerate(ctx.kept)])
     if cols.numel() != cells.numel():
         raise RuntimeError(f"grounding found {cols.numel()} image tokens in the sequence but {cells.numel()} kept "
                            "tokens for the sample's images")
@@ -105,17 +115,28 @@ def ground_sample(capture: AttentionCapture, cfg: GroundingConfig, requests: lis
         start[req.rows] = 1.0 / len(req.rows)
         rel = maps.propagate(mats, start, cfg.flow, valid_full)
         vals = rel[cols].masked_fill(sinks, 0.0)
-        mass = torch.zeros(len(kept)).index_add_(0, owner, vals)
+        mass = torch.zeros(len(ctx.kept)).index_add_(0, owner, vals)
         i = int(mass.argmax())
         own = owner == i
-        grid = maps.grid_map(vals[own], cells[own], images[i].grid)
-        w, h = pil_images[i].size
-        heat = maps.normalise(maps.grid_to_pixels(maps.normalise(grid), regions[i], (w, h)))
+        grid = maps.grid_map(vals[own], cells[own], ctx.images[i].grid)
+        heat = maps.normalise(maps.grid_to_pixels(maps.normalise(grid), ctx.regions[i], ctx.pil_images[i].size))
+        out.append((i, heat))
+    return out
+
+
+def ground_sample(capture: AttentionCapture, cfg: GroundingConfig, requests: list[PhraseRows], ctx: SampleContext,
+                  predictor, embeddings: ImageEmbeddings) -> list[Grounding]:
+    """Ground ``requests`` for one sample: maps, then points and a SAM mask per map."""
+    if not requests or not ctx.images:
+        return []
+    out = []
+    for req, (i, heat) in zip(requests, phrase_maps(capture, cfg, requests, ctx)):
+        w, h = ctx.pil_images[i].size
         if float(heat.max()) <= 0:  # no attention left on this image (e.g. everything pruned or a sink)
             out.append(Grounding(req.phrase, i, heat.numpy(), np.zeros((0, 2), np.float32), np.zeros(0, np.int64),
                                  None, np.zeros((h, w), bool), 0.0))
             continue
-        embeddings.set(np.asarray(pil_images[i].convert("RGB")))
+        embeddings.set(np.asarray(ctx.pil_images[i].convert("RGB")))
         seg = segment(predictor, heat, cfg)
         out.append(Grounding(req.phrase, i, heat.numpy().astype(np.float32), seg.points, seg.labels, seg.box,
                              seg.mask, seg.score))
@@ -147,7 +168,7 @@ class Grounder:
         self.cfg = cfg or GroundingConfig()
         self.device = device
         self._predictor = None
-        self.embeddings: ImageEmbeddings | None = None
+        self._embeddings: ImageEmbeddings | None = None
         self.last_request: Request | None = None
 
     @property
@@ -159,14 +180,26 @@ class Grounder:
     @predictor.setter
     def predictor(self, value) -> None:
         self._predictor = value
-        self.embeddings = ImageEmbeddings(value)
+        self._embeddings = ImageEmbeddings(value)
+
+    @property
+    def embeddings(self) -> ImageEmbeddings:
+        """``set_image`` with a one-image memory (``forget()`` to force re-encoding)."""
+        self.predictor  # noqa: B018  (loads it)
+        return self._embeddings
+
+    def prefetch(self, batch_images: list[list]) -> None:
+        """Start SAM's image encoder on the request's images (``cfg.overlap``), before the VLM runs."""
+        if self.cfg.overlap:
+            self.embeddings.prefetch([np.asarray(im.convert("RGB")) for imgs in batch_images for im in imgs])
 
     def begin(self, phrases: list[list[str]], n_layers: int, valid: torch.Tensor, stage=None,
               image_mask: torch.Tensor | None = None) -> "Request":
         """A per-call request whose capture the accelerator registers on its attention session."""
         kept_index = layer_index_fn(stage) if stage is not None and stage.stages else None
+        all_rows = self.cfg.flow != "none" or self.cfg.head_weights == "mean-max"
         capture = AttentionCapture(n_layers, valid, self.cfg.head_weights, kept_index,
-                                   image=None if image_mask is None else image_mask & valid)
+                                   image=None if image_mask is None else image_mask & valid, all_rows=all_rows)
         return Request(self, capture, phrases)
 
 
@@ -182,19 +215,18 @@ class Request:
         g, cfg = self.grounder, self.grounder.cfg
         g.last_request = self  # kept until the next call: its capture, for inspection (demo, ablations)
         out, first = [], 0
+        self.samples: list[tuple[list[PhraseRows], SampleContext]] = []
         with torch.inference_mode():
             for b, imgs in enumerate(batch_images):
                 own = range(first, first + len(imgs))
                 first += len(imgs)
                 reqs = phrase_rows(tokenizer, cfg, inputs, positions, valid, b, self.phrases[b], tokens[b],
                                    self.capture.decode_steps)
+                ctx = SampleContext(b, image_mask, valid, [images[i] for i in own], [kept[i] for i in own], imgs,
+                                    [adapter.grid_region(processor, im.size) for im in imgs])
+                self.samples.append((reqs, ctx))
                 if not reqs or not imgs:
                     out.append([])
                     continue
-                out.append(ground_sample(
-                    self.capture, cfg, reqs, b, image_mask=image_mask, valid=valid, images=[images[i] for i in own],
-                    kept=[kept[i] for i in own], pil_images=imgs,
-                    regions=[adapter.grid_region(processor, im.size) for im in imgs], predictor=g.predictor,
-                    embeddings=g.embeddings,
-                ))
+                out.append(ground_sample(self.capture, cfg, reqs, ctx, g.predictor, g.embeddings))
         return out

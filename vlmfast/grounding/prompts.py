@@ -37,30 +37,43 @@ def components(binary: torch.Tensor) -> torch.Tensor:
     return labels.long()
 
 
-def main_component(heat: torch.Tensor, threshold: float, work_size: int = 64) -> torch.Tensor:
-    """Pixels of ``heat`` >= ``threshold`` x max, restricted to the connected component with the largest
-    summed heat. (H, W) bool; empty for an all-zero map.
-
-    Components are found on a copy whose long side is at most ``work_size`` (area-averaged; the maps are
-    bicubic upsamplings of a token grid, so nothing finer exists) and the chosen one is brought back to full
-    size (nearest) and intersected with the full-size threshold."""
-    top = float(heat.max())
-    if top <= 0:
-        return torch.zeros_like(heat, dtype=torch.bool)
+def work_copy(heat: torch.Tensor, work_size: int = 64) -> tuple[torch.Tensor, float, float]:
+    """An area-averaged copy of ``heat`` whose long side is at most ``work_size`` (the maps are bicubic
+    upsamplings of a token grid, so nothing finer exists), with its x and y scale back to ``heat``."""
     h, w = heat.shape
     scale = max(1.0, max(h, w) / work_size)
-    small = heat
-    if scale > 1:
-        small = F.adaptive_avg_pool2d(heat.float()[None, None], (max(1, round(h / scale)), max(1, round(w / scale))))[0, 0]
+    if scale == 1:
+        return heat.float(), 1.0, 1.0
+    size = (max(1, round(h / scale)), max(1, round(w / scale)))
+    small = F.adaptive_avg_pool2d(heat.float()[None, None], size)[0, 0]
+    return small, w / size[1], h / size[0]
+
+
+def _heaviest(small: torch.Tensor, threshold: float) -> torch.Tensor:
     labels = components(small >= threshold * float(small.max()))
     ids, inverse = labels.flatten().unique(return_inverse=True)
     mass = torch.zeros(len(ids)).index_add_(0, inverse, small.flatten().float())
     mass[ids == 0] = -1
-    chosen = labels == ids[int(mass.argmax())]
-    if scale > 1:
-        chosen = F.interpolate(chosen.float()[None, None], size=(h, w), mode="nearest")[0, 0] > 0
+    return labels == ids[int(mass.argmax())]
+
+
+def main_component(heat: torch.Tensor, threshold: float, work_size: int = 64) -> torch.Tensor:
+    """Pixels of ``heat`` >= ``threshold`` x max, restricted to the connected component with the largest
+    summed heat. (H, W) bool; empty for an all-zero map. Components are found on :func:`work_copy` and the
+    chosen one is brought back to full size (nearest) and intersected with the full-size threshold."""
+    return _region(heat, threshold, *work_copy(heat, work_size))[0]
+
+
+def _region(heat, threshold, small, sx, sy) -> tuple[torch.Tensor, torch.Tensor]:
+    top = float(heat.max())
+    if top <= 0:
+        return torch.zeros_like(heat, dtype=torch.bool), torch.zeros_like(small, dtype=torch.bool)
+    chosen_small = _heaviest(small, threshold)
+    chosen = chosen_small
+    if small.shape != heat.shape:
+        chosen = F.interpolate(chosen_small.float()[None, None], size=heat.shape, mode="nearest")[0, 0] > 0
     region = chosen & (heat >= threshold * top)
-    return region if bool(region.any()) else chosen
+    return (region if bool(region.any()) else chosen), chosen_small
 
 
 def peak(heat: torch.Tensor, region: torch.Tensor | None = None) -> tuple[float, float]:
@@ -94,11 +107,13 @@ def bbox(mask: torch.Tensor | np.ndarray) -> np.ndarray | None:
 def initial_points(heat: torch.Tensor, threshold: float, negative: bool = True) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
     """VL-SAM's first prompt: the positive region, its peak (label 1) and the map's lowest point (label 0).
     Returns (points N x 2, labels N, region)."""
-    region = main_component(heat, threshold)
+    small, sx, sy = work_copy(heat)
+    region, region_small = _region(heat, threshold, small, sx, sy)
     pos = peak(heat, region if bool(region.any()) else None)
     pts, labels = [pos], [1]
-    if negative:
-        pts.append(lowest(heat, pos, exclude=_dilate(region, 3)))
+    if negative:  # found on the work copy: a cell centre, scaled back
+        x, y = lowest(small, (pos[0] / sx, pos[1] / sy), exclude=region_small)
+        pts.append((x * sx, y * sy))
         labels.append(0)
     return np.array(pts, dtype=np.float32), np.array(labels, dtype=np.int64), region
 
@@ -128,6 +143,3 @@ def refinement_points(heat: torch.Tensor, mask: torch.Tensor, region: torch.Tens
         labels.append(0)
     return np.array(new, dtype=np.float32).reshape(-1, 2), np.array(labels, dtype=np.int64)
 
-
-def _dilate(mask: torch.Tensor, r: int) -> torch.Tensor:
-    return F.max_pool2d(mask.float()[None, None], 2 * r + 1, stride=1, padding=r)[0, 0] > 0

@@ -11,6 +11,8 @@ segment-anything's ``SamPredictor`` (the default, on ``tiny-sam-shapes`` or a Vi
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,20 +79,78 @@ def load_predictor(cfg: GroundingConfig, device: torch.device | str = "cpu"):
 
 
 class ImageEmbeddings:
-    """``set_image`` that skips re-encoding the image the predictor already holds (same pixels)."""
+    """SAM image embeddings by image content: each distinct image is encoded once, optionally ahead of time in a
+    background thread (:meth:`prefetch`, so the encoder runs while the VLM prefills and decodes), and restored
+    into the predictor before prompting (:meth:`set`). The last ``capacity`` images are remembered.
 
-    def __init__(self, predictor):
+    Ahead-of-time encoding needs segment-anything's ``SamPredictor`` state (``features``, ``original_size``,
+    ``input_size``; MobileSAM's predictor is the same class); other predictors are given ``set_image`` when
+    needed."""
+
+    def __init__(self, predictor, capacity: int = 8):
         self.predictor = predictor
-        self.key: str | None = None
+        self.capacity = capacity
+        self.states: OrderedDict[str, Future | tuple] = OrderedDict()
+        self.current: str | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self.snapshots = all(hasattr(predictor, a) for a in ("set_torch_image", "features", "transform", "model"))
+
+    @staticmethod
+    def key(image: np.ndarray) -> str:
+        return hashlib.blake2b(np.ascontiguousarray(image).data, digest_size=16).hexdigest() + str(image.shape)
+
+    def _encode(self, image: np.ndarray) -> tuple:
+        """What ``SamPredictor.set_image`` computes, without touching the predictor's state."""
+        p = self.predictor
+        with torch.inference_mode():
+            x = p.transform.apply_image(image)
+            x = torch.as_tensor(x, device=p.device).permute(2, 0, 1).contiguous()[None]
+            return p.model.image_encoder(p.model.preprocess(x)), image.shape[:2], tuple(x.shape[-2:])
+
+    def _remember(self, key: str, state) -> None:
+        self.states[key] = state
+        self.states.move_to_end(key)
+        while len(self.states) > self.capacity:
+            self.states.popitem(last=False)
+
+    def prefetch(self, images: list[np.ndarray]) -> None:
+        """Start encoding ``images`` in a background thread (no-op for predictors without SamPredictor state)."""
+        if not self.snapshots:
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlmfast-sam")
+        for image in images:
+            k = self.key(image)
+            if k not in self.states:
+                self._remember(k, self._pool.submit(self._encode, image))
 
     def set(self, image: np.ndarray) -> None:
-        key = hashlib.blake2b(np.ascontiguousarray(image).data, digest_size=16).hexdigest() + str(image.shape)
-        if key != self.key or getattr(self.predictor, "is_image_set", True) is False:
+        """Make the predictor hold ``image`` (encoding it now if it was not prefetched)."""
+        k = self.key(image)
+        if k == self.current and getattr(self.predictor, "is_image_set", True):
+            return
+        if not self.snapshots:
             self.predictor.set_image(image)
-            self.key = key
+            self.current = k
+            return
+        state = self.states.get(k)
+        if state is None:
+            state = self._encode(image)
+        elif isinstance(state, Future):
+            state = state.result()
+        self._remember(k, state)
+        p = self.predictor
+        p.features, p.original_size, p.input_size = state
+        p.is_image_set = True
+        self.current = k
 
     def forget(self) -> None:
-        self.key = None
+        """Drop every remembered embedding (the next ``set`` encodes again)."""
+        for state in self.states.values():
+            if isinstance(state, Future):
+                state.result()
+        self.states.clear()
+        self.current = None
 
 
 @dataclass

@@ -72,14 +72,25 @@ def _minmax(x: torch.Tensor) -> torch.Tensor:
     return (x - lo) / (hi - lo) if hi > lo else torch.zeros_like(x)
 
 
+#: the map is upsampled and blurred at most at this side, then resized (bilinear) to the image: a blurred map
+#: has no detail finer than that, and blurring a 336x336 map directly costs ~20x more
+WORK_SIDE = 128
+
+
 def saliency(dense: torch.Tensor, height: int, width: int, blur: float = 0.02) -> torch.Tensor:
     """(g, g) patch-text similarities -> (height, width) saliency in [0, 1]: min-max, bicubic upsampling,
-    Gaussian blur with sigma = ``blur`` x the image side (sqrt(height * width)), min-max again."""
+    Gaussian blur with sigma = ``blur`` x the image side (sqrt(height * width)), min-max again. Upsampling and
+    blur run at a side of at most :data:`WORK_SIDE` (sigma scaled alike), then the map is resized to the image."""
     m = _minmax(dense.float())
-    if m.shape != (height, width):
-        m = torch.nn.functional.interpolate(m[None, None], size=(height, width), mode="bicubic",
+    scale = min(1.0, WORK_SIDE / max(height, width))
+    h, w = max(1, round(height * scale)), max(1, round(width * scale))
+    if m.shape != (h, w):
+        m = torch.nn.functional.interpolate(m[None, None], size=(h, w), mode="bicubic", align_corners=False)[0, 0]
+    m = gaussian_blur(m, blur * math.sqrt(h * w))
+    if (h, w) != (height, width):
+        m = torch.nn.functional.interpolate(m[None, None], size=(height, width), mode="bilinear",
                                             align_corners=False)[0, 0]
-    return _minmax(gaussian_blur(m, blur * math.sqrt(height * width)))
+    return _minmax(m)
 
 
 def keep_fraction(similarity: float) -> float:
@@ -89,8 +100,9 @@ def keep_fraction(similarity: float) -> float:
 
 def keep_mask(sal: torch.Tensor, keep: float) -> torch.Tensor:
     """Pixels whose saliency is at least the value at index floor(N * keep) of the descending sort (ties stay)."""
-    flat = sal.flatten().sort(descending=True).values
-    thr = flat[min(flat.numel() - 1, int(math.floor(flat.numel() * keep)))]
+    flat = sal.flatten()
+    k = min(flat.numel() - 1, int(math.floor(flat.numel() * keep)))  # index into the descending order
+    thr = flat.kthvalue(flat.numel() - k).values  # = the (k+1)-th largest, without a full sort
     return sal >= thr
 
 

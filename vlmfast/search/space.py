@@ -171,6 +171,7 @@ class SchemaSpace(MethodSpace):
 
     def suggest(self, trial, ctx):
         values = {d.name: d.suggest(trial, self.name) for d in self.dims(ctx)}
+        values = {k: round(v, 4) if isinstance(v, float) else v for k, v in values.items()}  # readable YAML
         return self.cls(keep=ctx.budget, **values)
 
 

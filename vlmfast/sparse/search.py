@@ -15,6 +15,7 @@ head-pattern file (JSON) that the ``mminference`` method references with ``heads
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -85,12 +86,14 @@ class _Capture(MMInference):
         return _CaptureRun(self, run.layouts, valid, stage)
 
 
-class _CaptureRun(SparseRun):
-    visit: Callable | None = None
+_VISIT: ContextVar[Callable | None] = ContextVar("vlmfast_sparse_visit", default=None)
 
+
+class _CaptureRun(SparseRun):
     def _attention(self, module, query, key, value, mask, base, **kwargs):
         length = query.shape[2]
-        if length > 1 and length == key.shape[2] and self.visit is not None:
+        visit = _VISIT.get()
+        if length > 1 and length == key.shape[2] and visit is not None:
             cols, valid = self._columns(module.layer_idx, length)
             if cols is not None:
                 scale = kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)
@@ -98,8 +101,8 @@ class _CaptureRun(SparseRun):
                 for b in range(query.shape[0]):
                     idx = valid[b].nonzero().squeeze(1)
                     layout = self.layouts[b].subset(cols[b, idx].cpu())
-                    self.visit(module.layer_idx, query[b, :, idx], key[b, :, idx].repeat_interleave(groups, 0),
-                               layout, scale)
+                    visit(module.layer_idx, query[b, :, idx], key[b, :, idx].repeat_interleave(groups, 0), layout,
+                          scale)
         return base(module, query, key, value, mask, **kwargs)
 
 
@@ -110,21 +113,13 @@ def _visit_prefill(model, processor, samples: Sequence[tuple[Any, str]], visit: 
     from ..accelerator import VLMAccelerator
     from ..policy import Policy
 
-    method = _Capture(min_length=0)
-    acc = VLMAccelerator(model, processor, policy=Policy([method], source="<sparse search>"))
-    orig = _Capture.start_run
-
-    def start_run(self, *a, **kw):
-        run = orig(self, *a, **kw)
-        run.visit = visit
-        return run
-
-    _Capture.start_run = start_run
+    acc = VLMAccelerator(model, processor, policy=Policy([_Capture(min_length=0)], source="<sparse search>"))
+    token = _VISIT.set(visit)
     try:
         for images, prompt in tqdm(samples, desc="sparse search", disable=not progress):
             acc.generate(images=images, prompt=prompt, max_new_tokens=1)
     finally:
-        _Capture.start_run = orig
+        _VISIT.reset(token)
 
 
 def search_heads(model, processor, samples: Sequence[tuple[Any, str]], *, candidates: list | None = None,
@@ -146,43 +141,56 @@ def search_heads(model, processor, samples: Sequence[tuple[Any, str]], *, candid
         HeadSearch with ``patterns`` (reference it from a policy: ``MMInference(heads=path)``), per-head
         ``scores`` and the full measurement ``table``.
     """
-    cands = list(candidates or default_candidates())
-    if not any(isinstance(c, Dense) for c in cands):
-        cands.append(Dense())
-    sums: dict[tuple[int, int], torch.Tensor] = {}
-    n_seen: dict[tuple[int, int], int] = {}
-
-    def visit(layer, q, k, layout, scale):
-        cache: dict = {}
-        for h in range(q.shape[0]):
-            ctx = HeadContext(q[h], k[h], layout, block, scale, cache)
-            specs = [c.build(ctx) for c in cands]
-            res = torch.tensor(recall_and_density(q[h], k[h], specs, scale), dtype=torch.float64)
-            key = (layer, h)
-            sums[key] = sums.get(key, torch.zeros_like(res)) + res
-            n_seen[key] = n_seen.get(key, 0) + 1
-
-    _visit_prefill(model, processor, samples, visit, progress)
-    n_layers = 1 + max(layer for layer, _ in sums) if sums else 0
-    layers: list[dict[int, Any]] = [{} for _ in range(n_layers)]
-    scores: list[dict[int, dict]] = [{} for _ in range(n_layers)]
-    table = []
-    for (layer, h), total in sorted(sums.items()):
-        mean = total / n_seen[(layer, h)]
-        recall, density = mean[:, 0], mean[:, 1]
-        for c, cand in enumerate(cands):
-            table.append({"layer": layer, "head": h, "candidate": repr(cand), "recall": round(float(recall[c]), 4),
-                          "density": round(float(density[c]), 4)})
-        ok = (recall >= target_recall).nonzero().squeeze(1)
-        best = int(ok[density[ok].argmin()]) if ok.numel() else int(recall.argmax())
-        layers[layer][h] = cands[best]
-        scores[layer][h] = {"recall": round(float(recall[best]), 4), "density": round(float(density[best]), 4)}
-    patterns = HeadPatterns(layers, model_name, block, {"target_recall": target_recall,
-                                                        "samples": len(samples)}, "<search>")
-    result = HeadSearch(patterns, scores, table)
+    searcher = HeadSearcher(candidates, target_recall, block)
+    _visit_prefill(model, processor, samples, searcher.visit, progress)
+    result = searcher.result(model_name, {"samples": len(samples)})
     if path is not None:
         result.save(path)
     return result
+
+
+class HeadSearcher:
+    """The search's core, without a model: feed it each layer's queries and keys (``visit``), then ask for
+    the choice (``result``). ``search_heads`` drives it with a model's prefill; tests drive it with
+    synthetic heads."""
+
+    def __init__(self, candidates: list | None = None, target_recall: float = 0.95, block: int = 64):
+        self.cands = list(candidates or default_candidates())
+        if not any(isinstance(c, Dense) for c in self.cands):
+            self.cands.append(Dense())
+        self.target, self.block = target_recall, block
+        self.sums: dict[tuple[int, int], torch.Tensor] = {}
+        self.counts: dict[tuple[int, int], int] = {}
+
+    def visit(self, layer: int, q: torch.Tensor, k: torch.Tensor, layout, scale: float) -> None:
+        """q, k: (H, n, d) of one sequence (keys repeated to the query heads)."""
+        cache: dict = {}
+        for h in range(q.shape[0]):
+            ctx = HeadContext(q[h], k[h], layout, self.block, scale, cache)
+            specs = [c.build(ctx) for c in self.cands]
+            res = torch.tensor(recall_and_density(q[h], k[h], specs, scale), dtype=torch.float64)
+            key = (layer, h)
+            self.sums[key] = self.sums.get(key, torch.zeros_like(res)) + res
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def result(self, model_name: str = "", meta: dict | None = None) -> HeadSearch:
+        n_layers = 1 + max(layer for layer, _ in self.sums) if self.sums else 0
+        layers: list[dict[int, Any]] = [{} for _ in range(n_layers)]
+        scores: list[dict[int, dict]] = [{} for _ in range(n_layers)]
+        table = []
+        for (layer, h), total in sorted(self.sums.items()):
+            mean = total / self.counts[(layer, h)]
+            recall, density = mean[:, 0], mean[:, 1]
+            for c, cand in enumerate(self.cands):
+                table.append({"layer": layer, "head": h, "candidate": repr(cand),
+                              "recall": round(float(recall[c]), 4), "density": round(float(density[c]), 4)})
+            ok = (recall >= self.target).nonzero().squeeze(1)
+            best = int(ok[density[ok].argmin()]) if ok.numel() else int(recall.argmax())
+            layers[layer][h] = self.cands[best]
+            scores[layer][h] = {"recall": round(float(recall[best]), 4), "density": round(float(density[best]), 4)}
+        patterns = HeadPatterns(layers, model_name, self.block, {"target_recall": self.target, **(meta or {})},
+                                "<search>")
+        return HeadSearch(patterns, scores, table)
 
 
 def evaluate_recall(model, processor, samples: Sequence[tuple[Any, str]], method: MMInference,
@@ -204,3 +212,37 @@ def evaluate_recall(model, processor, samples: Sequence[tuple[Any, str]], method
         rows.append({"layer": layer, "recall": round(float(r[:, 0].mean()), 4), "min_head_recall": round(float(r[:, 0].min()), 4),
                      "density": round(float(r[:, 1].mean()), 4)})
     return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m vlmfast.sparse.search``: search the head patterns of a model on multi-image ShapesWorld
+    prompts (the embedded model's calibration) and write the head-pattern file."""
+    import argparse
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from ..eval.bench_sparse import shapes_samples
+    from ..zoo import resolve
+
+    p = argparse.ArgumentParser(prog="python -m vlmfast.sparse.search", description=main.__doc__)
+    p.add_argument("--model", default="tiny-llava-shapes", help="zoo name, hub id or folder")
+    p.add_argument("--out", required=True, help="head-pattern JSON to write")
+    p.add_argument("--prompts", type=int, default=4, help="calibration prompts (ShapesWorld dev split)")
+    p.add_argument("--images", type=int, default=8, help="images per prompt")
+    p.add_argument("--target-recall", type=float, default=0.97)
+    p.add_argument("--block", type=int, default=32)
+    a = p.parse_args(argv)
+    path = resolve(a.model)
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    samples = shapes_samples("dev", a.prompts, a.images)
+    res = search_heads(model, processor, samples, target_recall=a.target_recall, block=a.block, model_name=a.model,
+                       path=a.out, progress=True)
+    for layer, heads in enumerate(res.scores):
+        print(layer, {h: (res.patterns.layers[layer][h].pattern, s["recall"], s["density"]) for h, s in heads.items()})
+    print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -50,6 +50,7 @@ class TrainConfig:
     vision_steps: int = 500
     vision_batch: int = 32
     vision_lr: float = 1e-3
+    fg_weight: float = 2.0  # extra weight of the object patches' colour / shape losses in stage A
     lm_steps: int = 2600
     lm_batch: int = 16
     turns: int = 8
@@ -120,6 +121,7 @@ def patch_targets(scene, grid: int) -> dict[str, np.ndarray]:
             "n_all": np.full((grid, grid), len(objs), np.int64)}
 
 
+FG_HEADS = ("color", "shape", "n_shape")  # heads whose object-patch loss is added again with ``fg_weight``
 HEADS = {"color": 1 + len(COLOR_NAMES), "shape": 1 + len(SHAPES), "centre": 2, "row": 3, "col": 3,
          "obj_row": 4, "obj_col": 4, "obj_x": 1 + LlavaShapesConfig().grid, "n_shape": 1 + MAX_OBJECTS,
          "n_color": 1 + MAX_OBJECTS, "n_all": 1 + MAX_OBJECTS}
@@ -311,15 +313,16 @@ class Trainer:
         px = self.pixels(scenes)
         targets = [patch_targets(s, cfg.model.grid) for s in scenes]
         hs = self.model.model.vision_tower(px, output_hidden_states=True).hidden_states[-2][:, 1:]
+        fg = torch.from_numpy(np.stack([t["color"] for t in targets]).reshape(len(scenes), -1)) > 0
         loss, acc = 0.0, {}
         for k, head in self.heads.items():
             y = torch.from_numpy(np.stack([t[k] for t in targets]).reshape(len(scenes), -1))
             logits = head(hs)
             loss = loss + F.cross_entropy(logits.flatten(0, 1), y.flatten())
             acc[k] = float((logits.argmax(-1) == y).float().mean())
-        fg = torch.from_numpy(np.stack([t["color"] for t in targets]).reshape(len(scenes), -1)) > 0
-        acc["color_fg"] = float((self.heads["color"](hs).argmax(-1)[fg] ==
-                                 torch.from_numpy(np.stack([t["color"] for t in targets]).reshape(len(scenes), -1))[fg]).float().mean())
+            if k in FG_HEADS:  # object patches are few and shape is what is hard to see: weigh them extra
+                loss = loss + cfg.fg_weight * F.cross_entropy(logits[fg], y[fg])
+                acc[k + "_fg"] = float((logits.argmax(-1)[fg] == y[fg]).float().mean())
         return {"loss": loss, **{f"acc_{k}": v for k, v in acc.items()}}
 
     # -- stage B
@@ -569,12 +572,15 @@ def main(argv=None):
     p.add_argument("--init-from", type=Path, default=None,
                    help="continue stage B from exported weights (a save_pretrained folder, e.g. the shipped model)")
     p.add_argument("--start-step", type=int, default=0, help="with --init-from: the stage-B step it had reached")
+    p.add_argument("--retrain-vision", action="store_true",
+                   help="with --resume: train the vision tower again (--vision-steps more steps, fresh optimiser), then "
+                        "continue the language side from its current weights for --lm-steps")
     p.add_argument("--restart-lm", action="store_true",
                    help="with --resume: keep the trained vision tower, start stage B (language side) afresh")
     for f in ("vision_steps", "lm_steps", "lm_batch", "vision_batch", "turns", "eval_every", "ckpt_every",
               "threads", "dev_items", "warmup", "turn_weighting"):
         p.add_argument("--" + f.replace("_", "-"), type=int, default=None)
-    for f in ("lm_lr", "vision_lr", "grounding_weight", "embed_std", "attn_weight"):
+    for f in ("lm_lr", "vision_lr", "grounding_weight", "embed_std", "attn_weight", "fg_weight"):
         p.add_argument("--" + f.replace("_", "-"), type=float, default=None)
     p.add_argument("--attn-heads", default=None, help="supervised heads by role, e.g. word=0:0;phrase=1:0;answer=2:0,3:0")
     p.add_argument("--curriculum", default=None, help='stage-B schedule "step:tasks;..." ("" = use --tasks)')
@@ -597,11 +603,15 @@ def main(argv=None):
         tr.stage, tr.step = "lm", a.start_step
         tr.opt = tr._optimizer()  # fresh AdamW moments; the warm-up is not repeated
     elif a.resume and (a.out / "ckpt.pt").is_file():
-        tr.load(weights_only=a.restart_lm)
+        tr.load(weights_only=a.restart_lm or a.retrain_vision)
         if tr.stage == "lm":
             tr.model.model.vision_tower.requires_grad_(False)
         if a.restart_lm:
             tr.restart_language_side()
+        if a.retrain_vision:
+            tr.model.model.vision_tower.requires_grad_(True)
+            tr.stage, tr.step = "vision", 0
+            tr.opt = tr._optimizer()
     done = tr.run(a.minutes)
     if done and a.export:
         tr.export(a.export)
