@@ -77,3 +77,20 @@ def test_few_steps_then_resume(tmp_path):
     rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert any("dev" in r for r in rows)
     assert (out / "final" / "config.json").is_file() and (out / "final" / "tokenizer.json").is_file()
+
+
+def test_word_targets_name_the_objects_each_word_and_phrase_refers_to():
+    from vlmfast.zoo.train_llava import parse_heads, word_targets
+
+    scene = generate_scene(5)  # blue circle, green star, yellow square
+    assert [(o.color, o.shape) for o in scene.objects] == [("blue", "circle"), ("green", "star"), ("yellow", "square")]
+    assert word_targets("what shape is the green object ?".split(), scene) == [("word", 4, (1,)), ("phrase", 5, (1,))]
+    # "blue" matches the circle, "star" the star, but no object is a blue star
+    assert word_targets("is there a blue star in the image ?".split(), scene) == [
+        ("word", 3, (0,)), ("word", 4, (1,)), ("phrase", 4, ())]
+    assert word_targets("how many stars are there ?".split(), scene) == [("word", 2, (1,)), ("phrase", 2, (1,))]
+    assert parse_heads("word=0:0;route=2:1,3:1") == {"word": [(0, 0)], "route": [(2, 1), (3, 1)]}
+    import pytest
+
+    with pytest.raises(ValueError, match="unknown role"):
+        parse_heads("nope=0:0")
