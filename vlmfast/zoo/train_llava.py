@@ -47,14 +47,14 @@ EXTRA_TASKS = ("exists_attr",)
 class TrainConfig:
     seed: int = 0
     threads: int = 2
-    vision_steps: int = 500
+    vision_steps: int = 2000
     vision_batch: int = 32
     vision_lr: float = 1e-3
     fg_weight: float = 2.0  # extra weight of the object patches' colour / shape losses in stage A
-    lm_steps: int = 2600
+    lm_steps: int = 2800
     lm_batch: int = 16
     turns: int = 8
-    lm_lr: float = 1e-3
+    lm_lr: float = 6e-4
     warmup: int = 200
     weight_decay: float = 0.01
     turn_weighting: int = 1  # 1: every answer turn weighs the same in the loss; 0: every answer token does
