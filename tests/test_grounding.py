@@ -405,3 +405,14 @@ def test_direct_maps_capture_text_rows_only(models):
         assert float(m[:n][image].abs().sum()) == 0
         assert torch.allclose(m[:n][~image & ctx.valid[0]].sum(-1), torch.ones(int((~image & ctx.valid[0]).sum())),
                               atol=1e-5)
+
+
+def test_evicting_kv_cache_is_refused_clearly(models):
+    from vlmfast.registry import get_method
+
+    model, processor = models["llava"]
+    acc = VLMAccelerator(model, processor, policy=Policy([get_method("zipvl")(kv="evict", tau=0.5)]))
+    with pytest.raises(RuntimeError, match="evicting cache"):
+        acc.generate(images=[make_image(1)], prompt=PROMPT, max_new_tokens=4, ground=True, ground_phrases="red circle")
+    # the accelerator is still usable, without grounding
+    assert acc.generate(images=[make_image(1)], prompt=PROMPT, max_new_tokens=2).grounding is None

@@ -98,6 +98,12 @@ def _policies(a) -> int:
     return 0
 
 
+def _field_default(f):
+    """A dataclass field's default, also for pydantic fields with a default factory (mminference's pattern)."""
+    factory = getattr(f.default, "default_factory", None)
+    return factory() if factory is not None else f.default
+
+
 def _methods(a) -> int:
     import dataclasses
 
@@ -105,7 +111,7 @@ def _methods(a) -> int:
 
     for name in available():
         cls = get_method(name)
-        fields = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls))
+        fields = ", ".join(f"{f.name}={_field_default(f)!r}" for f in dataclasses.fields(cls))
         print(f"{name:<10} [{cls.stage}]  {fields}")
     return 0
 

@@ -14,7 +14,8 @@ visible mask:
 * ``pruned_miou`` / ``pruned_pointing``: (d) (a) with FoPru keeping 25% of the visual tokens;
 * ``time``: a plain generate call vs the same call with ``ground=True``, interleaved, one request at a time,
   medians; ``overhead`` with the SAM image embedding computed in the call (a new image), ``overhead_warm`` when
-  the predictor already holds the image (a second phrase about the same image).
+  the predictor already holds the image (a second phrase about the same image); ``caption_*`` the same for
+  captions of the same images (every object word of the answer grounded).
 """
 
 from __future__ import annotations
@@ -126,24 +127,35 @@ def evaluate_grounding(acc, scenes, image, batch: int = 16, progress: bool = Tru
 
 
 def time_overhead(acc, jobs) -> dict:
-    """Plain generate vs ground=True on the same requests, interleaved, one at a time; medians."""
+    """Plain generate vs ground=True on the same requests, interleaved, one at a time; medians. Referring
+    questions (``jobs``, a few answer tokens, one phrase) and captions of the same images (up to 48 tokens, every
+    object of the answer grounded)."""
+    from .shapes_eval import CAPTION_PROMPT
+
     emb = acc.grounder.embeddings
     acc.generate(images=[jobs[0][0]], prompt=jobs[0][1], max_new_tokens=MAX_NEW_TOKENS)  # warm-up
-    plain, cold, warm, sam = [], [], [], []
-    for img, prompt, phrase in jobs:
-        t0 = time.perf_counter()
-        acc.generate(images=[img], prompt=prompt, max_new_tokens=MAX_NEW_TOKENS)
-        t1 = time.perf_counter()
-        emb.forget()
-        out = acc.generate(images=[img], prompt=prompt, max_new_tokens=MAX_NEW_TOKENS, ground=True,
-                           ground_phrases=[phrase])
-        t2 = time.perf_counter()
-        acc.generate(images=[img], prompt=prompt, max_new_tokens=MAX_NEW_TOKENS, ground=True, ground_phrases=[phrase])
-        t3 = time.perf_counter()
-        plain.append(t1 - t0)
-        cold.append(t2 - t1)
-        warm.append(t3 - t2)
-        sam.append(out.stats.grounding_s)
-    p, c, w = statistics.median(plain), statistics.median(cold), statistics.median(warm)
-    return {"n": len(jobs), "generate_s": p, "generate_ground_s": c, "generate_ground_warm_s": w,
-            "grounding_stage_s": statistics.median(sam), "overhead": c / p - 1, "overhead_warm": w / p - 1}
+    res = {}
+    for name, kind in (("", "referring"), ("caption_", "caption")):
+        plain, cold, warm, stage, phrases = [], [], [], [], []
+        for img, prompt, phrase in jobs:
+            kw = (dict(prompt=prompt, max_new_tokens=MAX_NEW_TOKENS) if kind == "referring"
+                  else dict(prompt=CAPTION_PROMPT, max_new_tokens=48))
+            extra = dict(ground_phrases=[phrase]) if kind == "referring" else {}
+            t0 = time.perf_counter()
+            acc.generate(images=[img], **kw)
+            t1 = time.perf_counter()
+            emb.forget()
+            out = acc.generate(images=[img], ground=True, **kw, **extra)
+            t2 = time.perf_counter()
+            acc.generate(images=[img], ground=True, **kw, **extra)
+            t3 = time.perf_counter()
+            plain.append(t1 - t0)
+            cold.append(t2 - t1)
+            warm.append(t3 - t2)
+            stage.append(out.stats.grounding_s)
+            phrases.append(len(out.grounding))
+        p, c, w = statistics.median(plain), statistics.median(cold), statistics.median(warm)
+        res.update({f"{name}generate_s": p, f"{name}generate_ground_s": c, f"{name}generate_ground_warm_s": w,
+                    f"{name}grounding_stage_s": statistics.median(stage), f"{name}overhead": c / p - 1,
+                    f"{name}overhead_warm": w / p - 1, f"{name}phrases": statistics.mean(phrases)})
+    return {"n": len(jobs), **res}

@@ -250,9 +250,7 @@ def run_all(model_name: str = "tiny-llava-shapes", split: str = "test", limit: i
                                      f"{timing_scenes} {split} scenes, configurations interleaved, {repeats} "
                                      "rounds, median ms/token; ratio to the baseline of this run")
     if diagnose:
-        from ..reweight import VAR
-
-        diag = {"var": var_diagnostics(base, dev, VAR().tau)}
+        diag = {"var": var_diagnostics(base, dev, load_policy("tiny-llava-shapes-var").reweighters[0].tau)}
         damro = load_policy("tiny-llava-shapes-damro").branch_methods[0]
         diag["damro"] = damro_diagnostics(base, dev, damro.k)
         diag["agla"] = agla_diagnostics(load_policy("tiny-llava-shapes-agla").branch_methods[0], 50)

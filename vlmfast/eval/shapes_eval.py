@@ -114,8 +114,11 @@ def table(res: dict) -> str:
         rows.append(("  upper bound (GT centre)", f"{g['upper_bound_miou']:.3f}  (a / c = {g['ratio_to_upper_bound']:.3f})"))
         rows.append((f"  FoPru {g['pruned_keep']:.0%}", f"{g['pruned_miou']:.3f}  pointing {g['pruned_pointing']:.3f}"))
         if "time" in g:
-            rows.append(("  grounding time overhead", f"{100 * g['time']['overhead']:+.1f}% (new image), "
-                                                      f"{100 * g['time']['overhead_warm']:+.1f}% (image seen)"))
+            t = g["time"]
+            rows.append(("  grounding time overhead", f"{100 * t['overhead']:+.1f}% (new image), "
+                                                      f"{100 * t['overhead_warm']:+.1f}% (image seen); captions "
+                                                      f"{100 * t['caption_overhead']:+.1f}% / "
+                                                      f"{100 * t['caption_overhead_warm']:+.1f}%"))
     if "cost" in res:
         c = res["cost"]
         rows.append(("visual tokens", f"{c['visual_tokens_in']:.0f} in, {c['visual_tokens_kept']:.0f} kept, "

@@ -65,9 +65,11 @@ class GroundingConfig:
     """first SAM call with 3 candidate masks (best by predicted IoU) instead of SAM's single-mask output"""
     overlap: bool = True
     """encode the images for SAM in a background thread while the VLM prefills and decodes"""
-    refine: Annotated[int, Field(ge=0, le=5)] = 1
-    """refinement rounds: add points where the mask and the map disagree and ask SAM again; stops when nothing
-    is added"""
+    refine: Annotated[int, Field(ge=0, le=5)] = 0
+    """refinement rounds (VL-SAM's iterative refinement): add points where the mask and the map disagree and ask
+    SAM again, with its previous logits as ``mask_input`` when mask feedback is on; stops when nothing is added.
+    0 by default: with tiny-sam-shapes (no mask feedback) it did not help on the dev split and costs a SAM call;
+    use 1 with a real SAM checkpoint"""
     mask_feedback: Literal["auto", "on", "off"] = "auto"
     """refinement rounds also feed SAM its previous low-res logits (``mask_input``, VL-SAM's cascade). auto: on,
     except for tiny-sam-shapes, which was trained with point and box prompts only (mask prompts degrade it)"""

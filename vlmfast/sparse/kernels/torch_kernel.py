@@ -22,12 +22,12 @@ import torch
 import torch.nn.functional as F
 
 from ..mask import MaskSpec
-from .common import attend
+from .common import attend, merge_lse
 
 #: query blocks per call in the column step (their column prefixes are padded to the longest in the call)
-COLUMN_CHUNK = 16
-#: dense rows per call
-ROW_CHUNK = 32
+COLUMN_CHUNK = 32
+#: dense rows at most this many positions apart are computed together
+DENSE_ROW_WINDOW = 4096
 #: diagonal tiles in their own causal call (True) or as the causal-masked end of the block run before them
 SPLIT_DIAGONAL = True
 
@@ -40,7 +40,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, specs: l
     groups = h // k.shape[0]
     if len(specs) != h:
         raise ValueError(f"need one MaskSpec per query head: got {len(specs)} for {h} heads")
-    out = q.new_empty(n, h, d)
+    out = q.new_empty(h, n, d)
     by_spec: dict[int, list[int]] = {}
     for i, s in enumerate(specs):
         if s.n != n:
@@ -50,9 +50,8 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, specs: l
         spec = specs[heads[0]]
         hq = torch.tensor(heads, device=q.device)
         hk = hq // groups
-        qs = q[hq]
-        out[:, hq] = _one_spec(qs, k[hk], v[hk], spec, scale).transpose(0, 1).to(q.dtype)
-    return out
+        out[hq] = _one_spec(q[hq], k[hk], v[hk], spec, scale).to(q.dtype)
+    return out.transpose(0, 1)
 
 
 def _pad(x: torch.Tensor, n_pad: int) -> torch.Tensor:
@@ -175,9 +174,12 @@ def _runs(q, k, v, rows, start, length, b, scale, state, qv):
     diag = start + length - 1 == rows
     key_abs = torch.where(diag, -1 - rows, start * (n_pad + 1) + length)  # diagonal runs are never shared
     uniq, inv, counts = torch.unique(key_abs, return_inverse=True, return_counts=True)
-    absolute = counts[inv] >= 2
-    for gi in torch.nonzero(counts >= 2).squeeze(1).tolist():
-        sel = (inv == gi).nonzero().squeeze(1)
+    _, inv_rel, counts_rel = torch.unique((rows - start) * (n_pad + 1) + length, return_inverse=True,
+                                          return_counts=True)
+    # each run joins the larger of its two groups (a sink is shared absolutely, a band or slash relatively)
+    absolute = (counts[inv] >= 2) & (counts[inv] > counts_rel[inv_rel])
+    for gi in torch.unique(inv[absolute]).tolist():
+        sel = ((inv == gi) & absolute).nonzero().squeeze(1)
         qbs = rows[sel]
         a, ln = int(start[sel[0]]), int(length[sel[0]])
         o, l = _shared_keys(q, qv, qbs, k[:, a * b:(a + ln) * b], v[:, a * b:(a + ln) * b], b, scale)
@@ -236,19 +238,51 @@ def _columns(q, k, v, blocks, cidx, qbs_all, b, scale, state, qv):
         if not bool(any_need.any()):
             continue
         qbs, need = qbs[any_need], need[any_need]
-        length = int(need.nonzero()[:, 1].max()) + 1
-        need = need[:, :length]
-        mask = torch.zeros(need.shape, dtype=q.dtype, device=q.device).masked_fill_(~need, float("-inf"))
-        o, l = _shared_keys(q, qv, qbs, kc[:, :length], vc[:, :length], b, scale, mask)
+        every = need.all(0)
+        # the columns every block of the chunk needs, when they are one contiguous range: no mask at all
+        lo = hi = 0
+        if bool(every.any()):
+            idx = every.nonzero().squeeze(1)
+            if int(idx[-1]) - int(idx[0]) + 1 == idx.numel():
+                lo, hi = int(idx[0]), int(idx[-1]) + 1
+                o, l = _shared_keys(q, qv, qbs, kc[:, lo:hi], vc[:, lo:hi], b, scale)
+                _merge_into(state, qbs, o, l)
+                need = need.clone()
+                need[:, lo:hi] = False
+        some = need.any(0)
+        if not bool(some.any()):
+            continue
+        cols = some.nonzero().squeeze(1)
+        first, last = int(cols[0]), int(cols[-1]) + 1
+        part = need[:, first:last]
+        rows_any = part.any(1)
+        qbs, part = qbs[rows_any], part[rows_any]
+        mask = torch.zeros(part.shape, dtype=q.dtype, device=q.device).masked_fill_(~part, float("-inf"))
+        o, l = _shared_keys(q, qv, qbs, kc[:, first:last], vc[:, first:last], b, scale, mask)
         _merge_into(state, qbs, o, l)
 
 
 def _dense_rows(q, k, v, ridx, scale, final):
-    for s in range(0, ridx.numel(), ROW_CHUNK):
-        r = ridx[s:s + ROW_CHUNK]
-        length = int(r.max()) + 1
-        allowed = torch.arange(length, device=q.device)[None, :] <= r[:, None]
-        mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
-        o, _ = attend(q[:, r].unsqueeze(0), k[:, :length].unsqueeze(0), v[:, :length].unsqueeze(0), scale,
-                      mask=mask[None, None])
+    """Dense rows attend all their causal keys. Rows are taken in windows (at most ``DENSE_ROW_WINDOW``
+    positions apart): the keys every row of a window sees (up to its first row) in one unmasked call, the
+    few keys after it with a causal mask, merged by log-sum-exp."""
+    start = 0
+    while start < ridx.numel():
+        first = int(ridx[start])
+        end = start
+        while end < ridx.numel() and int(ridx[end]) - first < DENSE_ROW_WINDOW and end - start < 512:
+            end += 1
+        r = ridx[start:end]
+        start = end
+        qr = q[:, r].unsqueeze(0)  # (1, Hg, R, D)
+        o, lse = attend(qr, k[:, :first + 1].unsqueeze(0), v[:, :first + 1].unsqueeze(0), scale)
+        last = int(r[-1])
+        if last > first:
+            j = torch.arange(first + 1, last + 1, device=q.device)
+            allowed = j[None, :] <= r[:, None]
+            mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
+            o2, l2 = attend(qr, k[:, first + 1:last + 1].unsqueeze(0), v[:, first + 1:last + 1].unsqueeze(0), scale,
+                            mask=mask[None, None])
+            l2 = l2.masked_fill(~allowed.any(1)[None, None], float("-inf"))  # rows with no key here
+            o, lse = merge_lse(o, lse, o2, l2)
         final[:, r] = o[0].float()
