@@ -147,3 +147,19 @@ def test_qwen2_vl_video_layout_and_sparse_prefill(models):
             if isinstance(pattern, Dense):
                 assert (logits - plain).abs().max() < 1e-4
     assert np.isfinite(logits.numpy()).all()
+
+
+@pytest.mark.slow
+def test_bench_sparse_quick_writes_the_issue_schema(tmp_path):
+    import json
+
+    from vlmfast.cli import main
+
+    path = tmp_path / "bench_sparse.json"
+    assert main(["bench", "sparse", "--quick", "--json", str(path)]) == 0
+    data = json.loads(path.read_text())
+    for key in ("seq_len", "density", "sdpa_s", "flex_s", "vlmfast_s", "speedup", "ideal_speedup", "recall"):
+        assert key in data["kernel"][0]
+    for key in ("seq_len", "dense_s", "sparse_s", "speedup", "ideal_speedup", "attention_share"):
+        assert key in data["end_to_end"][0]
+    assert 0 < data["kernel"][0]["density"] <= 1 and 0 < data["end_to_end"][0]["attention_share"] < 1

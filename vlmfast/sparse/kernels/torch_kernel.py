@@ -3,17 +3,23 @@ tiles, dense rows apart, everything merged by log-sum-exp. Fast on CPU; runs on 
 
 For one head (or several heads sharing one :class:`MaskSpec`) and one row group:
 
-1-2. **Block runs** (original order): each query block's kept key blocks are cut into maximal runs of
-   consecutive blocks; the run that ends at the query block's own (diagonal) block is causal-masked there. Runs at the same absolute keys (the sink) are batched with a stride-0 view; runs at
-   the same offset from their query block (the local band, slash covers) over consecutive query blocks are
-   batched with an overlapping strided view. No key or value is copied.
+1. **Diagonal tiles**: every query block with its own key block, causal, one batched call.
+2. **Block runs** (original order): each query block's other kept key blocks are cut into maximal runs of
+   consecutive blocks. Runs at the same absolute keys (the sink) run as one call over a stride-0 view (and
+   consecutive query blocks as one long query); runs at the same offset from their query block (the local
+   band, slash covers) over consecutive query blocks run as one call over an overlapping strided view. Each
+   run joins the larger of its two groups. No key or value is copied.
 3. **Columns** (permuted order): the head's kept columns are gathered once into a contiguous tile (grid
-   lines become dense); each query block attends the columns before it that no block of step 1-2 covers
-   (a per-block key mask), so no element is counted twice.
-4. The results of 1-3 are merged row by row by log-sum-exp (:func:`merge_lse`), which gives exactly the
-   softmax over the union of their key sets.
-5. **Dense rows** (horizontal lines, the question after the visual span) are gathered and attend all their
-   causal keys; their result replaces whatever 1-4 computed for them.
+   lines become dense); each query block attends the columns before it that no block of its own covers —
+   the range every block of a chunk needs without a mask, the rest with a per-block key mask — so no
+   element is counted twice.
+4. The results of 1-3 are merged row by row by log-sum-exp (a running max / sum / weighted output per row,
+   normalised once), which gives exactly the softmax over the union of their key sets.
+5. **Dense rows** (horizontal lines, the question after the visual span) attend all their causal keys (the
+   keys before a window of rows unmasked, the few after with a causal mask, merged by log-sum-exp); their
+   result replaces whatever 1-4 computed for them.
+
+Every piece is one call of :func:`~.common.attend` (PyTorch's CPU flash-attention kernel on CPU).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import torch.nn.functional as F
 from ..mask import MaskSpec
 from .common import attend, merge_lse
 
-#: query blocks per call in the column step (their column prefixes are padded to the longest in the call)
+#: query blocks per call in the column step
 COLUMN_CHUNK = 32
 #: dense rows at most this many positions apart are computed together
 DENSE_ROW_WINDOW = 4096
