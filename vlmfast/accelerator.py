@@ -258,7 +258,7 @@ class VLMAccelerator:
                 stack.enter_context(attention.installed(model, session))
                 stack.enter_context(stage.hooks(adapter.decoder_layers))
                 if ground is not None:
-                    stack.enter_context(ground.capture.hooks(adapter.decoder_layers))
+                    stack.enter_context(ground.capture.hooks(adapter.decoder_layers, ground.grounder.cfg.remove_sinks))
                 for run in runs:
                     run.register(session, len(adapter.decoder_layers))
                     stack.enter_context(run.hooks(adapter.decoder_layers))
@@ -305,7 +305,8 @@ class VLMAccelerator:
             )
             text = self.processor.batch_decode([ids], skip_special_tokens=True)[0].strip()
             first = sum(len(x) for x in batch_images[:b])
-            outs.append(GenerateOutput(text=text, token_ids=ids, stats=st, kept=kept[first:first + len(batch_images[b])],
+            outs.append(GenerateOutput(text=text, token_ids=ids, stats=st,
+                                       kept=kept[first:first + len(batch_images[b])],
                                        grounding=None if groundings is None else groundings[b]))
         return outs
 

@@ -206,7 +206,8 @@ def _grounding_config(value: Any, source: str):
     if value is None or isinstance(value, GroundingConfig):
         return value
     if not isinstance(value, dict):
-        raise PolicyError(f"{source}: grounding must be a mapping of GroundingConfig fields, got {type(value).__name__}")
+        raise PolicyError(f"{source}: grounding must be a mapping of GroundingConfig fields, "
+                          f"got {type(value).__name__}")
     try:
         return GroundingConfig(**value)
     except ValidationError as e:

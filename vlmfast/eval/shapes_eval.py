@@ -4,7 +4,8 @@ Prints a metrics table and (optionally) writes JSON:
 ``{"model", "policy", "split", "n", "vqa": {"overall", <type>...}, "pope": {<split>: {"accuracy", "f1",
 "yes_ratio", ...}}, "chair": {"chair_s", "chair_i", "recall"}, "grounding": {"miou", "pointing",
 "peak_point_miou", "upper_bound_miou", "pruned_miou", "time", ...}, "cost": {...}}``; sections not evaluated
-are absent (``grounding`` only when asked for: see :mod:`.grounding_eval`). ``blank=True`` replaces every image by a uniform gray one (the "does it look?" control).
+are absent (``grounding`` only when asked for: see :mod:`.grounding_eval`). ``blank=True`` replaces every
+image by a uniform gray one (the "does it look?" control).
 """
 
 from __future__ import annotations
@@ -111,7 +112,8 @@ def table(res: dict) -> str:
         g = res["grounding"]
         rows.append(("grounding mIoU", f"{g['miou']:.3f}  pointing {g['pointing']:.3f}  (n={g['n']})"))
         rows.append(("  peak point / VL-SAM map", f"{g['peak_point_miou']:.3f} / {g['vlsam_map_miou']:.3f}"))
-        rows.append(("  upper bound (GT centre)", f"{g['upper_bound_miou']:.3f}  (a / c = {g['ratio_to_upper_bound']:.3f})"))
+        rows.append(("  upper bound (GT centre)",
+                     f"{g['upper_bound_miou']:.3f}  (a / c = {g['ratio_to_upper_bound']:.3f})"))
         rows.append((f"  FoPru {g['pruned_keep']:.0%}", f"{g['pruned_miou']:.3f}  pointing {g['pruned_pointing']:.3f}"))
         if "time" in g:
             t = g["time"]
@@ -136,7 +138,8 @@ def run(model: str, policy, split: str, limit: int, tasks, json_path: str | None
     from ..accelerator import VLMAccelerator
 
     acc = VLMAccelerator.from_pretrained(model, policy=policy)
-    res = {"model": model, "policy": acc.policy.to_dict() if not acc.policy.is_empty else "none",
+    shown = not acc.policy.is_empty or acc.policy.grounding is not None
+    res = {"model": model, "policy": acc.policy.to_dict() if shown else "none",
            **evaluate(acc, split=split, limit=limit, tasks=tasks, blank=blank, batch=batch)}
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)

@@ -76,12 +76,12 @@ class AttentionCapture:
         for layer in range(self.n_layers):
             session.observe(layer, self._observer(layer))
 
-    def hooks(self, layers):
+    def hooks(self, layers, enabled: bool = True):
         """Forward pre-hooks on the decoder layers that record, at prefill, each token's massive-activation
         score ``phi = max_d |x_d| / rms(x)`` of the layer's input (VAR's sink criterion without a model-specific
         list of sink dimensions: a sink token's residual stream is dominated by a few huge dimensions, so the
         ratio approaches sqrt(d); ordinary tokens stay near 3-6). Installed for the call, removed after it."""
-        return layer_pre_hooks(layers, self._phi_hook, range(len(layers)))
+        return layer_pre_hooks(layers, self._phi_hook, range(len(layers)) if enabled else ())
 
     def _phi_hook(self, layer: int):
         def hook(module, args, kwargs):

@@ -67,7 +67,8 @@ def propagate(mats: list[torch.Tensor], start: torch.Tensor, mode: str = "regula
     return v
 
 
-def sink_tokens(phi: dict[int, torch.Tensor], image: torch.Tensor, tau: float = 20.0, from_layer: int = 2) -> torch.Tensor:
+def sink_tokens(phi: dict[int, torch.Tensor], image: torch.Tensor, tau: float = 20.0,
+                from_layer: int = 2) -> torch.Tensor:
     """Visual attention sinks (VAR, spec section 3.2): image positions whose massive-activation score
     ``phi = max_d |x_d| / rms(x)`` of the residual stream exceeds ``tau`` at the input of any layer
     ``>= from_layer`` (all layers when the model is shallower). ``phi``: layer -> (n,) scores; ``image`` (n,)."""
@@ -87,7 +88,8 @@ def grid_map(values: torch.Tensor, cells: torch.Tensor, grid: tuple[int, int, in
     return flat.view(t, h, w).mean(0)
 
 
-def grid_to_pixels(grid: torch.Tensor, region: tuple[float, float, float, float], size: tuple[int, int]) -> torch.Tensor:
+def grid_to_pixels(grid: torch.Tensor, region: tuple[float, float, float, float],
+                   size: tuple[int, int]) -> torch.Tensor:
     """Upsample an (h, w) token map bicubically onto the original image.
 
     ``region`` (x0, y0, x1, y1): the box of the original image (pixels, may extend past its borders) the grid

@@ -20,6 +20,10 @@ from .phrases import find_phrase, object_phrases, token_spans, tokens_in
 from .segmenter import ImageEmbeddings, load_predictor, segment
 
 
+def _rgb(image) -> np.ndarray:
+    return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+
+
 @dataclass
 class PhraseRows:
     phrase: str
@@ -136,7 +140,7 @@ def ground_sample(capture: AttentionCapture, cfg: GroundingConfig, requests: lis
             out.append(Grounding(req.phrase, i, heat.numpy(), np.zeros((0, 2), np.float32), np.zeros(0, np.int64),
                                  None, np.zeros((h, w), bool), 0.0))
             continue
-        embeddings.set(np.asarray(ctx.pil_images[i].convert("RGB")))
+        embeddings.set(_rgb(ctx.pil_images[i]))
         seg = segment(predictor, heat, cfg)
         out.append(Grounding(req.phrase, i, heat.numpy().astype(np.float32), seg.points, seg.labels, seg.box,
                              seg.mask, seg.score))
@@ -191,7 +195,7 @@ class Grounder:
     def prefetch(self, batch_images: list[list]) -> None:
         """Start SAM's image encoder on the request's images (``cfg.overlap``), before the VLM runs."""
         if self.cfg.overlap:
-            self.embeddings.prefetch([np.asarray(im.convert("RGB")) for imgs in batch_images for im in imgs])
+            self.embeddings.prefetch([_rgb(im) for imgs in batch_images for im in imgs])
 
     def begin(self, phrases: list[list[str]], n_layers: int, valid: torch.Tensor, stage=None,
               image_mask: torch.Tensor | None = None) -> "Request":

@@ -104,7 +104,8 @@ def bbox(mask: torch.Tensor | np.ndarray) -> np.ndarray | None:
     return np.array([int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1], dtype=np.float32)
 
 
-def initial_points(heat: torch.Tensor, threshold: float, negative: bool = True) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+def initial_points(heat: torch.Tensor, threshold: float,
+                   negative: bool = True) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
     """VL-SAM's first prompt: the positive region, its peak (label 1) and the map's lowest point (label 0).
     Returns (points N x 2, labels N, region)."""
     small, sx, sy = work_copy(heat)

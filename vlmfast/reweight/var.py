@@ -81,19 +81,31 @@ def redistribute(attn: torch.Tensor, visual: torch.Tensor, visual_sinks: torch.T
     attn: (B, H, Q, K) rows summing to 1; visual, visual_sinks, text_sinks: (B, K) bool; rows: (B, Q) bool, the
     query rows VAR may change. Returns the new weights and the (B, H, Q) mask of rows that were changed.
     """
-    a = attn.float()
-    vis = visual[:, None, None, :]
-    vis_ns = (visual & ~visual_sinks)[:, None, None, :]
-    sinks = (visual_sinks | text_sinks)[:, None, None, :]
-    a_vis = (a * vis).sum(-1)
-    a_vns = (a * vis_ns).sum(-1)
-    a_sink = (a * sinks).sum(-1)
+    a = attn.float().clone()
+    chosen = _redistribute_(a, *_float_masks(visual, visual_sinks, text_sinks), rows, p, rho, min_visual)
+    return a.to(attn.dtype), chosen
+
+
+def _float_masks(visual, visual_sinks, text_sinks) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, 1, P, 3) [visual, visual non-sink, sink] columns for one matmul, and the (B, 1, 1, P) non-sink visual
+    and sink masks, as float32."""
+    vis_ns = (visual & ~visual_sinks).float()
+    sinks = (visual_sinks | text_sinks).float()
+    stacked = torch.stack([visual.float(), vis_ns, sinks], -1)[:, None]
+    return stacked, vis_ns[:, None, None, :], sinks[:, None, None, :]
+
+
+def _redistribute_(a: torch.Tensor, stacked, vis_ns, sinks, rows, p: float, rho: float, min_visual: float):
+    """In place on a (B, H, Q, >=P) float32 weights tensor; only its first P columns (the masks' width) can hold
+    visual tokens or sinks (decode tokens are neither). Returns the (B, H, Q) mask of changed rows."""
+    ap = a[..., : stacked.shape[-2]]
+    sums = torch.matmul(ap, stacked)  # (B, H, Q, 3): visual, visual non-sink and sink mass of each row
+    a_vis, a_vns, a_sink = sums.unbind(-1)
     chosen = rows[:, None, :] & (a_vis >= min_visual) & (a_vns >= rho * a_vis) & (a_vns > 0) & (a_sink > 0)
-    omega = (1 - p) * a_sink
-    gain = torch.where(chosen, omega / a_vns.clamp_min(torch.finfo(a.dtype).tiny), torch.zeros_like(omega))
-    scale = torch.where(sinks, torch.full_like(a, p), torch.ones_like(a))
-    new = a * torch.where(chosen[..., None], scale, torch.ones_like(a)) + a * vis_ns * gain[..., None]
-    return new.to(attn.dtype), chosen
+    take = chosen.float() * (1 - p)  # sinks keep p of their weight ...
+    gain = take * a_sink / a_vns.clamp_min(torch.finfo(a.dtype).tiny)  # ... and visual non-sinks share it
+    ap.mul_(1 - take[..., None] * sinks + gain[..., None] * vis_ns)
+    return chosen
 
 
 def _explicit_weights(module, query, key, mask, q_offset: int) -> torch.Tensor:
@@ -102,7 +114,9 @@ def _explicit_weights(module, query, key, mask, q_offset: int) -> torch.Tensor:
     groups = query.shape[1] // key.shape[1]
     k = key.repeat_interleave(groups, dim=1) if groups > 1 else key
     logits = torch.matmul(query.float(), k.float().transpose(-1, -2)) * getattr(module, "scaling", query.shape[-1] ** -0.5)
-    if mask is None:
+    if mask is None and query.shape[2] == 1:
+        pass  # one query at the last position sees every key
+    elif mask is None:
         q_pos = torch.arange(query.shape[2], device=query.device)[:, None] + q_offset
         causal = torch.arange(key.shape[2], device=query.device)[None, :] <= q_pos
         logits = logits.masked_fill(~causal, float("-inf"))
@@ -180,8 +194,10 @@ class VARRun:
         self.layers = list(m.layers(n_layers))
         self.sinks: dict[int, torch.Tensor] = {}  # layer -> (B, L) bool over the prefill sequence
         self.session = None
-        self.changed = torch.zeros(valid.shape[0], dtype=torch.long)  # per row: (head, query) rows changed
-        self.candidates = torch.zeros(valid.shape[0], dtype=torch.long)  # ... and that VAR could have changed
+        self.changed = torch.zeros(valid.shape[0], dtype=torch.long, device=valid.device)  # per row: (head, query)
+        self.candidates = torch.zeros_like(self.changed)  # rows changed, and that VAR could have changed
+        self._mask_cache: dict[int, tuple | None] = {}
+        self._ones: dict[int, torch.Tensor] = {}
         # per row: queries after the image span may be changed during prefill (none when a row has no image)
         pos = torch.arange(self.prefill_len, device=valid.device)
         last_img = torch.where(self.image_mask, pos, torch.full_like(pos, -1)).amax(1)  # (B,)
@@ -228,19 +244,16 @@ class VARRun:
     # -- attention -------------------------------------------------------------------------------------------
     def _attention(self, module, query, key, value, mask, inner, **kwargs):
         layer = module.layer_idx
-        sinks = self.sinks.get(layer)
-        if sinks is None or not bool(sinks.any()):
+        masks = self._masks(layer)
+        if masks is None:  # no sinks in this layer (for any row): the layer's own attention
             return inner(module, query, key, value, mask, **kwargs)
         b, h, q_len, _ = query.shape
-        k_len = key.shape[2]
-        pad = k_len - self.prefill_len
-        img = torch.nn.functional.pad(self.image_mask, (0, pad))
-        vis_sinks = torch.nn.functional.pad(sinks & self.image_mask, (0, pad))
-        txt_sinks = torch.nn.functional.pad(sinks & ~self.image_mask, (0, pad))
         if q_len == 1:  # decode: the new token's row, always a candidate
-            rows = torch.ones(b, 1, dtype=torch.bool, device=query.device)
-            w = _explicit_weights(module, query, key, mask, k_len - 1)
-            w, chosen = redistribute(w, img, vis_sinks, txt_sinks, rows, self.m.p, self.m.rho, self.m.min_visual)
+            rows = self._ones.get(b)
+            if rows is None:
+                rows = self._ones[b] = torch.ones(b, 1, dtype=torch.bool, device=query.device)
+            w = _explicit_weights(module, query, key, mask, key.shape[2] - 1)
+            chosen = _redistribute_(w, *masks, rows, self.m.p, self.m.rho, self.m.min_visual)
             self._count(chosen, rows, h)
             return self._apply(w, value, query.dtype), None
         out, attn_w = inner(module, query, key, value, mask, **kwargs)
@@ -251,13 +264,23 @@ class VARRun:
         rows = rows_all[:, q0:]
         m = None if mask is None else mask[:, :, q0:q_len]
         w = _explicit_weights(module, query[:, :, q0:], key, m, q0)
-        w, chosen = redistribute(w, img, vis_sinks, txt_sinks, rows, self.m.p, self.m.rho, self.m.min_visual)
+        chosen = _redistribute_(w, *masks, rows, self.m.p, self.m.rho, self.m.min_visual)
         self._count(chosen, rows, h)
         tail = self._apply(w, value, out.dtype)  # (B, Q', H, d)
         out = out.clone()
         sel = chosen.transpose(1, 2)[..., None]  # (B, Q', H, 1): only changed (row, head) pairs are replaced
         out[:, q0:] = torch.where(sel, tail, out[:, q0:])
         return out, None
+
+    def _masks(self, layer: int):
+        """The layer's float masks over the prefill columns (computed once), or None when it has no sinks."""
+        if layer not in self._mask_cache:
+            sinks = self.sinks.get(layer)
+            if sinks is None:
+                return None  # not seen in prefill (yet): nothing to cache
+            self._mask_cache[layer] = (_float_masks(self.image_mask, sinks & self.image_mask, sinks & ~self.image_mask)
+                                       if bool(sinks.any()) else None)
+        return self._mask_cache[layer]
 
     @staticmethod
     def _apply(w: torch.Tensor, value: torch.Tensor, dtype) -> torch.Tensor:
@@ -266,5 +289,5 @@ class VARRun:
         return torch.matmul(w.to(v.dtype), v).transpose(1, 2).contiguous().to(dtype)
 
     def _count(self, chosen: torch.Tensor, rows: torch.Tensor, heads: int) -> None:
-        self.changed += chosen.sum((1, 2)).cpu()
-        self.candidates += rows.sum(1).cpu() * heads
+        self.changed += chosen.sum((1, 2))  # stays on the device: no sync per step
+        self.candidates += rows.sum(1) * heads
