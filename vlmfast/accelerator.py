@@ -258,7 +258,8 @@ class VLMAccelerator:
                 stack.enter_context(attention.installed(model, session))
                 stack.enter_context(stage.hooks(adapter.decoder_layers))
                 if ground is not None:
-                    stack.enter_context(ground.capture.hooks(adapter.decoder_layers, ground.grounder.cfg.remove_sinks))
+                    stack.enter_context(ground.capture.hooks(adapter.decoder_layers,
+                                                             ground.grounder.cfg.remove_sinks))
                 for run in runs:
                     run.register(session, len(adapter.decoder_layers))
                     stack.enter_context(run.hooks(adapter.decoder_layers))
