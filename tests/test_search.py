@@ -228,16 +228,34 @@ def test_clear_errors(tmp_path, capsys, args, match):
     assert re.search(match, err), err
 
 
-def test_sparse_flag_is_a_clear_error_until_the_head_search_exists(tmp_path, capsys):
-    try:
-        from vlmfast.sparse import search_heads
-    except ImportError:
-        search_heads = None
-    if search_heads is None:
-        rc = _search(tmp_path, "--sparse", trials=1)
-        assert rc == 2 and "vlmfast.sparse.search_heads" in capsys.readouterr().err
-    else:
-        pytest.skip("vlmfast.sparse.search_heads exists: --sparse is wired")
+def test_sparse_writes_head_patterns_the_policy_points_to(tmp_path):
+    """--sparse: the head search runs on multi-image prompts built from --data, writes PATH.heads.json, and
+    the written policy composes the found pruning with an mminference entry pointing to that file; the
+    policy loads and runs."""
+    assert _search(tmp_path, "--sparse", "--sparse-images", "2", "--sparse-prompts", "2", "--sparse-min-length",
+                   "0", trials=2) == 0
+    heads = tmp_path / "pol.heads.json"
+    data = json.loads(heads.read_text())
+    assert data["model"] == MODEL and data["samples"] == 2 and data["target_recall"] == 0.95
+    pol = load_policy(tmp_path / "pol.yaml")
+    sparse = pol.sparse_prefill
+    assert len(sparse) == 1 and sparse[0].heads == str(heads) and sparse[0].min_length == 0
+    assert len(pol.methods) == 2  # the found pruner + mminference
+    n_layers = len(sparse[0].head_patterns().layers)
+    acc = VLMAccelerator.from_pretrained(MODEL, policy=pol)
+    assert n_layers == acc.model.config.text_config.num_hidden_layers
+    out = acc.generate(images=[make_image(0), make_image(1)], prompt="what is this ?", max_new_tokens=2)
+    assert out.text is not None
+
+
+def test_sparse_calibration_groups_images_into_prompts():
+    from vlmfast.search.data import Sample
+    from vlmfast.search.run import sparse_calibration
+
+    samples = [Sample([f"im{i}"], f"q{i}") for i in range(7)]
+    assert sparse_calibration(samples, 3, 4) == [(["im0", "im1", "im2"], "q0"), (["im3", "im4", "im5"], "q3")]
+    with pytest.raises(InputError, match="holds 7 images, fewer than --sparse-images 8"):
+        sparse_calibration(samples, 8, 1)
 
 
 def test_dry_run_prints_the_space(capsys):

@@ -51,6 +51,10 @@ class SearchConfig:
     batch_size: int = 8
     max_new_tokens: int = 4
     sparse: bool = False
+    sparse_images: int = 8  # images per calibration prompt of the head search (multi-image prompts)
+    sparse_prompts: int = 4
+    sparse_recall: float = 0.95
+    sparse_min_length: int = 512  # the policy's dense fallback below this many tokens
     dry_run: bool = False
     local_files_only: bool = False
     device: str = "auto"  # cuda if available, else cpu; or a device_map for transformers ("cuda:1", "cpu")
@@ -68,6 +72,8 @@ class SearchConfig:
             raise InputError(f"--batch-size {self.batch_size}: expected at least 1")
         if self.max_new_tokens < 1:
             raise InputError(f"--max-new-tokens {self.max_new_tokens}: expected at least 1")
+        if not 0 < self.sparse_recall <= 1:
+            raise InputError(f"--sparse-recall {self.sparse_recall}: expected a share of attention, 0 < recall <= 1")
         if Path(self.out).suffix not in (".yaml", ".yml"):
             raise InputError(f"--out {self.out!r}: expected a .yaml path (the policy file; the CSV and PNG are "
                              "written next to it)")
@@ -106,17 +112,43 @@ def _import_optuna():
     return optuna
 
 
-def _sparse_head_search():
-    """The sparse-prefill head search (MMInference's offline per-head pattern search), if installed."""
-    try:
-        from .. import sparse
-    except ImportError:
-        sparse = None
-    fn = getattr(sparse, "search_heads", None)
-    if fn is None:
-        raise InputError("--sparse: the sparse-prefill head search (vlmfast.sparse.search_heads) is not available "
-                         "in this version of vlmfast yet; run the search without --sparse")
-    return fn
+def sparse_calibration(samples, images_per_prompt: int, prompts: int) -> list[tuple[list, str]]:
+    """Multi-image calibration requests for the sparse head search: consecutive samples' images joined
+    into prompts of ``images_per_prompt`` images (the long inputs sparse prefill is for), each asked with
+    its first sample's prompt."""
+    if images_per_prompt < 1 or prompts < 1:
+        raise InputError(f"--sparse-images {images_per_prompt} / --sparse-prompts {prompts}: expected >= 1 each")
+    out, images, prompt = [], [], None
+    for s in samples:
+        prompt = prompt or s.prompt
+        images += list(s.images)
+        if len(images) >= images_per_prompt:
+            out.append((images[:images_per_prompt], prompt))
+            images, prompt = [], None
+            if len(out) == prompts:
+                break
+    if not out:
+        n = sum(len(s.images) for s in samples)
+        raise InputError(f"--sparse: the calibration data holds {n} images, fewer than --sparse-images "
+                         f"{images_per_prompt} for one prompt; give more data or fewer images per prompt")
+    return out
+
+
+def _sparse_search(cfg: SearchConfig, base, data) -> tuple[str, dict]:
+    """MMInference's offline per-head pattern search; returns the head-pattern file's path and the
+    ``mminference`` policy entry that points to it."""
+    from ..sparse.search import search_heads
+
+    heads = Path(cfg.out).with_suffix(".heads.json")
+    heads.parent.mkdir(parents=True, exist_ok=True)
+    samples = sparse_calibration(data.samples, cfg.sparse_images, cfg.sparse_prompts)
+    res = search_heads(base.model, base.processor, samples, target_recall=cfg.sparse_recall, model_name=cfg.model,
+                       path=heads, progress=cfg.progress)
+    recall = [s["recall"] for layer in res.scores for s in layer.values()]
+    density = [s["density"] for layer in res.scores for s in layer.values()]
+    log.info("vlmfast search --sparse: %d heads, mean recall %.3f, mean density %.3f -> %s", len(recall),
+             sum(recall) / len(recall), sum(density) / len(density), heads)
+    return str(heads), {"method": "mminference", "heads": str(heads), "min_length": cfg.sparse_min_length}
 
 
 def _storage(optuna, url: str | None):
@@ -151,7 +183,7 @@ def run(cfg: SearchConfig) -> SearchResult:
     data = load_data(cfg.data)
     optuna = _import_optuna()
     if cfg.sparse:
-        _sparse_head_search()  # fail before the expensive part
+        sparse_calibration(data.samples, cfg.sparse_images, cfg.sparse_prompts)  # fail before the expensive part
     from ..accelerator import VLMAccelerator
 
     t0 = time.perf_counter()
@@ -242,9 +274,13 @@ def run(cfg: SearchConfig) -> SearchResult:
         raise InputError(f"no trial of study {cfg.study_name!r} met budget {cfg.budget:g} over all calibration "
                          "samples; raise --trials or --budget, or add a method whose token count follows the budget "
                          "(e.g. fopru)")
+    entries, heads = list(best.user_attrs["policy"]), None
+    if cfg.sparse:  # sparse prefill over the tokens the found pruning keeps
+        heads, entry = _sparse_search(cfg, base, data)
+        entries.append(entry)
     policy = Policy.from_dict({"name": Path(cfg.out).stem,
                                "description": f"found by vlmfast search (budget {cfg.budget:g}, {cfg.data})",
-                               "models": _model_patterns(cfg.model), "methods": best.user_attrs["policy"]},
+                               "models": _model_patterns(cfg.model), "methods": entries},
                               source=cfg.out)
     rows = [_row(optuna, t) for t in study.trials]
     elapsed = time.perf_counter() - t0
@@ -253,11 +289,8 @@ def run(cfg: SearchConfig) -> SearchResult:
     from .report import write_outputs
 
     result.paths = write_outputs(cfg, result, base)
-    if cfg.sparse:
-        # contract: search_heads(model, processor, samples [(images, prompt)], out_path) -> path of the JSON file
-        heads = Path(cfg.out).with_suffix(".heads.json")
-        result.paths["heads"] = str(_sparse_head_search()(base.model, base.processor,
-                                                          [(s.images, s.prompt) for s in data.samples], heads))
+    if heads is not None:
+        result.paths["heads"] = heads
     return result
 
 
@@ -366,7 +399,13 @@ def add_arguments(p):
     p.add_argument("--batch-size", type=int, default=8, help="calibration samples per batch (one pruning check each)")
     p.add_argument("--max-new-tokens", type=int, default=4, help="answer length for the accuracy column")
     p.add_argument("--sparse", action="store_true",
-                   help="also run the sparse-prefill per-head pattern search (needs vlmfast.sparse)")
+                   help="also run MMInference's per-head sparse-pattern search on multi-image prompts built from "
+                        "--data, write PATH.heads.json and add an mminference entry pointing to it to the policy")
+    p.add_argument("--sparse-images", type=int, default=8, help="images per calibration prompt of --sparse")
+    p.add_argument("--sparse-prompts", type=int, default=4, help="calibration prompts of --sparse")
+    p.add_argument("--sparse-recall", type=float, default=0.95, help="attention recall each head's pattern must reach")
+    p.add_argument("--sparse-min-length", type=int, default=512,
+                   help="the policy runs dense attention below this many prefill tokens")
     p.add_argument("--dry-run", action="store_true", help="print the search space for this model and budget, and stop")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cuda, cuda:1, cpu, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
@@ -381,7 +420,9 @@ def main(a) -> int:
 
     cfg = SearchConfig(model=a.model, budget=a.budget, methods=a.methods, data=a.data, trials=a.trials, out=a.out,
                        storage=a.storage, seed=a.seed, study=a.study, batch_size=a.batch_size,
-                       max_new_tokens=a.max_new_tokens, sparse=a.sparse, dry_run=a.dry_run,
+                       max_new_tokens=a.max_new_tokens, sparse=a.sparse,
+                       sparse_images=a.sparse_images, sparse_prompts=a.sparse_prompts, sparse_recall=a.sparse_recall,
+                       sparse_min_length=a.sparse_min_length, dry_run=a.dry_run,
                        local_files_only=a.local_files_only, device=a.device, dtype=a.dtype,
                        progress=not a.no_progress,
                        command="vlmfast " + " ".join(sys.argv[1:]) if sys.argv else "")

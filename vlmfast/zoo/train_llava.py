@@ -59,6 +59,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     turn_weighting: int = 1  # 1: every answer turn weighs the same in the loss; 0: every answer token does
     grounding_weight: float = 0.5  # auxiliary patch-feature / word-embedding alignment (0 disables)
+    ground_position: int = 1  # 1: the alignment target also holds the object's cell words ("top", "left")
     embed_std: float = 1.0  # init std of the word embeddings (see Trainer.init_language_side)
     attn_weight: float = 1.0  # attention supervision (see Trainer.attention_loss); 0 disables
     attn_heads: str = "word=0:0;prev=0:1;phrase=1:0;route=2:1;answer=2:0,3:0"
@@ -393,7 +394,13 @@ class Trainer:
         fg = (col > 0) & (shp > 0)
         if not bool(fg.any()):
             return self._feats.sum() * 0
-        target = (emb[color_ids[col[fg] - 1]] + emb[shape_ids[shp[fg] - 1]]).detach()
+        target = emb[color_ids[col[fg] - 1]] + emb[shape_ids[shp[fg] - 1]]
+        if self.cfg.ground_position:  # the cell the position question asks for, as its two answer words
+            row_ids, col_ids = torch.tensor([words[r] for r in ROWS]), torch.tensor([words[c] for c in COLS])
+            orow = torch.from_numpy(np.stack([x["obj_row"] for x in t]).reshape(len(scenes), -1))
+            ocol = torch.from_numpy(np.stack([x["obj_col"] for x in t]).reshape(len(scenes), -1))
+            target = target + emb[row_ids[orow[fg] - 1]] + emb[col_ids[ocol[fg] - 1]]
+        target = target.detach()
         return (1 - F.cosine_similarity(self._feats[fg], target, dim=-1)).mean()
 
     def attention_loss(self, sup: dict[str, list]) -> torch.Tensor:
@@ -578,7 +585,7 @@ def main(argv=None):
     p.add_argument("--restart-lm", action="store_true",
                    help="with --resume: keep the trained vision tower, start stage B (language side) afresh")
     for f in ("vision_steps", "lm_steps", "lm_batch", "vision_batch", "turns", "eval_every", "ckpt_every",
-              "threads", "dev_items", "warmup", "turn_weighting"):
+              "threads", "dev_items", "warmup", "turn_weighting", "ground_position"):
         p.add_argument("--" + f.replace("_", "-"), type=int, default=None)
     for f in ("lm_lr", "vision_lr", "grounding_weight", "embed_std", "attn_weight", "fg_weight"):
         p.add_argument("--" + f.replace("_", "-"), type=float, default=None)
