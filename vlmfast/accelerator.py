@@ -35,7 +35,8 @@ class GenerateOutput:
     token_ids: list[int]
     stats: Stats
     kept: list[torch.Tensor] = field(default_factory=list, repr=False)
-    """per image, the indices of the visual tokens that entered the language model"""
+    """per visual input (the images, then the videos), the indices of its visual tokens that entered the language
+    model (a video's indices run over its frame groups: group g's tokens are g*h*w ... (g+1)*h*w - 1)"""
     grounding: list | None = field(default=None, repr=False)
     """with ``ground=True``: one :class:`vlmfast.grounding.Grounding` per grounded phrase (map, points, mask)"""
 
@@ -69,30 +70,99 @@ def _load_image(x: Any, where: str):
     )
 
 
-def _normalise(images, prompt) -> tuple[list[list], list[str], bool]:
-    """Accept one request (prompt str) or a batch (list of prompts); return per-sample image lists."""
+def _load_video(x: Any, where: str):
+    """One video -> a (T, H, W, 3) uint8 array. Accepted: a list of frames (PIL images, HxWx3 uint8 arrays or
+    image files, all of one size), a (T, H, W, 3) uint8 numpy array or tensor, a (T, 3, H, W) uint8 tensor or
+    array (torchvision's TCHW)."""
+    import numpy as np
+
+    expected = ("expected a video: a list of frames (PIL images, HxWx3 uint8 arrays or image files), a (T, H, W, 3) "
+                "uint8 array or a (T, 3, H, W) uint8 tensor")
+    if isinstance(x, (list, tuple)):
+        if not x:
+            raise InputError(f"{where}: the video has no frames; {expected}")
+        frames = [np.asarray(_load_image(f, f"{where}[{i}]")) for i, f in enumerate(x)]
+        sizes = sorted({f.shape[:2] for f in frames})
+        if len(sizes) > 1:
+            raise InputError(f"{where}: all frames of a video must have one size, got (H, W) {sizes}")
+        return np.stack(frames)
+    if not isinstance(x, (np.ndarray, torch.Tensor)):
+        raise InputError(f"{where}: {expected}, got {type(x).__name__}{_hint(x)}")
+    if x.ndim != 4 or not (x.shape[-1] == 3 or x.shape[1] == 3):
+        hint = " (one frame? a video is T frames: stack them, or pass a list of frames)" if x.ndim == 3 else ""
+        raise InputError(f"{where}: {expected}, got an array of shape {tuple(x.shape)}{hint}")
+    if x.dtype not in (np.uint8, torch.uint8):
+        raise InputError(f"{where}: expected uint8 pixel values (0-255), got {x.dtype}; convert e.g. with "
+                         "(x * 255).round().astype('uint8') for values in [0, 1]")
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    if x.shape[0] == 0:
+        raise InputError(f"{where}: the video has no frames; {expected}")
+    if x.shape[-1] != 3:  # (T, 3, H, W)
+        x = x.transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(x)
+
+
+def _hint(x: Any) -> str:
+    from PIL import Image
+
+    if isinstance(x, Image.Image):
+        return " (one frame: wrap the frame list in a list, videos=[frames])"
+    if isinstance(x, (str, Path)):
+        return (" (a path: vlmfast decodes no video files; pass the frames, e.g. a list of frame image paths, "
+                "videos=[paths])")
+    return ""
+
+
+def _per_sample(items, n: int, single: bool, what: str) -> list:
+    """One request's list (or a single item) -> [list]; a batch's list of per-prompt lists, checked."""
+    if single:
+        return [items]
+    if items is None:
+        return [None] * n
+    if isinstance(items, (list, tuple)) and len(items) == n:
+        return list(items)
+    got = len(items) if isinstance(items, (list, tuple)) else 1
+    raise InputError(f"a batch of {n} prompts needs a list of {n} {what} lists, got {got}")
+
+
+def _normalise(images, prompt, videos=None) -> tuple[list[list], list[str], bool, list[list]]:
+    """Accept one request (prompt str) or a batch (list of prompts); return per-sample image and video lists
+    (videos as (T, H, W, 3) uint8 arrays)."""
+    import numpy as np
+
     single = isinstance(prompt, str)
     prompts = [prompt] if single else prompt
     if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise InputError(f"prompt must be a string or a non-empty list of strings, got {type(prompt).__name__}")
-    if single:
-        per = [images]
-    else:
-        if images is None:
-            per = [None] * len(prompts)
-        elif isinstance(images, (list, tuple)) and len(images) == len(prompts):
-            per = list(images)
-        else:
-            n = len(images) if isinstance(images, (list, tuple)) else 1
-            raise InputError(f"a batch of {len(prompts)} prompts needs a list of {len(prompts)} image lists, got {n}")
     out = []
-    for i, imgs in enumerate(per):
+    for i, imgs in enumerate(_per_sample(images, len(prompts), single, "image")):
         if imgs is None:
             imgs = []
         elif not isinstance(imgs, (list, tuple)):
             imgs = [imgs]
         out.append([_load_image(im, f"images[{i}][{j}]" if not single else f"images[{j}]") for j, im in enumerate(imgs)])
-    return out, list(prompts), single
+    vids = []
+    for i, vs in enumerate(_per_sample(videos, len(prompts), single, "video")):
+        if vs is None or (not single and isinstance(vs, (list, tuple)) and not vs):
+            vs = []
+        elif isinstance(vs, (np.ndarray, torch.Tensor)) and vs.ndim == 4:
+            vs = [vs]  # one video
+        elif not isinstance(vs, (list, tuple)) or not vs:
+            what = "an empty list (no video: leave videos=None)" if isinstance(vs, (list, tuple)) else type(vs).__name__
+            raise InputError(f"videos{'' if single else f'[{i}]'}: expected a list of videos (videos=[frames]), got "
+                             f"{what}")
+        vids.append([_load_video(v, f"videos[{j}]" if single else f"videos[{i}][{j}]") for j, v in enumerate(vs)])
+    return out, list(prompts), single, vids
+
+
+def _prompt_order(images: list, videos: list, batch_images: list[list], batch_videos: list[list]) -> list:
+    """The adapter's images and videos (each in request order) interleaved in sequence order: per sample its
+    images, then its videos (the order ``prepare`` puts them in the prompt)."""
+    it_i, it_v, out = iter(images), iter(videos), []
+    for imgs, vids in zip(batch_images, batch_videos):
+        out += [next(it_i) for _ in imgs] + [next(it_v) for _ in vids]
+    return out
 
 
 class VLMAccelerator:
@@ -166,18 +236,25 @@ class VLMAccelerator:
             raise InputError(f"cannot load the processor of {name!r}: {e}; pass processor=...") from None
 
     # -- public API ------------------------------------------------------------------------------------------
-    def generate(self, images=None, prompt: str | Sequence[str] = "", *, max_new_tokens: int = 64,
+    def generate(self, images=None, prompt: str | Sequence[str] = "", *, videos=None, max_new_tokens: int = 64,
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                  repetition_penalty: float = 1.0, seed: int | None = None, ground: bool = False,
                  ground_phrases: str | Sequence[str] | Sequence[Sequence[str]] | None = None):
         """Answer one request (``prompt`` a string, ``images`` an image or a list) or a batch (``prompt`` a
         list, ``images`` a list of per-prompt image lists). Returns a GenerateOutput or a list of them.
 
+        ``videos`` (Qwen2-VL-family models): a list of videos for one request (a batch: a list of per-prompt video
+        lists), each a list of frames (PIL images / HxWx3 uint8 arrays / image files), a (T, H, W, 3) uint8 array
+        or a (T, 3, H, W) uint8 tensor. The prompt shows the images, then the videos, then the text.
+
         ``ground=True`` fills ``out.grounding``: a mask (with its attention map and point prompts) for each object
         word of the answer and each of ``ground_phrases`` (phrases of the prompt, e.g. a referring expression)."""
         args = GenerationArgs(max_new_tokens, do_sample, temperature, top_p, top_k, repetition_penalty, seed)
-        batch_images, prompts, single = _normalise(images, prompt)
+        batch_images, prompts, single, batch_videos = self._inputs(images, prompt, videos)
         grounding = None
+        if ground and any(batch_videos):
+            raise InputError("ground=True works on images only: grounding maps attention back to image pixels and has "
+                             "no video path; pass the frame to ground as images=[frame]")
         if ground:
             from .grounding.pipeline import per_sample_phrases
 
@@ -185,39 +262,64 @@ class VLMAccelerator:
             self.grounder.prefetch(batch_images)  # SAM's image encoder overlaps the VLM (cfg.overlap)
         elif ground_phrases is not None:
             raise InputError("ground_phrases needs ground=True")
-        outs = self._run(batch_images, prompts, args, grounding=grounding)
+        outs = self._run(batch_images, prompts, args, grounding=grounding, batch_videos=batch_videos)
         return outs[0] if single else outs
 
-    def loglikelihood(self, images=None, prompt: str | Sequence[str] = "", continuation: str | Sequence[str] = ""):
-        """log p(continuation | images, prompt) under the policy, and whether greedy decoding would produce
+    def loglikelihood(self, images=None, prompt: str | Sequence[str] = "", continuation: str | Sequence[str] = "", *,
+                      videos=None):
+        """log p(continuation | images, videos, prompt) under the policy, and whether greedy decoding would produce
         exactly the continuation. ``continuation`` is the assistant's reply (tokenised without special tokens).
         Batched like ``generate``; returns (logprob, is_greedy) or a list of them."""
-        batch_images, prompts, single = _normalise(images, prompt)
+        batch_images, prompts, single, batch_videos = self._inputs(images, prompt, videos)
         conts = [continuation] if isinstance(continuation, str) else list(continuation)
         if len(conts) != len(prompts) or not all(isinstance(c, str) for c in conts):
             raise InputError(f"need one continuation string per prompt ({len(prompts)}), got {continuation!r}")
         forced = [self.processor.tokenizer(c, add_special_tokens=False)["input_ids"] for c in conts]
         if any(not f for f in forced):
             raise InputError("every continuation must contain at least one token")
-        outs = self._run(batch_images, prompts, GenerationArgs(max(len(f) for f in forced)), forced=forced)
+        outs = self._run(batch_images, prompts, GenerationArgs(max(len(f) for f in forced)), forced=forced,
+                         batch_videos=batch_videos)
         return outs[0] if single else outs
+
+    def _inputs(self, images, prompt, videos):
+        """Normalised per-sample images, prompts, single flag and videos; videos only where the model takes them
+        and the policy can use them."""
+        batch_images, prompts, single, batch_videos = _normalise(images, prompt, videos)
+        if any(batch_videos):
+            adapter = self.adapter
+            if not adapter.supports_video:
+                from .adapters import ADAPTERS
+
+                video = ", ".join(f"{c.title} ({'/'.join(c.model_classes)})" for c in ADAPTERS if c.supports_video)
+                raise InputError(f"videos= is not supported for {type(self.model).__name__}: the {adapter.title} family "
+                                 f"has no video input; only {video} family models take videos=. To show frames to "
+                                 f"this model, pass them as images=[...]")
+            if self.policy.branch_methods:
+                names = ", ".join(m.method_name for m in self.policy.branch_methods)
+                raise InputError(f"videos= cannot be combined with the policy's decode-branch methods ({names}): they "
+                                 "rebuild the request from its images and have no video path")
+        return batch_images, prompts, single, batch_videos
 
     # -- the walk of a request -------------------------------------------------------------------------------
     def _run(self, batch_images: list[list], prompts: list[str], args: GenerationArgs,
-             forced: list[list[int]] | None = None, grounding: list[list[str]] | None = None) -> list:
+             forced: list[list[int]] | None = None, grounding: list[list[str]] | None = None,
+             batch_videos: list[list] | None = None) -> list:
         model, adapter, policy = self.model, self.adapter, self.policy
         device = model.device
+        batch_videos = batch_videos or [[] for _ in prompts]
+        counts = [len(i) + len(v) for i, v in zip(batch_images, batch_videos)]  # visual inputs per sample
         t_start = _now(device)
         with torch.inference_mode(), adapter.preserved_state():
-            inputs = adapter.prepare(self.processor, batch_images, prompts)
+            inputs = adapter.prepare(self.processor, batch_images, prompts,
+                                     videos=batch_videos if any(batch_videos) else None)
             t_pre = _now(device)
             # 1-2. encode, vision stage
-            image_mask = adapter.image_token_mask(inputs)
+            image_mask = adapter.image_token_mask(inputs)  # every visual placeholder: image and video tokens
             visual_in = image_mask.sum(1).tolist()  # before pruning; image_mask is re-bound by _assemble
             positions = adapter.positions(inputs)
             vp = policy.vision_pruners[0] if policy.vision_pruners else None
             attn_layer = vision_attention_layer(policy, adapter)  # the pruner's, else DAMRO's, else None
-            images = adapter.image_tokens(inputs, attn_layer)
+            images = _prompt_order(*adapter.visual_tokens(inputs, attn_layer), batch_images, batch_videos)
             t_vis = _now(device)
             n_feat = sum(im.n_tokens for im in images)
             if n_feat != int(image_mask.sum()):
@@ -230,7 +332,7 @@ class VLMAccelerator:
                 if vp is None:
                     kept.append(torch.arange(im.n_tokens, device=device))
                     continue
-                res = vp.prune(im)
+                res = vp.prune_visual(im)  # a video: per frame group
                 im.features = im.features.index_copy(0, res.keep, res.features.to(im.features.dtype))  # merged
                 kept.append(res.keep)
                 kept_scores.append(res.scores)
@@ -245,7 +347,7 @@ class VLMAccelerator:
             stage = LayerStage(policy.layer_pruners, image_mask, valid, vision_scores)
             runs = [m.start(valid) for m in policy.attention_methods]
             runs += [m.start(adapter, inputs, image_mask, valid) for m in policy.reweighters]  # VAR
-            runs += [m.start_run(image_mask, valid, images, kept, [len(x) for x in batch_images], stage)
+            runs += [m.start_run(image_mask, valid, images, kept, counts, stage)
                      for m in policy.sparse_prefill]  # MMInference: the sparse kernel of every layer
             ground = (self.grounder.begin(grounding, len(adapter.decoder_layers), valid, stage, image_mask)
                       if grounding is not None and forced is None else None)
@@ -291,13 +393,16 @@ class VLMAccelerator:
         for b in range(len(prompts)):
             ids = tokens[b]
             n_in = int(visual_in[b])
+            first = sum(counts[:b])
+            own = range(first, first + counts[b])
             n_kept = int((image_mask[b] & valid[b]).sum())
             st = Stats(
                 visual_tokens_in=n_in, visual_tokens_kept=n_kept,
                 visual_tokens_final=layer_counts[b][-1] if layer_counts[b] else n_kept,
                 layer_avg_visual_tokens=sum(layer_counts[b]) / max(1, len(layer_counts[b])),
                 visual_tokens_per_layer=layer_counts[b], text_tokens=int(inputs["attention_mask"][b].sum()) - n_in,
-                stages=self._stage_report(b, batch_images, images, kept, vp, stage) + [r.report(b) for r in runs]
+                video_tokens_in=sum(images[i].n_tokens for i in own if images[i].kind == "video"),
+                stages=self._stage_report(b, own, images, kept, vp, stage) + [r.report(b) for r in runs]
                 + (branches.report(b) if branches is not None else []),
                 preprocess_s=t_pre - t_start, vision_s=t_vis - t_pre - attn_s, scoring_s=t_score - t_vis + attn_s,
                 llm_prefill_s=t_first - t_llm, prefill_s=t_first - t_pre,
@@ -305,9 +410,7 @@ class VLMAccelerator:
                 new_tokens=len(ids), kv_bytes=kv[b], grounding_s=ground_s,
             )
             text = self.processor.batch_decode([ids], skip_special_tokens=True)[0].strip()
-            first = sum(len(x) for x in batch_images[:b])
-            outs.append(GenerateOutput(text=text, token_ids=ids, stats=st,
-                                       kept=kept[first:first + len(batch_images[b])],
+            outs.append(GenerateOutput(text=text, token_ids=ids, stats=st, kept=[kept[i] for i in own],
                                        grounding=None if groundings is None else groundings[b]))
         return outs
 
@@ -413,11 +516,10 @@ class VLMAccelerator:
                     prof[b][layer] = k
         return prof
 
-    def _stage_report(self, b, batch_images, images, kept, vp, stage: LayerStage) -> list[dict]:
+    def _stage_report(self, b, own: range, images, kept, vp, stage: LayerStage) -> list[dict]:
+        """``own``: the indices of sample b's visual inputs in ``images`` / ``kept``."""
         rows = []
         if vp is not None:
-            first = sum(len(x) for x in batch_images[:b])
-            own = range(first, first + len(batch_images[b]))
             rows.append({"stage": "vision", "method": vp.method_name, "layer": None,
                          "visual_tokens_in": sum(images[i].n_tokens for i in own),
                          "visual_tokens_kept": sum(int(kept[i].numel()) for i in own)})

@@ -9,12 +9,39 @@ import sys
 from .errors import VlmfastError
 
 
+FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+
+def video_frames(spec: str) -> list[str]:
+    """``--video``: a folder of frame images (sorted by name) or a glob of image files (sorted); no video
+    decoding (extract frames first, e.g. ``ffmpeg -i clip.mp4 -vf fps=2 frames/%04d.png``)."""
+    import glob
+    from pathlib import Path
+
+    from .errors import InputError
+
+    path = Path(spec)
+    if path.is_dir():
+        files = sorted(str(f) for f in path.iterdir() if f.suffix.lower() in FRAME_SUFFIXES)
+    elif path.is_file():
+        raise InputError(f"--video {spec!r} is a file; vlmfast does not decode video files: pass a folder of frame "
+                         "images or a glob of them (extract frames e.g. with ffmpeg -i clip.mp4 -vf fps=2 "
+                         "frames/%04d.png)")
+    else:
+        files = sorted(f for f in glob.glob(spec) if Path(f).suffix.lower() in FRAME_SUFFIXES)
+    if not files:
+        raise InputError(f"--video {spec!r}: no frame images found (expected a folder of "
+                         f"{'/'.join(FRAME_SUFFIXES)} files, or a glob matching them)")
+    return files
+
+
 def _generate(a) -> int:
     from .accelerator import VLMAccelerator
 
     policy = None if a.policy == "none" else a.policy
+    videos = [video_frames(v) for v in a.video] if a.video else None  # checked before the model loads
     acc = VLMAccelerator.from_pretrained(a.model, policy=policy, local_files_only=a.local_files_only)
-    out = acc.generate(images=a.image or None, prompt=a.prompt, max_new_tokens=a.max_new_tokens,
+    out = acc.generate(images=a.image or None, videos=videos, prompt=a.prompt, max_new_tokens=a.max_new_tokens,
                        do_sample=a.temperature > 0, temperature=a.temperature or 1.0, top_p=a.top_p, seed=a.seed)
     if a.json:
         print(json.dumps({"text": out.text, "policy": acc.policy.to_dict(), "stats": out.stats.to_dict()}, indent=2))
@@ -126,9 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlmfast", description="Faster, more trustworthy VLM inference by policy.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="answer a prompt about images with a policy, print the answer and stats")
+    g = sub.add_parser("generate", help="answer a prompt about images or videos with a policy, print the answer and "
+                                        "stats")
     g.add_argument("--model", required=True, help="hub id, local folder, or zoo name (tiny-random-llava, ...)")
     g.add_argument("--image", action="append", help="image file (repeat for several)")
+    g.add_argument("--video", action="append", metavar="PATH_OR_GLOB",
+                   help="a video as a folder of frame images or a glob of them, in name order (Qwen2-VL-family "
+                        "models; repeat for several)")
     g.add_argument("--prompt", required=True)
     g.add_argument("--policy", default="auto", help="shipped name, YAML path, 'auto' (default) or 'none'")
     g.add_argument("--max-new-tokens", type=int, default=64)

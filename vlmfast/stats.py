@@ -8,7 +8,9 @@ from dataclasses import asdict, dataclass, field
 @dataclass
 class Stats:
     visual_tokens_in: int = 0
-    """visual tokens the model would process without vlmfast"""
+    """visual tokens the model would process without vlmfast (images and videos)"""
+    video_tokens_in: int = 0
+    """of ``visual_tokens_in``, those of videos"""
     visual_tokens_kept: int = 0
     """visual tokens entering the language model (after vision-stage pruning)"""
     visual_tokens_final: int = 0
@@ -44,6 +46,8 @@ class Stats:
             ("visual tokens in", f"{self.visual_tokens_in}"),
             ("visual tokens kept (LLM input)", f"{self.visual_tokens_kept}"),
         ]
+        if self.video_tokens_in:
+            rows.insert(1, ("  of which video", f"{self.video_tokens_in}"))
         for st in self.stages:
             where = f"layer {st['layer']}" if st.get("layer") is not None else st["stage"]
             if "summary" in st:  # reweighting and decoding methods describe themselves

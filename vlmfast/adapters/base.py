@@ -1,12 +1,13 @@
 """The adapter contract: everything that differs between model families lives behind it.
 
 An adapter knows, for one family, how to build inputs with the model's own processor, where the image
-tokens are, how the vision tower is run and how one of its layers' attention is read, what the grid of each
-image is, and how positions are laid out (1-D for LLaVA, 4-row M-RoPE for Qwen2-VL).
+(and video) tokens are, how the vision tower is run and how one of its layers' attention is read, what the grid
+of each image or video is, and how positions are laid out (1-D for LLaVA, 4-row M-RoPE for Qwen2-VL).
 """
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,16 +16,20 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+log = logging.getLogger("vlmfast")
+
 
 @dataclass
 class ImageTokens:
-    """One image as the language model sees it.
+    """One image (or video) as the language model sees it.
 
     ``features``: (n, d_model) projected features, one row per LLM image token, in raster order.
-    ``grid``: (t, h, w) of those tokens (n == t*h*w).
+    ``grid``: (t, h, w) of those tokens (n == t*h*w); t > 1 only for videos, one step per *frame group* (the
+    frames the tower folds into one token: Qwen2-VL's ``temporal_patch_size`` = 2).
     ``attention``: (N, N) head-averaged self-attention of the scoring vision layer over the image's patches
     (CLS row/column removed), or None when no pruner asked for it. ``patches_per_token`` patches (consecutive
-    in that matrix) make one LLM token (4 for Qwen2-VL's 2x2 merger, 1 for LLaVA).
+    in that matrix) make one LLM token (4 for Qwen2-VL's 2x2 merger, 1 for LLaVA). For a video whose tower
+    attends within each frame group only (Qwen2-VL), ``attention`` is (t, N/t, N/t): one block per frame group.
     ``cls_attention``: (N,) attention the CLS token pays to each patch, when the tower has a CLS token.
     ``keys``: (n, d) keys of the scoring layer averaged over heads, one row per LLM token (patch keys
     averaged within a merged token), when attention was captured.
@@ -38,10 +43,30 @@ class ImageTokens:
     keys: torch.Tensor | None = None
     grey: torch.Tensor | None = None
     """(n, P) grey values in [0, 255] of the pixels under each LLM token (for entropy-based scores)"""
+    kind: str = "image"
+    """"image" or "video" (sparse prefill layouts name the span's kind)"""
 
     @property
     def n_tokens(self) -> int:
         return self.features.shape[0]
+
+    def frame_groups(self) -> list["ImageTokens"]:
+        """One ImageTokens of grid (1, h, w) per frame group, each with its own features, attention block, keys
+        and grey values (an image is its own single group). Vision pruners see a video this way."""
+        t, h, w = self.grid
+        if t == 1:
+            return [self]
+        per, pat = h * w, h * w * self.patches_per_token
+        att, out = self.attention, []
+        for g in range(t):
+            tok, pp = slice(g * per, (g + 1) * per), slice(g * pat, (g + 1) * pat)
+            out.append(ImageTokens(
+                features=self.features[tok], grid=(1, h, w), patches_per_token=self.patches_per_token,
+                attention=None if att is None else att[g] if att.dim() == 3 else att[pp, pp],
+                cls_attention=None if self.cls_attention is None else self.cls_attention[pp],
+                keys=None if self.keys is None else self.keys[tok],
+                grey=None if self.grey is None else self.grey[tok], kind=self.kind))
+        return out
 
 
 @dataclass
@@ -56,12 +81,17 @@ class ModelInfo:
 
 class Adapter(ABC):
     family: str = ""
+    title: str = ""
+    """the family's name for people (error messages)"""
     model_classes: tuple[str, ...] = ()
+    supports_video: bool = False
+    """does the family take ``videos=`` (its processor has a video processor, its model video placeholders)"""
 
     def __init__(self, model: nn.Module):
         self.model = model
         self.last_attention_s = 0.0  # time spent reading the vision layer's attention in the last call
         self.pixel_norm = ([0.0] * 3, [1.0] * 3)  # processor's (image_mean, image_std), set by prepare()
+        self.video_norm = self.pixel_norm  # the video processor's, set by prepare()
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
@@ -101,30 +131,42 @@ class Adapter(ABC):
         return layer + n if layer < 0 else layer
 
     # -- inputs ----------------------------------------------------------------------------------------------
-    def prompt_text(self, processor, prompt: str, n_images: int) -> str:
-        """The model's chat format for one user turn with ``n_images`` images followed by ``prompt``."""
-        content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": prompt}]
+    def prompt_text(self, processor, prompt: str, n_images: int, n_videos: int = 0) -> str:
+        """The model's chat format for one user turn with ``n_images`` images, then ``n_videos`` videos, followed
+        by ``prompt``."""
+        content = ([{"type": "image"} for _ in range(n_images)] + [{"type": "video"} for _ in range(n_videos)]
+                   + [{"type": "text", "text": prompt}])
         conversation = [{"role": "user", "content": content}]
         if getattr(processor, "chat_template", None):
-            return processor.apply_chat_template(conversation, add_generation_prompt=True)
-        return self.fallback_prompt(prompt, n_images)
+            text = processor.apply_chat_template(conversation, add_generation_prompt=True)
+            video_token = getattr(processor, "video_token", None)
+            if not n_videos or not video_token or text.count(video_token) >= n_videos:
+                return text
+            log.warning("vlmfast: the processor's chat template does not render video items (no %s in the prompt); "
+                        "using the %s default format", video_token, self.title or self.family)
+        return self.fallback_prompt(prompt, n_images, n_videos)
 
     @abstractmethod
-    def fallback_prompt(self, prompt: str, n_images: int) -> str: ...
+    def fallback_prompt(self, prompt: str, n_images: int, n_videos: int = 0) -> str: ...
 
-    def prepare(self, processor, images: list[list[Any]], prompts: list[str]) -> dict[str, torch.Tensor]:
-        """Tokenise a batch (left padding) with the model's own processor."""
-        texts = [self.prompt_text(processor, p, len(imgs)) for p, imgs in zip(prompts, images)]
+    def prepare(self, processor, images: list[list[Any]], prompts: list[str],
+                videos: list[list[Any]] | None = None) -> dict[str, torch.Tensor]:
+        """Tokenise a batch (left padding) with the model's own processor. ``videos``: per sample, its videos
+        ((T, H, W, 3) uint8 arrays), placed after the sample's images (families with ``supports_video``)."""
+        videos = videos or [[] for _ in prompts]
+        texts = [self.prompt_text(processor, p, len(imgs), len(vids)) for p, imgs, vids in zip(prompts, images, videos)]
         flat = [im for imgs in images for im in imgs]
+        flat_videos = [v for vids in videos for v in vids]
+        kwargs = {"videos": flat_videos} if flat_videos else {}
         tok = processor.tokenizer
         side = tok.padding_side
         tok.padding_side = "left"
         try:
-            enc = processor(images=flat or None, text=texts, padding=True, return_tensors="pt")
+            enc = processor(images=flat or None, text=texts, padding=True, return_tensors="pt", **kwargs)
         finally:
             tok.padding_side = side
-        ip = getattr(processor, "image_processor", None)
-        self.pixel_norm = (getattr(ip, "image_mean", None) or [0.0] * 3, getattr(ip, "image_std", None) or [1.0] * 3)
+        self.pixel_norm = _norm(getattr(processor, "image_processor", None))
+        self.video_norm = _norm(getattr(processor, "video_processor", None) or getattr(processor, "image_processor", None))
         device = self.model.device
         return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in enc.items()}
 
@@ -133,6 +175,8 @@ class Adapter(ABC):
         return int(self.model.config.image_token_id)
 
     def image_token_mask(self, inputs) -> torch.Tensor:
+        """True at every visual placeholder of the sequence (image tokens, and video tokens where the family has
+        them): the tokens vision features are scattered into and pruners choose from."""
         return inputs["input_ids"] == self.image_token_id
 
     def grid_region(self, processor, size: tuple[int, int]) -> tuple[float, float, float, float]:
@@ -145,6 +189,19 @@ class Adapter(ABC):
     @abstractmethod
     def image_tokens(self, inputs, attention_layer: int | None) -> list[ImageTokens]:
         """Run the vision tower once; return each image's features (and the chosen layer's attention)."""
+
+    def video_tokens(self, inputs, attention_layer: int | None) -> list[ImageTokens]:
+        """Like ``image_tokens`` for the request's videos (grid t = frame groups); none for image-only families."""
+        return []
+
+    def visual_tokens(self, inputs, attention_layer: int | None) -> tuple[list[ImageTokens], list[ImageTokens]]:
+        """(images, videos), each in request order; ``last_attention_s`` is the attention-reading time of both."""
+        self.last_attention_s = 0.0
+        images = self.image_tokens(inputs, attention_layer)
+        spent, self.last_attention_s = self.last_attention_s, 0.0
+        videos = self.video_tokens(inputs, attention_layer) if self.supports_video else []
+        self.last_attention_s += spent
+        return images, videos
 
     @contextmanager
     def capture_inputs(self, module: nn.Module) -> Iterator[dict]:
@@ -180,6 +237,11 @@ class Adapter(ABC):
     def preserved_state(self) -> Iterator[None]:
         """Restore per-request model state (e.g. ``rope_deltas``) after a call."""
         yield
+
+
+def _norm(processor) -> tuple[list[float], list[float]]:
+    """A (sub-)processor's (mean, std), identity when it has none."""
+    return getattr(processor, "image_mean", None) or [0.0] * 3, getattr(processor, "image_std", None) or [1.0] * 3
 
 
 def unnormalise_grey(pixels: torch.Tensor, norm, channel_dim: int) -> torch.Tensor:

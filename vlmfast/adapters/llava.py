@@ -11,6 +11,7 @@ from .base import Adapter, ImageTokens, head_mean_attention, text_positions, unn
 
 class LlavaAdapter(Adapter):
     family = "llava"
+    title = "LLaVA"
     model_classes = ("LlavaForConditionalGeneration",)
 
     @property
@@ -27,7 +28,7 @@ class LlavaAdapter(Adapter):
         n = len(self.vision_layers)
         return f + n if f < 0 else f - 1
 
-    def fallback_prompt(self, prompt: str, n_images: int) -> str:
+    def fallback_prompt(self, prompt: str, n_images: int, n_videos: int = 0) -> str:
         return "USER: " + "<image>\n" * n_images + prompt + " ASSISTANT:"
 
     def image_tokens(self, inputs, attention_layer: int | None) -> list[ImageTokens]:

@@ -1,4 +1,4 @@
-"""Qwen2-VL (``Qwen2VLForConditionalGeneration``): no CLS token, 2x2 patch merger, 3-D M-RoPE positions."""
+"""Qwen2-VL (``Qwen2VLForConditionalGeneration``): no CLS token, 2x2 patch merger, 3-D M-RoPE positions, video input."""
 
 from __future__ import annotations
 
@@ -12,8 +12,16 @@ from .base import Adapter, ImageTokens, head_mean_attention, text_positions, unn
 
 
 class Qwen2VLAdapter(Adapter):
+    """Images and videos. A video's frames go through the model's own video processor; the tower folds
+    ``temporal_patch_size`` (2) consecutive frames into one *frame group*, so a video of T frames has
+    t = ceil(T / 2) groups of (h/2) x (w/2) LLM tokens each, grid (t, h/2, w/2), one contiguous span of
+    ``<|video_pad|>`` tokens. The tower attends within each frame group only, so a video's captured attention is
+    one block per group."""
+
     family = "qwen2_vl"
+    title = "Qwen2-VL"
     model_classes = ("Qwen2VLForConditionalGeneration",)
+    supports_video = True
 
     @property
     def vision_layers(self):
@@ -22,38 +30,65 @@ class Qwen2VLAdapter(Adapter):
     def default_vision_layer(self) -> int:
         return len(self.vision_layers) - 1  # the merger reads the last block's output
 
-    def fallback_prompt(self, prompt: str, n_images: int) -> str:
-        vision = "<|vision_start|><|image_pad|><|vision_end|>" * n_images
+    def fallback_prompt(self, prompt: str, n_images: int, n_videos: int = 0) -> str:
+        vision = ("<|vision_start|><|image_pad|><|vision_end|>" * n_images
+                  + "<|vision_start|><|video_pad|><|vision_end|>" * n_videos)
         return f"<|im_start|>user\n{vision}{prompt}<|im_end|>\n<|im_start|>assistant\n"
 
     @property
     def merge(self) -> int:
         return self.model.config.vision_config.spatial_merge_size
 
+    def image_token_mask(self, inputs) -> torch.Tensor:
+        ids = inputs["input_ids"]
+        return (ids == self.image_token_id) | (ids == int(self.model.config.video_token_id))
+
     def image_tokens(self, inputs, attention_layer: int | None) -> list[ImageTokens]:
-        pixel_values = inputs.get("pixel_values")
+        return self._tokens(inputs.get("pixel_values"), inputs.get("image_grid_thw"),
+                            self.model.model.get_image_features, attention_layer, "image", self.pixel_norm)
+
+    def video_tokens(self, inputs, attention_layer: int | None) -> list[ImageTokens]:
+        return self._tokens(inputs.get("pixel_values_videos"), inputs.get("video_grid_thw"),
+                            self.model.model.get_video_features, attention_layer, "video", self.video_norm)
+
+    def _tokens(self, pixel_values, grid_thw, features, attention_layer, kind, norm) -> list[ImageTokens]:
         if pixel_values is None:
             return []
-        grid_thw = inputs["image_grid_thw"]
         if attention_layer is None:
-            feats = self.model.model.get_image_features(pixel_values, grid_thw).pooler_output
+            feats = features(pixel_values, grid_thw).pooler_output
             attn = [(None, None)] * len(feats)
         else:
             module = self.vision_layers[attention_layer].attn
             with self.capture_inputs(module) as seen:
-                feats = self.model.model.get_image_features(pixel_values, grid_thw).pooler_output
+                feats = features(pixel_values, grid_thw).pooler_output
             t0 = time.perf_counter()
-            attn = self._attention(module, seen)
+            attn = self._group(self._attention(module, seen), grid_thw)
             self.last_attention_s = time.perf_counter() - t0
         m = self.merge
         # patches are flattened as (channel, temporal, p, p); 4 consecutive patches make one merged token
-        grey = unnormalise_grey(pixel_values.view(pixel_values.shape[0], 3, -1), self.pixel_norm, channel_dim=1)
+        grey = unnormalise_grey(pixel_values.view(pixel_values.shape[0], 3, -1), norm, channel_dim=1)
         greys = torch.split(grey.view(-1, m * m * grey.shape[-1]), [f.shape[0] for f in feats])
         return [
             ImageTokens(features=f, grid=(int(t), int(h) // m, int(w) // m), attention=a, patches_per_token=m * m,
-                        keys=None if k is None else k.view(-1, m * m, k.shape[-1]).mean(1), grey=g)
+                        keys=None if k is None else k.view(-1, m * m, k.shape[-1]).mean(1), grey=g, kind=kind)
             for f, (a, k), (t, h, w), g in zip(feats, attn, grid_thw.tolist(), greys)
         ]
+
+    @staticmethod
+    def _group(chunks: list[tuple[torch.Tensor, torch.Tensor]], grid_thw) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The tower's attention chunks (one per frame group) -> one (attention, keys) per image / video: an image's
+        (N, N) matrix; a video's (t, N/t, N/t) blocks (or its one (N, N) matrix if the tower attended across groups)."""
+        out, at = [], 0
+        for t, h, w in grid_thw.tolist():
+            n, parts = t * h * w, []
+            while sum(a.shape[0] for a, _ in parts) < n:
+                parts.append(chunks[at])
+                at += 1
+            if len(parts) == 1:
+                out.append(parts[0])
+            else:
+                out.append((torch.stack([a for a, _ in parts]), torch.cat([k for _, k in parts])))
+        return out
 
     @staticmethod
     def _attention(module, seen: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:

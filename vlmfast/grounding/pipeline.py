@@ -17,7 +17,7 @@ from . import Grounding, maps
 from .capture import AttentionCapture
 from .config import GroundingConfig
 from .phrases import find_phrase, object_phrases, token_spans, tokens_in
-from .segmenter import ImageEmbeddings, load_predictor, segment
+from .segmenter import ImageEmbeddings, load_predictor, segment_all
 
 
 def _rgb(image) -> np.ndarray:
@@ -87,20 +87,43 @@ class SampleContext:
     regions: list[tuple[float, float, float, float]]
 
 
+def _layer_ids(cfg: GroundingConfig, n_layers: int) -> list[int]:
+    """``cfg.layers`` as non-negative indices (all layers for None)."""
+    if cfg.layers is None:
+        return list(range(n_layers))
+    if any(not -n_layers <= k < n_layers for k in cfg.layers):
+        raise PolicyError(f"grounding.layers = {cfg.layers}: the model has {n_layers} decoder layers")
+    return [k % n_layers for k in cfg.layers]
+
+
 def phrase_maps(capture: AttentionCapture, cfg: GroundingConfig, requests: list[PhraseRows],
                 ctx: SampleContext) -> list[tuple[int, torch.Tensor]]:
     """Per request: (image index, H x W map in [0, 1]) -- head-aggregated attention of its rows, propagated
-    across ``cfg.layers`` (``cfg.flow``), sinks zeroed, on the image holding most of it, upsampled to pixels."""
+    across ``cfg.layers`` (``cfg.flow``), sinks zeroed, on the image holding most of it, upsampled to pixels.
+    The direct maps (``flow: none``) read only the requests' rows (:meth:`AttentionCapture.row_attention`); the
+    flows push through every layer's whole matrix."""
     b, valid = ctx.b, ctx.valid
     length = valid.shape[1]
-    n = max(max(r.rows) for r in requests) + 1
-    mats = [m.cpu() for m in capture.matrices(b, max(n, length))]
-    if cfg.layers is not None:
-        try:
-            mats = [mats[k] for k in cfg.layers]
-        except IndexError:
-            raise PolicyError(f"grounding.layers = {cfg.layers}: the model has {len(mats)} decoder layers") from None
-    extra = mats[0].shape[0] - length
+    layers = _layer_ids(cfg, capture.n_layers)
+    if cfg.flow == "none":  # only the asked-for rows: relevance = the mean over layers of start @ rows
+        union = sorted({r for req in requests for r in req.rows})
+        at = {r: i for i, r in enumerate(union)}
+        mats = list(capture.row_attention(b, union, layers).cpu())
+        starts = []
+        for req in requests:
+            start = torch.zeros(len(union))
+            start[[at[r] for r in req.rows]] = 1.0 / len(req.rows)
+            starts.append(start)
+    else:
+        n = max(max(r.rows) for r in requests) + 1
+        every = capture.matrices(b, max(n, length))
+        mats = [every[k].cpu() for k in layers]
+        starts = []
+        for req in requests:
+            start = torch.zeros(mats[0].shape[0])
+            start[req.rows] = 1.0 / len(req.rows)
+            starts.append(start)
+    extra = mats[0].shape[-1] - length
     valid_full = torch.cat([valid[b].cpu(), torch.ones(extra, dtype=torch.bool)])
     image_full = torch.cat([(ctx.image_mask[b] & valid[b]).cpu(), torch.zeros(extra, dtype=torch.bool)])
     cols = image_full.nonzero().flatten()
@@ -114,9 +137,7 @@ def phrase_maps(capture: AttentionCapture, cfg: GroundingConfig, requests: list[
         phi = {k: v[b].cpu() for k, v in capture.phi.items()}
         sinks = maps.sink_tokens(phi, image_full[:length], cfg.sink_tau, cfg.sink_from_layer)[cols]
     out = []
-    for req in requests:
-        start = torch.zeros(mats[0].shape[0])
-        start[req.rows] = 1.0 / len(req.rows)
+    for start in starts:
         rel = maps.propagate(mats, start, cfg.flow, valid_full)
         vals = rel[cols].masked_fill(sinks, 0.0)
         mass = torch.zeros(len(ctx.kept)).index_add_(0, owner, vals)
@@ -129,21 +150,28 @@ def phrase_maps(capture: AttentionCapture, cfg: GroundingConfig, requests: list[
 
 
 def ground_sample(capture: AttentionCapture, cfg: GroundingConfig, requests: list[PhraseRows], ctx: SampleContext,
-                  predictor, embeddings: ImageEmbeddings) -> list[Grounding]:
-    """Ground ``requests`` for one sample: maps, then points and a SAM mask per map."""
+                  predictor, embeddings: ImageEmbeddings, arrays: dict | None = None) -> list[Grounding]:
+    """Ground ``requests`` for one sample: maps, then points and a SAM mask per map (SAM holds each image once
+    and prompts all of its phrases together). ``arrays``: id(PIL image) -> (image, RGB array, content key), as
+    :meth:`Grounder.prefetch` prepared them."""
     if not requests or not ctx.images:
         return []
-    out = []
-    for req, (i, heat) in zip(requests, phrase_maps(capture, cfg, requests, ctx)):
+    out: list[Grounding | None] = [None] * len(requests)
+    by_image: dict[int, list[tuple[int, torch.Tensor]]] = {}
+    for k, (req, (i, heat)) in enumerate(zip(requests, phrase_maps(capture, cfg, requests, ctx))):
         w, h = ctx.pil_images[i].size
         if float(heat.max()) <= 0:  # no attention left on this image (e.g. everything pruned or a sink)
-            out.append(Grounding(req.phrase, i, heat.numpy(), np.zeros((0, 2), np.float32), np.zeros(0, np.int64),
-                                 None, np.zeros((h, w), bool), 0.0))
-            continue
-        embeddings.set(_rgb(ctx.pil_images[i]))
-        seg = segment(predictor, heat, cfg)
-        out.append(Grounding(req.phrase, i, heat.numpy().astype(np.float32), seg.points, seg.labels, seg.box,
-                             seg.mask, seg.score))
+            out[k] = Grounding(req.phrase, i, heat.numpy(), np.zeros((0, 2), np.float32), np.zeros(0, np.int64),
+                               None, np.zeros((h, w), bool), 0.0)
+        else:
+            by_image.setdefault(i, []).append((k, heat))
+    for i, items in by_image.items():
+        image = ctx.pil_images[i]
+        entry = (arrays or {}).get(id(image))
+        embeddings.set(*(entry[1:] if entry is not None and entry[0] is image else (_rgb(image), None)))
+        for (k, heat), seg in zip(items, segment_all(predictor, [heat for _, heat in items], cfg)):
+            out[k] = Grounding(requests[k].phrase, i, heat.numpy().astype(np.float32), seg.points, seg.labels,
+                               seg.box, seg.mask, seg.score)
     return out
 
 
@@ -174,6 +202,8 @@ class Grounder:
         self._predictor = None
         self._embeddings: ImageEmbeddings | None = None
         self.last_request: Request | None = None
+        self._arrays: dict[int, tuple] = {}
+        """id(PIL image) -> (the image, its RGB array, its content key) for the request in flight"""
 
     @property
     def predictor(self):
@@ -193,17 +223,26 @@ class Grounder:
         return self._embeddings
 
     def prefetch(self, batch_images: list[list]) -> None:
-        """Start SAM's image encoder on the request's images (``cfg.overlap``), before the VLM runs."""
+        """Before the VLM runs: convert the request's images for SAM once (RGB array and content key, reused by
+        :meth:`Request.finish`) and start SAM's image encoder on them in the background (``cfg.overlap``)."""
+        images = [im for imgs in batch_images for im in imgs]
+        arrays = [_rgb(im) for im in images]
+        keys = [ImageEmbeddings.key(a) for a in arrays]
+        self._arrays = {id(im): (im, a, k) for im, a, k in zip(images, arrays, keys)}
         if self.cfg.overlap:
-            self.embeddings.prefetch([_rgb(im) for imgs in batch_images for im in imgs])
+            self.embeddings.prefetch(arrays, keys)
 
     def begin(self, phrases: list[list[str]], n_layers: int, valid: torch.Tensor, stage=None,
               image_mask: torch.Tensor | None = None) -> "Request":
         """A per-call request whose capture the accelerator registers on its attention session."""
         kept_index = layer_index_fn(stage) if stage is not None and stage.stages else None
-        all_rows = self.cfg.flow != "none" or self.cfg.head_weights == "mean-max"
-        capture = AttentionCapture(n_layers, valid, self.cfg.head_weights, kept_index,
-                                   image=None if image_mask is None else image_mask & valid, all_rows=all_rows)
+        cfg = self.cfg
+        all_rows = cfg.flow != "none" or cfg.head_weights == "mean-max"
+        # sinks are read at the inputs of layers >= sink_from_layer (all layers when the model is shallower)
+        phi_layers = range(cfg.sink_from_layer if n_layers > cfg.sink_from_layer else 0, n_layers)
+        capture = AttentionCapture(n_layers, valid, cfg.head_weights, kept_index,
+                                   image=None if image_mask is None else image_mask & valid, all_rows=all_rows,
+                                   phi_layers=phi_layers)
         return Request(self, capture, phrases)
 
 
@@ -232,5 +271,6 @@ class Request:
                 if not reqs or not imgs:
                     out.append([])
                     continue
-                out.append(ground_sample(self.capture, cfg, reqs, ctx, g.predictor, g.embeddings))
+                out.append(ground_sample(self.capture, cfg, reqs, ctx, g.predictor, g.embeddings, g._arrays))
+        g._arrays = {}
         return out

@@ -92,6 +92,7 @@ class ImageEmbeddings:
         self.capacity = capacity
         self.states: OrderedDict[str, Future | tuple] = OrderedDict()
         self.current: str | None = None
+        self._features = None
         self._pool: ThreadPoolExecutor | None = None
         self.snapshots = all(hasattr(predictor, a) for a in ("set_torch_image", "features", "transform", "model"))
 
@@ -113,24 +114,27 @@ class ImageEmbeddings:
         while len(self.states) > self.capacity:
             self.states.popitem(last=False)
 
-    def prefetch(self, images: list[np.ndarray]) -> None:
-        """Start encoding ``images`` in a background thread (no-op for predictors without SamPredictor state)."""
+    def prefetch(self, images: list[np.ndarray], keys: list[str] | None = None) -> None:
+        """Start encoding ``images`` in a background thread (no-op for predictors without SamPredictor state).
+        ``keys``: their :meth:`key` when already known."""
         if not self.snapshots:
             return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlmfast-sam")
-        for image in images:
-            k = self.key(image)
+        for image, k in zip(images, keys or [self.key(im) for im in images]):
             if k not in self.states:
                 self._remember(k, self._pool.submit(self._encode, image))
 
-    def set(self, image: np.ndarray) -> None:
-        """Make the predictor hold ``image`` (encoding it now if it was not prefetched)."""
-        k = self.key(image)
-        if k == self.current and getattr(self.predictor, "is_image_set", True):
+    def set(self, image: np.ndarray, key: str | None = None) -> None:
+        """Make the predictor hold ``image`` (encoding it now if it was not prefetched); ``key``: its
+        :meth:`key` when already known."""
+        k = key or self.key(image)
+        p = self.predictor
+        if k == self.current and getattr(p, "is_image_set", True) and (
+                not self.snapshots or p.features is self._features):  # another holder may have set the predictor
             return
         if not self.snapshots:
-            self.predictor.set_image(image)
+            p.set_image(image)
             self.current = k
             return
         state = self.states.get(k)
@@ -139,10 +143,9 @@ class ImageEmbeddings:
         elif isinstance(state, Future):
             state = state.result()
         self._remember(k, state)
-        p = self.predictor
         p.features, p.original_size, p.input_size = state
         p.is_image_set = True
-        self.current = k
+        self.current, self._features = k, p.features
 
     def forget(self) -> None:
         """Drop every remembered embedding (the next ``set`` encodes again)."""
@@ -170,27 +173,61 @@ def _predict(predictor, points, labels, box, mask_input, multimask: bool):
     return np.asarray(masks[best]).astype(bool), float(scores[best]), low[best][None]
 
 
-def segment(predictor, heat: torch.Tensor, cfg: GroundingConfig) -> Segmentation:
-    """VL-SAM's prompt generation and iterative refinement on one map (the predictor holds the image).
+def _predict_batch(predictor, points: list, labels: list, boxes: list, multimask: bool) -> list[tuple]:
+    """:func:`_predict` for several prompts of the image the predictor holds, in one call of segment-anything's
+    ``predict_torch`` (what ``SamPredictor.predict`` does for one, with a batch dimension). Falls back to one
+    call each for other predictors or prompts of different shapes."""
+    same = len({len(p) for p in points}) == 1 and len(points[0]) and len({b is None for b in boxes}) == 1
+    if len(points) < 2 or not same or not all(hasattr(predictor, a) for a in ("predict_torch", "transform",
+                                                                              "original_size", "device")):
+        return [_predict(predictor, p, lab, b, None, multimask) for p, lab, b in zip(points, labels, boxes)]
+    size, device = predictor.original_size, predictor.device
+    coords = torch.as_tensor(predictor.transform.apply_coords(np.stack(points), size), dtype=torch.float,
+                             device=device)
+    box = None if boxes[0] is None else torch.as_tensor(predictor.transform.apply_boxes(np.stack(boxes), size),
+                                                        dtype=torch.float, device=device)
+    with torch.inference_mode():
+        masks, scores, low = predictor.predict_torch(coords, torch.as_tensor(np.stack(labels), dtype=torch.int,
+                                                                             device=device), box, None, multimask)
+    masks, scores, low = masks.cpu().numpy(), scores.float().cpu().numpy(), low.float().cpu().numpy()
+    return [(m[int(np.argmax(sc))].astype(bool), float(sc.max()), lo[int(np.argmax(sc))][None])
+            for m, sc, lo in zip(masks, scores, low)]
 
-    1. positive region, peak (+) and lowest point (-) (:func:`~.prompts.initial_points`), optional box;
-    2. SAM (``cfg.multimask``: three candidates, best by predicted IoU);
-    3. ``cfg.refine`` rounds: :func:`~.prompts.refinement_points` (plus the previous low-res logits as
+
+def segment_all(predictor, heats: list[torch.Tensor], cfg: GroundingConfig) -> list[Segmentation]:
+    """VL-SAM's prompt generation and iterative refinement on maps of the image the predictor holds:
+
+    1. per map, the positive region, its peak (+) and lowest point (-) (:func:`~.prompts.initial_points`),
+       optional box;
+    2. SAM for all maps at once (``cfg.multimask``: three candidates each, best by predicted IoU);
+    3. per map, ``cfg.refine`` rounds: :func:`~.prompts.refinement_points` (plus the previous low-res logits as
        ``mask_input`` when mask feedback is on); stops when no point is added (after at least one cascade when
        mask feedback is on).
     """
-    points, labels, region = prompts.initial_points(heat, cfg.threshold, cfg.negative_point)
-    box = prompts.bbox(region) if cfg.use_box and bool(region.any()) else None
-    mask, score, low = _predict(predictor, points, labels, box, None, cfg.multimask)
+    firsts = []
+    for heat in heats:
+        points, labels, region = prompts.initial_points(heat, cfg.threshold, cfg.negative_point)
+        firsts.append((points, labels, region,
+                       prompts.bbox(region) if cfg.use_box and bool(region.any()) else None))
+    predicted = _predict_batch(predictor, [f[0] for f in firsts], [f[1] for f in firsts], [f[3] for f in firsts],
+                               cfg.multimask)
     feedback = cfg.mask_feedback == "on" or (cfg.mask_feedback == "auto" and cfg.sam_type != "tiny-sam-shapes")
-    for r in range(cfg.refine):
-        new, new_labels = prompts.refinement_points(heat, torch.from_numpy(mask), region, points)
-        if not len(new) and (r > 0 or not feedback):
-            break
-        points = np.concatenate([points, new]).astype(np.float32)
-        labels = np.concatenate([labels, new_labels])
-        mask, score, low = _predict(predictor, points, labels, box, low if feedback else None, False)
-    return Segmentation(points, labels, box, mask, score)
+    out = []
+    for heat, (points, labels, region, box), (mask, score, low) in zip(heats, firsts, predicted):
+        for r in range(cfg.refine):
+            new, new_labels = prompts.refinement_points(heat, torch.from_numpy(mask), region, points)
+            if not len(new) and (r > 0 or not feedback):
+                break
+            points = np.concatenate([points, new]).astype(np.float32)
+            labels = np.concatenate([labels, new_labels])
+            mask, score, low = _predict(predictor, points, labels, box, low if feedback else None, False)
+        out.append(Segmentation(points, labels, box, mask, score))
+    return out
+
+
+def segment(predictor, heat: torch.Tensor, cfg: GroundingConfig) -> Segmentation:
+    """:func:`segment_all` for one map."""
+    return segment_all(predictor, [heat], cfg)[0]
 
 
 def segment_points(predictor, points, labels, box=None, multimask: bool = False) -> tuple[np.ndarray, float]:

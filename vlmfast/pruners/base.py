@@ -3,7 +3,8 @@
 Two kinds, by where they act (see docs/architecture.md):
 
 * ``VisionPruner`` (stage ``vision``): after the vision tower, before the language model. Gets each image's
-  ``ImageTokens`` (features, grid, the scoring layer's attention) and returns the indices to keep.
+  ``ImageTokens`` (features, grid, the scoring layer's attention) and returns the indices to keep. A video is
+  pruned per frame group (``VisionPruner.prune_visual``): each group is an image of grid (1, h, w).
 * ``LayerPruner`` (stage ``layer``): inside the language model. Before decoder layer ``layer`` it gets the
   attention the last query paid to every key at layer ``layer - 1`` and returns a keep mask over the sequence.
 
@@ -80,6 +81,18 @@ class VisionPruner(Method):
         dropped tokens into kept positions, like VisionZip's contextual tokens)."""
         keep = self.select(image)
         return Pruned(keep, image.features[keep])
+
+    def prune_visual(self, image: ImageTokens) -> Pruned:
+        """``prune`` one visual input: an image as a whole; a video (grid t > 1) per frame group, each group an
+        image of grid (1, h, w) with its own attention block that keeps its share (``keep`` of each group)."""
+        groups = image.frame_groups()
+        if len(groups) == 1:
+            return self.prune(image)
+        parts = [self.prune(g) for g in groups]
+        per = groups[0].n_tokens
+        scores = None if any(p.scores is None for p in parts) else torch.cat([p.scores for p in parts])
+        return Pruned(torch.cat([p.keep + i * per for i, p in enumerate(parts)]),
+                      torch.cat([p.features for p in parts]), scores)
 
     def check(self, info: ModelInfo) -> None:
         layer = self.attention_layer()

@@ -172,13 +172,15 @@ def _load_cached(path: str, mtime: float, spec: str) -> HeadPatterns:
 
 def layouts_for(image_mask: torch.Tensor, images: list, kept: list[torch.Tensor], images_per_row: list[int]
                 ) -> list[Layout]:
-    """One Layout per batch row over the padded prefill sequence: image i of the row owns the next
-    ``len(kept[i])`` image positions; its tokens keep their original raster offsets."""
+    """One Layout per batch row over the padded prefill sequence: visual input i of the row (an image, or a video
+    whose grid (t, h, w) has one step per frame group, so its frame stride is h*w) owns the next ``len(kept[i])``
+    visual positions; its tokens keep their original raster offsets."""
     out, first = [], 0
     for b, count in enumerate(images_per_row):
         own = range(first, first + count)
         out.append(Layout.from_counts(image_mask.shape[1], image_mask[b].cpu(), [images[i].grid for i in own],
-                                      [kept[i].cpu() for i in own]))
+                                      [kept[i].cpu() for i in own],
+                                      [getattr(images[i], "kind", "image") for i in own]))
         first += count
     return out
 
@@ -260,5 +262,9 @@ class SparseRun:
         return out, None
 
     def report(self, b: int) -> dict:
+        spans = [{"kind": s.kind, "grid": list(s.grid), "frame_stride": s.frame_stride, "tokens": s.end - s.start}
+                 for s in self.layouts[b].spans]
+        summary = f"{self.sparse_calls} sparse layers" + (f", dense: {self.fallbacks}" if self.fallbacks else "")
         return {"stage": "prefill", "method": "mminference", "layer": None, "sparse_layers": self.sparse_calls,
-                "dense_fallbacks": dict(self.fallbacks), "head_patterns": dict(self.patterns)}
+                "dense_fallbacks": dict(self.fallbacks), "head_patterns": dict(self.patterns), "visual_spans": spans,
+                "summary": summary}

@@ -107,7 +107,8 @@ class _CaptureRun(SparseRun):
 
 
 def _visit_prefill(model, processor, samples: Sequence[tuple[Any, str]], visit: Callable, progress: bool = False):
-    """Run each (images, prompt) sample's prefill (dense) and call ``visit(layer, q, k, layout, scale)``."""
+    """Run each (images, prompt) or (images, prompt, videos) sample's prefill (dense) and call
+    ``visit(layer, q, k, layout, scale)``."""
     from tqdm.auto import tqdm
 
     from ..accelerator import VLMAccelerator
@@ -116,8 +117,8 @@ def _visit_prefill(model, processor, samples: Sequence[tuple[Any, str]], visit: 
     acc = VLMAccelerator(model, processor, policy=Policy([_Capture(min_length=0)], source="<sparse search>"))
     token = _VISIT.set(visit)
     try:
-        for images, prompt in tqdm(samples, desc="sparse search", disable=not progress):
-            acc.generate(images=images, prompt=prompt, max_new_tokens=1)
+        for images, prompt, *videos in tqdm(samples, desc="sparse search", disable=not progress):
+            acc.generate(images=images, prompt=prompt, videos=videos[0] if videos else None, max_new_tokens=1)
     finally:
         _VISIT.reset(token)
 
@@ -129,8 +130,9 @@ def search_heads(model, processor, samples: Sequence[tuple[Any, str]], *, candid
 
     Args:
         model, processor: a loaded LLaVA or Qwen2-VL model and its processor (any model vlmfast supports).
-        samples: calibration requests as ``(images, prompt)`` pairs (images: a list of PIL images); use the
-            inputs the policy will serve (multi-image prompts, video frames), long enough to show the patterns.
+        samples: calibration requests as ``(images, prompt)`` pairs (images: a list of PIL images) or
+            ``(images, prompt, videos)`` triples (videos as ``generate(videos=...)`` takes them, Qwen2-VL); use the
+            inputs the policy will serve (multi-image prompts, videos), long enough to show the patterns.
         candidates: pattern instances to choose from (default :func:`default_candidates`); ``Dense()`` is
             added when missing, so every head gets a pattern.
         target_recall: the recall a pattern must reach (mean over samples of the mean retained softmax mass).

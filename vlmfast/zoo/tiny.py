@@ -32,7 +32,8 @@ LLAVA_CHAT_TEMPLATE = (
 QWEN_CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% for item in message['content'] %}{% if item['type'] == 'image' %}"
-    "<|vision_start|><|image_pad|><|vision_end|>{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif item['type'] == 'video' %}"
+    "<|vision_start|><|video_pad|><|vision_end|>{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
     "{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 

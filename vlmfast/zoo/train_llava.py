@@ -342,11 +342,15 @@ class Trainer:
                 chosen.append(pool[t][int(rng.integers(len(pool[t])))])
             ids, lab, where = self.enc.conversation(chosen)
             cover = patch_cover(s, self.cfg.model.grid)
-            for pos, (q, _, tg) in zip(where, chosen):
+            for pos, (q, a, tg) in zip(where, chosen):
                 words = q.split()
                 first = pos - len(self.enc.assistant) - len(words) + 1  # position of the question's first word
                 per_word = word_targets(words, s)
-                found = [("answer", pos, tg)] + [(role, first + j, objs) for role, j, objs in per_word]
+                # every position that predicts an answer word reads the targets: "top" then "left" of a
+                # position answer both come from the object (supervising only the first left the column at
+                # its prior, "center"); captions have no targets, so nothing is added for them
+                found = [("answer", pos + j, tg) for j in range(len(a.split()))]
+                found += [(role, first + j, objs) for role, j, objs in per_word]
                 for role, at, objs in found:
                     target = attention_target(cover, objs)
                     if role in sup and target is not None:
@@ -354,7 +358,7 @@ class Trainer:
                 # text hops: a phrase's last word reads the colour before it; the answer reads the phrase words
                 phrase_ends = sorted({first + j for role, j, _ in per_word if role == "phrase"})
                 if "route" in sup and phrase_ends:
-                    sup["route"].append((b, pos, tuple(phrase_ends)))
+                    sup["route"] += [(b, pos + j, tuple(phrase_ends)) for j in range(len(a.split()) if tg else 1)]
                 if "prev" in sup:
                     sup["prev"] += [(b, at, (at - 1,)) for at in phrase_ends if words[at - first - 1] in COLOR_NAMES]
             seqs.append(ids)
