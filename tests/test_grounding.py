@@ -225,6 +225,34 @@ def test_synthetic_map_through_tiny_sam_gives_the_object_mask(sam_predictor):
         assert 0 < seg.score <= 1.5
 
 
+def test_phrases_of_one_image_are_prompted_in_one_batch(sam_predictor):
+    """segment_all prompts SAM once for several maps of the image it holds: the same points, masks and scores as
+    one call per map (with and without the region's box)."""
+    from vlmfast.eval.shapes import generate_scene, split_seeds
+    from vlmfast.grounding.segmenter import ImageEmbeddings, segment, segment_all
+
+    scene = generate_scene(split_seeds("test", 3)[1], 336)
+    ImageEmbeddings(sam_predictor).set(np.asarray(scene.image))
+    heats = [maps.normalise(_blob(336, 336, *obj.center, 14.0)) for obj in scene.objects[:3]]
+    calls = []
+    predict_torch = sam_predictor.predict_torch
+    sam_predictor.predict_torch = lambda *a, **k: calls.append(a[0].shape) or predict_torch(*a, **k)
+    try:
+        for cfg in (GroundingConfig(), GroundingConfig(use_box=True, multimask=True)):
+            calls.clear()
+            together = segment_all(sam_predictor, heats, cfg)
+            assert calls == [(len(heats), 2, 2)]  # one SAM call, a batch of 2-point prompts
+            for heat, seg in zip(heats, together):
+                alone = segment(sam_predictor, heat, cfg)
+                np.testing.assert_array_equal(seg.points, alone.points)
+                np.testing.assert_array_equal(seg.labels, alone.labels)
+                assert (seg.box is None) == (alone.box is None) and (seg.box is None or (seg.box == alone.box).all())
+                assert (seg.mask != alone.mask).sum() <= 2  # float tolerance at the mask's edge
+                assert seg.score == pytest.approx(alone.score, abs=1e-4)
+    finally:
+        sam_predictor.predict_torch = predict_torch
+
+
 def test_sam_checkpoint_errors(tmp_path):
     from vlmfast.grounding.segmenter import load_predictor
 
@@ -289,6 +317,84 @@ def test_attention_probs_equal_eager_softmax():
     padded[1, :, 0, :] = False
     p2 = attention_probs(M(), q, k, padded)
     assert float(p2[1, :, 0].abs().sum()) == 0 and float(p2[1, :, 1:, 0].abs().sum()) == 0
+
+
+def _eager_reference(model, monkeypatch):
+    """Switch the language model to eager attention and record the head-mean weights it returns, per layer and
+    call: {layer: [(B, Q, K) prefill, (B, 1, K) per decode step]}."""
+    from vlmfast import attention
+
+    recorded: dict[int, list[torch.Tensor]] = {}
+    call = attention.AttentionSession.__call__
+
+    def spy(self, module, query, key, value, attention_mask=None, **kwargs):
+        out, weights = call(self, module, query, key, value, attention_mask, **kwargs)
+        recorded.setdefault(module.layer_idx, []).append(weights.float().mean(1))
+        return out, weights
+
+    monkeypatch.setattr(attention.AttentionSession, "__call__", spy)
+    model.set_attn_implementation({"text_config": "eager"})
+    return recorded
+
+
+@pytest.mark.parametrize("batch", [False, True], ids=["sdpa-causal", "padded-batch"])
+def test_capture_equals_the_models_eager_attention(models, family, monkeypatch, sam_predictor, batch):
+    """The capture keeps SDPA for the output and recomputes, after decoding, only the rows the maps read
+    (``row_attention``: phrase rows and answer rows, batched over layers) or, for the flows, every captured row
+    (``matrices``). Both equal the attention weights of the model's own eager implementation (prefill and every
+    decode step; an SDPA run without masks, and a left-padded batch under eager masks), and maps, points and
+    masks computed from the eager weights are the ones ``generate(..., ground=True)`` returns."""
+    from vlmfast.grounding import pipeline
+
+    model, processor = models[family]
+    base = model.config.get_text_config()._attn_implementation
+    acc = VLMAccelerator(model, processor, policy=Policy(grounding=GroundingConfig()))
+    acc.grounder.predictor = sam_predictor
+    prompts_ = [PROMPT, "is there a blue star on the left of the red circle ? answer with one word"][: 1 + batch]
+    kw = dict(images=[[make_image(3)], [make_image(4, 112, 150)]][: 1 + batch], prompt=prompts_, max_new_tokens=5,
+              ground=True, ground_phrases=[["red circle"], ["blue star", "red circle"]][: 1 + batch])
+    try:
+        eager = _eager_reference(model, monkeypatch)
+        outs = acc.generate(**kw)
+    finally:
+        model.set_attn_implementation({"text_config": base})
+        monkeypatch.undo()
+    if not batch:  # the capture of the same request under SDPA (no mask: the capture applies the causal limit)
+        again = acc.generate(**kw)
+        assert [o.token_ids for o in again] == [o.token_ids for o in outs]
+        outs = again
+    req = acc.grounder.last_request
+    cap = req.capture
+    n_layers, length, steps = cap.n_layers, cap.prefill_len, cap.decode_steps
+    assert steps == 4 and not cap.all_rows and all(len(v) == 1 + steps for v in eager.values())
+    for b, (reqs, ctx) in enumerate(req.samples):
+        ref = []  # the eager head-mean attention of sample b, (n, n) per layer
+        for layer in range(n_layers):
+            m = torch.zeros(length + steps, length + steps)
+            m[:length, :length] = eager[layer][0][b]
+            for t in range(steps):
+                m[length + t, : length + t + 1] = eager[layer][1 + t][b, 0]
+            ref.append(m)
+        text = torch.cat([ctx.valid[b] & ~ctx.image_mask[b], torch.ones(steps, dtype=torch.bool)])
+        rows = text.nonzero().flatten().tolist()
+        got = cap.row_attention(b, rows, list(range(n_layers)))
+        torch.testing.assert_close(got, torch.stack([m[rows] for m in ref]), atol=2e-6, rtol=1e-5)
+        for m, r in zip(cap.matrices(b), ref):  # every text row (the direct maps capture no image rows)
+            torch.testing.assert_close(m[text], r[text], atol=2e-6, rtol=1e-5)
+
+        class Eager:  # the maps' input, from the eager weights
+            def __init__(self):
+                self.n_layers, self.phi = n_layers, cap.phi
+
+            def row_attention(self, b_, positions, layers):
+                return torch.stack([ref[k][positions] for k in layers])
+
+        again = pipeline.ground_sample(Eager(), acc.grounder.cfg, reqs, ctx, sam_predictor, acc.grounder.embeddings)
+        assert [g.phrase for g in again] == [g.phrase for g in outs[b].grounding] and len(again) >= 1 + b
+        for g, h in zip(outs[b].grounding, again):
+            np.testing.assert_allclose(g.heatmap, h.heatmap, atol=1e-5)
+            np.testing.assert_array_equal(g.points, h.points)
+            np.testing.assert_array_equal(g.mask, h.mask)
 
 
 @pytest.fixture
@@ -405,6 +511,28 @@ def test_direct_maps_capture_text_rows_only(models):
         assert float(m[:n][image].abs().sum()) == 0
         assert torch.allclose(m[:n][~image & ctx.valid[0]].sum(-1), torch.ones(int((~image & ctx.valid[0]).sum())),
                               atol=1e-5)
+
+
+def test_direct_map_of_chosen_layers_records_only_those(models):
+    """With ``layers`` and the direct map, only those layers are recorded; their rows equal the ones a capture of
+    every layer gives. A layer the model does not have is refused before the model runs."""
+    model, processor = models["llava"]
+    img, kw = make_image(2), dict(prompt=PROMPT, max_new_tokens=3, ground=True, ground_phrases="red circle")
+    acc = VLMAccelerator(model, processor, policy=Policy(grounding=GroundingConfig(layers=[-1])))
+    out = acc.generate(images=[img], **kw)
+    req = acc.grounder.last_request
+    cap, last = req.capture, req.capture.n_layers - 1
+    assert cap.layers == [last] and out.grounding
+    with pytest.raises(RuntimeError, match="did not record layers"):
+        cap.matrices(0)
+    every = VLMAccelerator(model, processor, policy=Policy(grounding=GroundingConfig()))
+    every.generate(images=[img], **kw)
+    rows = req.samples[0][0][0].rows
+    torch.testing.assert_close(cap.row_attention(0, rows, [last])[0],
+                               every.grounder.last_request.capture.matrix(0, last)[rows])
+    bad = VLMAccelerator(model, processor, policy=Policy(grounding=GroundingConfig(layers=[99])))
+    with pytest.raises(PolicyError, match="decoder layers"):
+        bad.generate(images=[img], **kw)
 
 
 def test_evicting_kv_cache_is_refused_clearly(models):

@@ -166,7 +166,7 @@ class Adapter(ABC):
         finally:
             tok.padding_side = side
         self.pixel_norm = _norm(getattr(processor, "image_processor", None))
-        self.video_norm = _norm(getattr(processor, "video_processor", None) or getattr(processor, "image_processor", None))
+        self.video_norm = _norm(getattr(processor, "video_processor", None)) if flat_videos else self.pixel_norm
         device = self.model.device
         return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in enc.items()}
 

@@ -108,14 +108,17 @@ class AttentionCapture:
 
     ``valid``: (B, L) the prefill sequence the language model receives (False for left padding).
     ``kept_index(layer)``: (B, L') indices into that sequence of the tokens a shortened layer holds, or None
-    when the layer holds all of them (layer-stage pruning). ``phi_layers``: the layers whose inputs are scored
-    for massive activations (:meth:`hooks`; default all).
+    when the layer holds all of them (layer-stage pruning). ``layers``: the layers to record (default all; the
+    direct maps need only the ones they read). ``phi_layers``: the layers whose inputs are scored for massive
+    activations (:meth:`hooks`; default all).
     """
 
     def __init__(self, n_layers: int, valid: torch.Tensor, head_weighting: str = "mean-max",
                  kept_index: Callable[[int], torch.Tensor | None] | None = None, image: torch.Tensor | None = None,
-                 all_rows: bool = True, phi_layers: Sequence[int] | None = None):
+                 all_rows: bool = True, layers: Sequence[int] | None = None,
+                 phi_layers: Sequence[int] | None = None):
         self.n_layers = n_layers
+        self.layers = list(range(n_layers)) if layers is None else sorted(set(layers))
         self.all_rows = all_rows
         """record every query row (attention flow, VL-SAM head weights) or only the text rows (direct maps)"""
         self.valid = valid
@@ -128,8 +131,8 @@ class AttentionCapture:
         self.phi: dict[int, torch.Tensor] = {}
         self.paused = False
         self._pre: dict[int, _Prefill] = {}
-        self._dec_q: dict[int, list[torch.Tensor]] = {i: [] for i in range(n_layers)}
-        self._dec_mask: dict[int, list[torch.Tensor | None]] = {i: [] for i in range(n_layers)}
+        self._dec_q: dict[int, list[torch.Tensor]] = {i: [] for i in self.layers}
+        self._dec_mask: dict[int, list[torch.Tensor | None]] = {i: [] for i in self.layers}
         self._dec_key: dict[int, torch.Tensor] = {}
         self._text_rows: torch.Tensor | None = None
         self._prefill: dict[int, torch.Tensor] = {}
@@ -137,7 +140,7 @@ class AttentionCapture:
         self._decoded: dict[int, torch.Tensor] = {}
 
     def register(self, session) -> None:
-        for layer in range(self.n_layers):
+        for layer in self.layers:
             session.observe(layer, self._observer(layer))
 
     def hooks(self, layers, enabled: bool = True):
@@ -234,19 +237,22 @@ class AttentionCapture:
 
     @property
     def decode_steps(self) -> int:
-        return len(self._dec_q[0]) if self._dec_q else 0
+        return len(self._dec_q[self.layers[0]]) if self.layers else 0
 
-    def _check_complete(self) -> None:
-        if len(self._pre) != self.n_layers:
-            raise RuntimeError(f"grounding captured {len(self._pre)} of {self.n_layers} layers; the attention "
+    def _check_complete(self, layers: Sequence[int] | None = None) -> None:
+        if len(self._pre) != len(self.layers):
+            raise RuntimeError(f"grounding captured {len(self._pre)} of {len(self.layers)} layers; the attention "
                                "function did not run for every layer")
+        missing = sorted(set(range(self.n_layers) if layers is None else layers) - set(self._pre))
+        if missing:
+            raise RuntimeError(f"grounding did not record layers {missing} (it recorded {self.layers}: the "
+                               "layers the policy's direct map reads)")
 
     # -- every captured row, head-aggregated (flows, mean-max head weights, inspection) ------------------------
     def _materialise(self, layer: int) -> None:
         """Layer ``layer``'s prefill matrix (B, L, L), head weights (B, H) and decode rows (B, T, L + T)."""
         if layer in self._prefill:
             return
-        self._check_complete()
         p = self._pre[layer]
         b, h = p.query.shape[:2]
         n_q, n_k = p.n_q, p.key.shape[2]
@@ -308,7 +314,7 @@ class AttentionCapture:
     @property
     def prefill(self) -> dict[int, torch.Tensor]:
         """layer -> (B, L, L) head-aggregated prefill attention (captured rows; others 0)."""
-        for layer in range(self.n_layers):
+        for layer in self.layers:
             self._materialise(layer)
         return self._prefill
 
@@ -318,22 +324,24 @@ class AttentionCapture:
         self.prefill  # noqa: B018  (builds them)
         return self._weights
 
-    def matrices(self, b: int, n: int | None = None) -> list[torch.Tensor]:
-        """Sample ``b``'s head-aggregated attention, one (n, n) matrix per layer over the full sequence
-        (prefill then the fed decode tokens); ``n`` defaults to all captured positions."""
-        self._check_complete()
+    def matrix(self, b: int, layer: int, n: int | None = None) -> torch.Tensor:
+        """Sample ``b``'s head-aggregated attention in ``layer``, (n, n) over the full sequence (prefill then the
+        fed decode tokens); ``n`` defaults to all captured positions."""
+        self._check_complete([layer])
         length = self.prefill_len + self.decode_steps
         n = length if n is None else n
         if not self.prefill_len <= n <= length:
             raise ValueError(f"n = {n} outside [{self.prefill_len}, {length}]")
-        out = []
-        for layer in range(self.n_layers):
-            self._materialise(layer)
-            m = torch.zeros(n, n, dtype=torch.float32, device=self.valid.device)
-            m[: self.prefill_len, : self.prefill_len] = self._prefill[layer][b]
-            m[self.prefill_len:] = self._decoded[layer][b, : n - self.prefill_len, :n]
-            out.append(m)
-        return out
+        self._materialise(layer)
+        m = torch.zeros(n, n, dtype=torch.float32, device=self.valid.device)
+        m[: self.prefill_len, : self.prefill_len] = self._prefill[layer][b]
+        m[self.prefill_len:] = self._decoded[layer][b, : n - self.prefill_len, :n]
+        return m
+
+    def matrices(self, b: int, n: int | None = None) -> list[torch.Tensor]:
+        """:meth:`matrix` of every layer."""
+        self._check_complete()
+        return [self.matrix(b, layer, n) for layer in range(self.n_layers)]
 
     # -- a few rows (direct maps) ------------------------------------------------------------------------------
     def row_attention(self, b: int, positions: Sequence[int], layers: Sequence[int]) -> torch.Tensor:
@@ -341,14 +349,13 @@ class AttentionCapture:
         ``prefill_len + t`` for decode step t) in ``layers``: (len(layers), len(positions), prefill_len +
         decode_steps), the same rows as :meth:`matrices` gives. With plain head means and full-length layers only
         those rows are computed (batched over layers); otherwise the matrices are built and read."""
-        self._check_complete()
+        self._check_complete(layers)
         n = self.prefill_len + self.decode_steps
         pos = torch.as_tensor(list(positions), dtype=torch.long)
         if len(pos) and (int(pos.min()) < 0 or int(pos.max()) >= n):
             raise ValueError(f"positions outside [0, {n})")
         if self.head_weighting != "mean" or any(self.kept_index(layer) is not None for layer in layers):
-            mats = self.matrices(b)
-            return torch.stack([mats[layer][pos.to(mats[layer].device)] for layer in layers])
+            return torch.stack([self.matrix(b, layer)[pos.to(self.valid.device)] for layer in layers])
         device = self.valid.device
         out = torch.zeros(len(layers), len(pos), n, device=device)
         first = self._pre[layers[0]] if layers else None

@@ -12,6 +12,7 @@ Character spans are mapped to tokens by decoding growing prefixes, so any tokeni
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 
@@ -53,12 +54,16 @@ def object_phrases(text: str, object_words: Sequence[str] | None = None,
     """Object mentions in ``text``: (phrase, start, end) character spans, in order. A mention is an object
     noun (singular or plural; the longest name wins) with the modifier words directly before it. A word that
     is both a modifier and an object ("orange") counts as a modifier when an object follows."""
-    words = list(object_words or DEFAULT_OBJECT_WORDS)
+    pattern = _mention_pattern(tuple(object_words or DEFAULT_OBJECT_WORDS), tuple(modifiers))
+    return [(m.group(0), m.start(), m.end()) for m in pattern.finditer(text)]
+
+
+@functools.lru_cache(maxsize=16)
+def _mention_pattern(words: tuple[str, ...], modifiers: tuple[str, ...]) -> re.Pattern:
     forms = sorted({f for w in words for f in (w.lower(), _plural(w.lower()))}, key=lambda f: -len(f))
     mods = "|".join(re.escape(m) for m in sorted(modifiers, key=len, reverse=True))
     nouns = "|".join(re.escape(f) for f in forms)
-    pattern = re.compile(rf"\b(?:(?:{mods})\s+)*(?:{nouns})\b", re.IGNORECASE)
-    return [(m.group(0), m.start(), m.end()) for m in pattern.finditer(text)]
+    return re.compile(rf"\b(?:(?:{mods})\s+)*(?:{nouns})\b", re.IGNORECASE)
 
 
 def token_spans(tokenizer, ids: Sequence[int]) -> tuple[str, list[tuple[int, int]]]:

@@ -116,8 +116,7 @@ def phrase_maps(capture: AttentionCapture, cfg: GroundingConfig, requests: list[
             starts.append(start)
     else:
         n = max(max(r.rows) for r in requests) + 1
-        every = capture.matrices(b, max(n, length))
-        mats = [every[k].cpu() for k in layers]
+        mats = [capture.matrix(b, k, max(n, length)).cpu() for k in layers]
         starts = []
         for req in requests:
             start = torch.zeros(mats[0].shape[0])
@@ -242,6 +241,7 @@ class Grounder:
         phi_layers = range(cfg.sink_from_layer if n_layers > cfg.sink_from_layer else 0, n_layers)
         capture = AttentionCapture(n_layers, valid, cfg.head_weights, kept_index,
                                    image=None if image_mask is None else image_mask & valid, all_rows=all_rows,
+                                   layers=_layer_ids(cfg, n_layers) if cfg.flow == "none" else None,
                                    phi_layers=phi_layers)
         return Request(self, capture, phrases)
 

@@ -165,19 +165,23 @@ class Segmentation:
     score: float
 
 
-def _predict(predictor, points, labels, box, mask_input, multimask: bool):
-    masks, scores, low = predictor.predict(point_coords=points if len(points) else None,
-                                           point_labels=labels if len(points) else None, box=box,
-                                           mask_input=mask_input, multimask_output=multimask)
+def _best(masks, scores, low) -> tuple[np.ndarray, float, np.ndarray]:
+    """The candidate with the highest predicted IoU: (mask, score, its low-res logits (1, h, w))."""
     best = int(np.argmax(scores))
     return np.asarray(masks[best]).astype(bool), float(scores[best]), low[best][None]
+
+
+def _predict(predictor, points, labels, box, mask_input, multimask: bool):
+    return _best(*predictor.predict(point_coords=points if len(points) else None,
+                                    point_labels=labels if len(points) else None, box=box,
+                                    mask_input=mask_input, multimask_output=multimask))
 
 
 def _predict_batch(predictor, points: list, labels: list, boxes: list, multimask: bool) -> list[tuple]:
     """:func:`_predict` for several prompts of the image the predictor holds, in one call of segment-anything's
     ``predict_torch`` (what ``SamPredictor.predict`` does for one, with a batch dimension). Falls back to one
     call each for other predictors or prompts of different shapes."""
-    same = len({len(p) for p in points}) == 1 and len(points[0]) and len({b is None for b in boxes}) == 1
+    same = len({len(p) for p in points}) == 1 and len(points[0]) > 0 and len({b is None for b in boxes}) == 1
     if len(points) < 2 or not same or not all(hasattr(predictor, a) for a in ("predict_torch", "transform",
                                                                               "original_size", "device")):
         return [_predict(predictor, p, lab, b, None, multimask) for p, lab, b in zip(points, labels, boxes)]
@@ -189,9 +193,7 @@ def _predict_batch(predictor, points: list, labels: list, boxes: list, multimask
     with torch.inference_mode():
         masks, scores, low = predictor.predict_torch(coords, torch.as_tensor(np.stack(labels), dtype=torch.int,
                                                                              device=device), box, None, multimask)
-    masks, scores, low = masks.cpu().numpy(), scores.float().cpu().numpy(), low.float().cpu().numpy()
-    return [(m[int(np.argmax(sc))].astype(bool), float(sc.max()), lo[int(np.argmax(sc))][None])
-            for m, sc, lo in zip(masks, scores, low)]
+    return [_best(*x) for x in zip(masks.cpu().numpy(), scores.float().cpu().numpy(), low.float().cpu().numpy())]
 
 
 def segment_all(predictor, heats: list[torch.Tensor], cfg: GroundingConfig) -> list[Segmentation]:
