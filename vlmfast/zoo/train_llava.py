@@ -544,7 +544,7 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{float(m['loss'].detach()):.3f}")
                 row = {"stage": stage, "step": self.step, "time_s": round(time.time() - t0, 1),
-                       **{k: round(float(v), 4) for k, v in m.items()}}
+                       **{k: round(float(v.detach() if torch.is_tensor(v) else v), 4) for k, v in m.items()}}
                 if stage == "lm" and self.step % self.cfg.eval_every == 0:
                     row["dev"] = self.evaluate()
                     tqdm.write(f"step {self.step}: dev {json.dumps(row['dev'])}")
