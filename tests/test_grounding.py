@@ -535,6 +535,27 @@ def test_direct_map_of_chosen_layers_records_only_those(models):
         bad.generate(images=[img], **kw)
 
 
+def test_sam_encoder_thread_ends_with_the_request(models, sam_predictor):
+    """With ``overlap`` SAM encodes in a background thread during the VLM call, and that thread ends with the
+    request: an idle thread that has run torch's intra-op work slows every later call of the process."""
+    import threading
+    import time
+
+    model, processor = models["llava"]
+    acc = VLMAccelerator(model, processor, policy=Policy(grounding=GroundingConfig(overlap=True)))
+    acc.grounder.predictor = sam_predictor
+    seen = []
+    encode = acc.grounder.embeddings._encode
+    acc.grounder.embeddings._encode = lambda image: seen.append(threading.current_thread().name) or encode(image)
+    out = acc.generate(images=[make_image(5)], prompt=PROMPT, max_new_tokens=2, ground=True,
+                       ground_phrases="red circle")
+    assert out.grounding and len(seen) == 1 and seen[0].startswith("vlmfast-sam")
+    deadline = time.monotonic() + 10
+    while any(t.name.startswith("vlmfast-sam") for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not any(t.name.startswith("vlmfast-sam") for t in threading.enumerate())
+
+
 def test_evicting_kv_cache_is_refused_clearly(models):
     from vlmfast.registry import get_method
 

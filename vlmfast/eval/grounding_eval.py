@@ -25,6 +25,7 @@ import os
 import statistics
 import time
 from dataclasses import asdict, replace
+from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -124,11 +125,19 @@ def evaluate_grounding(acc, scenes, image, batch: int = 16, progress: bool = Tru
                              "upper_bound_miou": float(np.mean([mask_iou(upper_masks[k], gts[k]) for k in ix]))}
                       for kind, ix in sorted(kinds.items())}
     if timing:
-        first = {}  # the first referring expression of each scene
-        for (s, _), job in zip(items, jobs):
-            first.setdefault(id(s), job)
-        res["time"] = time_overhead(acc, list(first.values())[:timing])
+        res["time"] = time_overhead(acc, timing_jobs(scenes, image)[:timing])
     return res
+
+
+def timing_jobs(scenes, image) -> list[tuple]:
+    """The requests :func:`time_overhead` times: (image, question, phrase) for the first referring expression of
+    each scene that has one."""
+    out = []
+    for s in scenes:
+        refs = referring_expressions(s)
+        if refs:
+            out.append((image(s), PROMPT.format(expression=refs[0].expression), phrase_of(refs[0].expression)))
+    return out
 
 
 TIME_PROTOCOL = (
@@ -169,7 +178,7 @@ def time_overhead(acc, jobs) -> dict:
             c0, t0 = time.process_time(), time.perf_counter()
             acc.generate(images=[img], **kw)
             c1, t1 = time.process_time(), time.perf_counter()
-            acc.generate(images=[img], ground=True, **kw, **extra)  # returns once SAM's encoder thread is done
+            acc.generate(images=[img], ground=True, **kw, **extra)  # SAM encodes the image within the call
             c2, t2 = time.process_time(), time.perf_counter()
             out = acc.generate(images=[img], ground=True, **kw, **extra)
             c3, t3 = time.process_time(), time.perf_counter()
@@ -203,16 +212,10 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write the time section here")
     a = p.parse_args(argv)
     acc = VLMAccelerator.from_pretrained(a.model, policy=None if a.policy == "none" else a.policy)
-    jobs = []
-    for s in iter_scenes(a.split, a.limit):
-        refs = referring_expressions(s)
-        if refs:
-            jobs.append((s.image, PROMPT.format(expression=refs[0].expression), phrase_of(refs[0].expression)))
-    res = time_overhead(acc, jobs)
-    print(json.dumps(res, indent=2))
+    text = json.dumps(time_overhead(acc, timing_jobs(iter_scenes(a.split, a.limit), lambda s: s.image)), indent=2)
+    print(text)
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=2)
+        Path(a.json).write_text(text)
     return 0
 
 

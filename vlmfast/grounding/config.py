@@ -63,8 +63,12 @@ class GroundingConfig:
     """also prompt SAM with the positive region's bounding box"""
     multimask: bool = False
     """first SAM call with 3 candidate masks (best by predicted IoU) instead of SAM's single-mask output"""
-    overlap: bool = True
-    """encode the images for SAM in a background thread while the VLM prefills and decodes"""
+    overlap: bool = False
+    """encode the images for SAM in a background thread (one per request, ended when it is done) while the VLM
+    prefills and decodes. Off by default: on CPU the second thread's intra-op threads compete with the VLM's (with
+    more threads than cores, OpenMP stops spinning and every parallel region pays a wake-up), so the overlapped
+    call took longer than encoding after decoding (58 vs 37 ms for a referring question on the 2-core machine);
+    use it where a core is free"""
     refine: Annotated[int, Field(ge=0, le=5)] = 0
     """refinement rounds (VL-SAM's iterative refinement): add points where the mask and the map disagree and ask
     SAM again, with its previous logits as ``mask_input`` when mask feedback is on; stops when nothing is added.
