@@ -152,6 +152,9 @@ def qa_pool(scene, rng: np.random.Generator) -> dict[str, list[tuple[str, str, t
 
 
 TEXT_ROLES = ("prev", "route")  # supervised roles whose targets are token positions, not image patches
+#: optional roles for "is A left of B": one head on A, one on B (instead of ``answer`` averaging both), so the
+#: answer position gets each object's position from its own head and can compare them
+PAIR_ROLES = ("pair_a", "pair_b")
 _PLURAL_TO_SHAPE = {v: k for k, v in SHAPE_PLURALS.items()}
 
 
@@ -179,8 +182,9 @@ def parse_heads(spec: str) -> dict[str, list[tuple[int, int]]]:
     out = {}
     for part in filter(None, spec.split(";")):
         role, _, heads = part.partition("=")
-        if role not in ("word", "phrase", "answer", *TEXT_ROLES):
-            raise ValueError(f"attn_heads: unknown role {role!r}; expected word, phrase, answer, prev or route")
+        if role not in ("word", "phrase", "answer", *PAIR_ROLES, *TEXT_ROLES):
+            raise ValueError(f"attn_heads: unknown role {role!r}; expected word, phrase, answer, pair_a, pair_b, "
+                             "prev or route")
         out[role] = [tuple(map(int, h.split(":"))) for h in heads.split(",") if h]
     return out
 
@@ -349,7 +353,9 @@ class Trainer:
                 # every position that predicts an answer word reads the targets: "top" then "left" of a
                 # position answer both come from the object (supervising only the first left the column at
                 # its prior, "center"); captions have no targets, so nothing is added for them
-                found = [("answer", pos + j, tg) for j in range(len(a.split()))]
+                pair = "pair_a" in sup and " left of the " in q and len(tg) == 2
+                found = ([("pair_a", pos, tg[:1]), ("pair_b", pos, tg[1:])] if pair
+                         else [("answer", pos + j, tg) for j in range(len(a.split()))])
                 found += [(role, first + j, objs) for role, j, objs in per_word]
                 for role, at, objs in found:
                     target = attention_target(cover, objs)
