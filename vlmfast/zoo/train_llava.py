@@ -62,12 +62,13 @@ class TrainConfig:
     ground_position: int = 1  # 1: the alignment target also holds the object's cell words ("top", "left")
     embed_std: float = 1.0  # init std of the word embeddings (see Trainer.init_language_side)
     attn_weight: float = 1.0  # attention supervision (see Trainer.attention_loss); 0 disables
-    attn_heads: str = "word=0:0;prev=0:1;phrase=1:0;route=2:1;answer=2:0,3:0"
+    attn_heads: str = "word=0:0;prev=0:1;phrase=1:0;route=2:1;answer=2:0,3:0;pair_a=2:0;pair_b=3:0"
     """which heads are supervised, by role: ``word`` (each colour/shape word of a question -> the objects with
     that attribute), ``phrase`` (the last word of "<colour> <shape>" / "<colour> object" -> the objects it
     names), ``answer`` (the position that predicts the answer -> the question's target objects); and two text
     hops: ``prev`` (a phrase's last word -> the colour word before it) and ``route`` (the answer position ->
-    the question's phrase-final words)."""
+    the question's phrase-final words); ``pair_a`` / ``pair_b``: for "is A left of B", one answer head on A and
+    one on B instead of ``answer`` on both (so the answer position can compare their positions)."""
     tasks: str = "all"  # comma-separated subset of TASKS to train on, or "all"; overridden by curriculum
     curriculum: str = "0:all;500:exists_attr,pope,color,shape;1000:all,exists_attr"
     """stage-B task schedule "step:tasks;step:tasks" ("all" = every task of TASKS); empty = use ``tasks``.
