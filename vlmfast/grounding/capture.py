@@ -60,12 +60,8 @@ def attention_probs(module, query: torch.Tensor, key: torch.Tensor, mask: torch.
     additive float, or None (causal: query i is position K - Q + i). Fully masked rows (left padding) are 0.
     ``rows``: a slice or an index tensor of query rows.
     """
-    n_q, n_k = query.shape[2], key.shape[2]
     scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
-    if mask is not None:
-        return softmax_rows(scaling, query[:, :, rows], key, mask[:, :, rows, :n_k], None)
-    limit = torch.arange(n_k - n_q + 1, n_k + 1, device=query.device)[rows]
-    return softmax_rows(scaling, query[:, :, rows], key, None, limit)
+    return _Prefill(scaling, query, None, query.shape[2], key, mask).probs(rows)
 
 
 @dataclass

@@ -107,21 +107,17 @@ def phrase_maps(capture: AttentionCapture, cfg: GroundingConfig, requests: list[
     layers = _layer_ids(cfg, capture.n_layers)
     if cfg.flow == "none":  # only the asked-for rows: relevance = the mean over layers of start @ rows
         union = sorted({r for req in requests for r in req.rows})
-        at = {r: i for i, r in enumerate(union)}
         mats = list(capture.row_attention(b, union, layers).cpu())
-        starts = []
-        for req in requests:
-            start = torch.zeros(len(union))
-            start[[at[r] for r in req.rows]] = 1.0 / len(req.rows)
-            starts.append(start)
+        index = {r: i for i, r in enumerate(union)}  # a request's row -> its row in ``mats``
     else:
         n = max(max(r.rows) for r in requests) + 1
         mats = [capture.matrix(b, k, max(n, length)).cpu() for k in layers]
-        starts = []
-        for req in requests:
-            start = torch.zeros(mats[0].shape[0])
-            start[req.rows] = 1.0 / len(req.rows)
-            starts.append(start)
+        index = None  # ``mats`` are whole matrices: rows are positions
+    starts = []
+    for req in requests:
+        start = torch.zeros(mats[0].shape[0])
+        start[[index[r] for r in req.rows] if index else req.rows] = 1.0 / len(req.rows)
+        starts.append(start)
     extra = mats[0].shape[-1] - length
     valid_full = torch.cat([valid[b].cpu(), torch.ones(extra, dtype=torch.bool)])
     image_full = torch.cat([(ctx.image_mask[b] & valid[b]).cpu(), torch.zeros(extra, dtype=torch.bool)])

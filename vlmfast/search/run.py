@@ -134,14 +134,13 @@ def sparse_calibration(samples, images_per_prompt: int, prompts: int) -> list[tu
     return out
 
 
-def _sparse_search(cfg: SearchConfig, base, data) -> tuple[str, dict]:
-    """MMInference's offline per-head pattern search; returns the head-pattern file's path and the
-    ``mminference`` policy entry that points to it."""
+def _sparse_search(cfg: SearchConfig, base, samples: list[tuple[list, str]]) -> tuple[str, dict]:
+    """MMInference's offline per-head pattern search on :func:`sparse_calibration`'s ``samples``; returns the
+    head-pattern file's path and the ``mminference`` policy entry that points to it."""
     from ..sparse.search import search_heads
 
     heads = Path(cfg.out).with_suffix(".heads.json")
     heads.parent.mkdir(parents=True, exist_ok=True)
-    samples = sparse_calibration(data.samples, cfg.sparse_images, cfg.sparse_prompts)
     res = search_heads(base.model, base.processor, samples, target_recall=cfg.sparse_recall, model_name=cfg.model,
                        path=heads, progress=cfg.progress)
     recall = [s["recall"] for layer in res.scores for s in layer.values()]
@@ -182,8 +181,8 @@ def run(cfg: SearchConfig) -> SearchResult:
     cfg.methods = parse_methods(cfg.methods if isinstance(cfg.methods, str) else ",".join(cfg.methods))
     data = load_data(cfg.data)
     optuna = _import_optuna()
-    if cfg.sparse:
-        sparse_calibration(data.samples, cfg.sparse_images, cfg.sparse_prompts)  # fail before the expensive part
+    # built (and checked) before the expensive part
+    sparse_samples = sparse_calibration(data.samples, cfg.sparse_images, cfg.sparse_prompts) if cfg.sparse else None
     from ..accelerator import VLMAccelerator
 
     t0 = time.perf_counter()
@@ -275,8 +274,8 @@ def run(cfg: SearchConfig) -> SearchResult:
                          "samples; raise --trials or --budget, or add a method whose token count follows the budget "
                          "(e.g. fopru)")
     entries, heads = list(best.user_attrs["policy"]), None
-    if cfg.sparse:  # sparse prefill over the tokens the found pruning keeps
-        heads, entry = _sparse_search(cfg, base, data)
+    if sparse_samples is not None:  # sparse prefill over the tokens the found pruning keeps
+        heads, entry = _sparse_search(cfg, base, sparse_samples)
         entries.append(entry)
     policy = Policy.from_dict({"name": Path(cfg.out).stem,
                                "description": f"found by vlmfast search (budget {cfg.budget:g}, {cfg.data})",

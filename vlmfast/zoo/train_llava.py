@@ -400,17 +400,18 @@ class Trainer:
         color_ids = torch.tensor([words[c] for c in COLOR_NAMES])
         shape_ids = torch.tensor([words[s] for s in SHAPES])
         t = [patch_targets(s, self.cfg.model.grid) for s in scenes]
-        col = torch.from_numpy(np.stack([x["color"] for x in t]).reshape(len(scenes), -1))
-        shp = torch.from_numpy(np.stack([x["shape"] for x in t]).reshape(len(scenes), -1))
+
+        def labels(name: str) -> torch.Tensor:  # (scenes, patches)
+            return torch.from_numpy(np.stack([x[name] for x in t]).reshape(len(scenes), -1))
+
+        col, shp = labels("color"), labels("shape")
         fg = (col > 0) & (shp > 0)
         if not bool(fg.any()):
             return self._feats.sum() * 0
         target = emb[color_ids[col[fg] - 1]] + emb[shape_ids[shp[fg] - 1]]
         if self.cfg.ground_position:  # the cell the position question asks for, as its two answer words
             row_ids, col_ids = torch.tensor([words[r] for r in ROWS]), torch.tensor([words[c] for c in COLS])
-            orow = torch.from_numpy(np.stack([x["obj_row"] for x in t]).reshape(len(scenes), -1))
-            ocol = torch.from_numpy(np.stack([x["obj_col"] for x in t]).reshape(len(scenes), -1))
-            target = target + emb[row_ids[orow[fg] - 1]] + emb[col_ids[ocol[fg] - 1]]
+            target = target + emb[row_ids[labels("obj_row")[fg] - 1]] + emb[col_ids[labels("obj_col")[fg] - 1]]
         target = target.detach()
         return (1 - F.cosine_similarity(self._feats[fg], target, dim=-1)).mean()
 
