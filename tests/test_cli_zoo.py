@@ -78,9 +78,11 @@ def test_bench_prefill_quick_rows(tmp_path):
 def test_bench_prune_rows_cover_every_method():
     from vlmfast.eval import bench_prefill, bench_prune
 
+    policy = {"name": "my-vflowopt", "methods": [{"method": "vflowopt", "keep": 0.25, "m": 2.0}]}
     rows = bench_prune.run(None, model="tiny-random-llava", limit=2, repeats=1, decode_tokens=2, keeps=(0.25,),
-                           spec=bench_prefill.QUICK, progress=False)
+                           spec=bench_prefill.QUICK, progress=False, policies=[policy])
     methods = [r["method"] for r in rows]
+    assert methods[-1] == "my-vflowopt" and rows[-1]["keep"] == pytest.approx(0.25, abs=0.02)  # the share it spent
     assert methods[0] == "full" and {"fopru", "vflowopt", "fastv", "pyramiddrop", "visionzip", "fastervlm",
                                      "divprune", "random", "zipvl-quant", "zipvl-evict"} <= set(methods)
     for r in rows:

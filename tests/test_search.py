@@ -95,6 +95,22 @@ def test_last_hidden_is_the_final_hidden_state_of_the_last_prompt_token():
     assert not acc.model.get_output_embeddings()._forward_pre_hooks  # removed after the block
 
 
+def test_early_stop_only_when_confidently_worse_than_the_best():
+    from types import SimpleNamespace
+
+    from vlmfast.search.objective import Running
+    from vlmfast.search.run import PRUNE_MIN_SAMPLES, _confidently_worse
+
+    best = SimpleNamespace(value=0.95)
+    run_ = Running(similarity=[0.90, 0.92] * (PRUNE_MIN_SAMPLES // 2))  # mean 0.91, s.e. ~0.0026
+    assert _confidently_worse(run_, best)
+    assert not _confidently_worse(run_, None)  # nothing finished yet
+    assert not _confidently_worse(Running(similarity=run_.similarity[:-1]), best)  # too few samples
+    noisy = Running(similarity=[0.80, 1.0] * (PRUNE_MIN_SAMPLES // 2))  # mean 0.90, s.e. 0.026: could still win
+    assert not _confidently_worse(noisy, best)
+    assert not _confidently_worse(Running(similarity=[0.96] * PRUNE_MIN_SAMPLES), best)  # better than the best
+
+
 def test_pareto_front():
     pts = [(0.5, 0.9), (0.25, 0.8), (0.25, 0.7), (0.3, 0.95), (0.9, 0.95), (1.0, 1.0)]
     assert [pts[i] for i in pareto_front(pts)] == [(0.25, 0.8), (0.3, 0.95), (1.0, 1.0)]

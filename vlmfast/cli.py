@@ -103,7 +103,8 @@ def _bench_sparse(a) -> int:
 def _bench_prune(a) -> int:
     from .eval import bench_prune
 
-    rows = bench_prune.run(a.json, model=a.model, limit=a.limit, repeats=a.repeats, keeps=tuple(a.keep))
+    rows = bench_prune.run(a.json, model=a.model, limit=a.limit, repeats=a.repeats, keeps=tuple(a.keep),
+                           policies=tuple(a.policy))
     print(bench_prune.table(rows, markdown=a.markdown))
     if a.json:
         print(f"\nwrote {a.json}")
@@ -203,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     bq.add_argument("--limit", type=int, default=100, help="ShapesWorld test scenes for accuracy")
     bq.add_argument("--repeats", type=int, default=3)
     bq.add_argument("--keep", type=float, nargs="+", default=[0.5, 0.25, 0.1, 0.05])
+    bq.add_argument("--policy", action="append", default=[], metavar="NAME_OR_PATH",
+                    help="also bench this policy file (repeatable), e.g. tiny-llava-shapes-vflowopt-25")
     bq.add_argument("--markdown", action="store_true")
     bq.set_defaults(func=_bench_prune)
 

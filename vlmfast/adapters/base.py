@@ -221,6 +221,19 @@ class Adapter(ABC):
         finally:
             handle.remove()
 
+    @contextmanager
+    def capture_outputs(self, **modules: nn.Module) -> Iterator[dict]:
+        """Record, by name, the output of one call to each module: e.g. the q / k projections the vision tower
+        computes anyway, so scoring does not compute them a second time."""
+        seen: dict = {}
+        handles = [m.register_forward_hook(lambda mod, args, out, name=name: seen.__setitem__(name, out))
+                   for name, m in modules.items()]
+        try:
+            yield seen
+        finally:
+            for h in handles:
+                h.remove()
+
     # -- positions -------------------------------------------------------------------------------------------
     @abstractmethod
     def positions(self, inputs) -> torch.Tensor:

@@ -45,10 +45,10 @@ class LlavaAdapter(Adapter):
             attn = [(None, None)] * len(feats)
         else:
             attn_module = self.vision_layers[attention_layer].self_attn
-            with self.capture_inputs(attn_module) as seen:
+            with self.capture_outputs(q=attn_module.q_proj, k=attn_module.k_proj) as seen:
                 feats = self.model.model.get_image_features(pixel_values=pixel_values, **kwargs).pooler_output
             t0 = time.perf_counter()
-            attn = self._attention(attn_module, seen["hidden_states"])
+            attn = self._attention(attn_module, seen["q"], seen["k"])
             self.last_attention_s = time.perf_counter() - t0
         grey = unnormalise_grey(pixel_values, self.pixel_norm, channel_dim=1)  # (B, H, W)
         patch = self.model.config.vision_config.patch_size
@@ -66,11 +66,11 @@ class LlavaAdapter(Adapter):
         return out
 
     @staticmethod
-    def _attention(module, hidden_states: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        b, n, _ = hidden_states.shape
+    def _attention(module, q: torch.Tensor, k: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Head-mean attention per image from the layer's own q / k projections (B, N, H * d)."""
+        b, n, _ = q.shape
         h, d = module.num_heads, module.head_dim
-        q = module.q_proj(hidden_states).view(b, n, h, d).transpose(1, 2)
-        k = module.k_proj(hidden_states).view(b, n, h, d).transpose(1, 2)
+        q, k = q.view(b, n, h, d).transpose(1, 2), k.view(b, n, h, d).transpose(1, 2)
         return [head_mean_attention(q[i], k[i], module.scale) for i in range(b)]
 
     def positions(self, inputs) -> torch.Tensor:

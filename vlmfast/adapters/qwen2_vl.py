@@ -59,8 +59,9 @@ class Qwen2VLAdapter(Adapter):
             attn = [(None, None)] * len(feats)
         else:
             module = self.vision_layers[attention_layer].attn
-            with self.capture_inputs(module) as seen:
+            with self.capture_inputs(module) as seen, self.capture_outputs(qkv=module.qkv) as out:
                 feats = features(pixel_values, grid_thw).pooler_output
+            seen["qkv"] = out["qkv"]
             t0 = time.perf_counter()
             attn = self._group(self._attention(module, seen), grid_thw)
             self.last_attention_s = time.perf_counter() - t0
@@ -97,7 +98,7 @@ class Qwen2VLAdapter(Adapter):
         x = seen["hidden_states"]
         cu = seen.get("cu_seqlens", seen.get("arg1"))
         n = x.shape[0]
-        q, k, _ = module.qkv(x).reshape(n, 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        q, k, _ = seen["qkv"].reshape(n, 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)  # the tower's own
         cos, sin = seen["position_embeddings"]
         q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
         q, k = q.transpose(0, 1), k.transpose(0, 1)  # (H, N, d)

@@ -5,6 +5,10 @@ model (``tiny-llava-shapes`` by default), and the fraction of the full model's V
 configurations on the LLaVA-1.5-shaped random-weight proxy of ``bench prefill`` (speed-up vs. full measured
 in one run, ideal speed-up from FLOPs, decode ms/token, KV bytes). Layer choices scale with each model's
 depth (FastV K=2; PyramidDrop at 1/4, 1/2, 3/4 of the depth with ratio keep^(1/3)).
+
+``--policy NAME_OR_PATH`` (repeatable) adds one row per policy file, e.g. the VFlowOpt settings that
+``vlmfast search`` found for the model (``tiny-llava-shapes-vflowopt-25``); its ``keep`` is the layer-averaged
+share of visual tokens the policy spent on ShapesWorld, and its speed row runs the same methods on the proxy.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..accelerator import VLMAccelerator
-from ..policy import Policy
+from ..policy import Policy, load_policy
 from ..pruners import DivPrune, FastV, FasterVLM, FoPru, PyramidDrop, RandomPruner, VFlowOpt, VisionZip, ZipVL
 from . import bench_prefill, shapes_eval
 from .bench_prefill import Config
@@ -41,16 +45,28 @@ def method_configs(n_layers: int, keeps=KEEPS) -> list[Config]:
     return out
 
 
-def accuracy_rows(model_name: str, limit: int, keeps=KEEPS, progress: bool = True) -> list[dict]:
+def policy_configs(specs) -> list[Config]:
+    """One row per policy file (name or path); ``keep`` is filled in from the measured share."""
+    out = []
+    for spec in specs:
+        p = load_policy(spec)
+        out.append(Config(p.name or str(spec), None, p))
+    return out
+
+
+def accuracy_rows(model_name: str, limit: int, keeps=KEEPS, progress: bool = True, policies=()) -> list[dict]:
     base = VLMAccelerator.from_pretrained(model_name, policy=None)
-    cfgs = method_configs(len(base.adapter.decoder_layers), keeps)
+    extra = policy_configs(policies)
+    cfgs = method_configs(len(base.adapter.decoder_layers), keeps) + extra
     rows = []
-    for c in tqdm(cfgs, desc="accuracy", disable=not progress):
+    for i, c in enumerate(tqdm(cfgs, desc="accuracy", disable=not progress)):
         acc = VLMAccelerator(base.model, base.processor, policy=c.policy)
         res = shapes_eval.evaluate(acc, split="test", limit=limit, tasks=("vqa", "pope"), progress=False)
         rows.append({"method": c.method, "keep": c.keep, "vqa": round(res["vqa"]["overall"], 4),
                      "pope_f1": round(statistics.mean(m["f1"] for m in res["pope"].values()), 4),
                      "visual_tokens_kept_shapes": round(res["cost"]["visual_tokens_kept"], 1)})
+        if i >= len(cfgs) - len(extra):  # a --policy row: its budget is what it spent
+            rows[-1]["keep"] = round(res["cost"]["layer_avg_visual_tokens"] / res["cost"]["visual_tokens_in"], 3)
     full = rows[0]["vqa"] or 1.0
     for r in rows:
         r["fraction_of_full"] = round(r["vqa"] / full, 4)
@@ -58,11 +74,12 @@ def accuracy_rows(model_name: str, limit: int, keeps=KEEPS, progress: bool = Tru
 
 
 def run(json_path=None, *, model: str = "tiny-llava-shapes", limit: int = 100, repeats: int = 3,
-        decode_tokens: int = 8, keeps=KEEPS, progress: bool = True, spec=bench_prefill.PROXY) -> list[dict]:
+        decode_tokens: int = 8, keeps=KEEPS, progress: bool = True, spec=bench_prefill.PROXY,
+        policies=()) -> list[dict]:
     torch.manual_seed(0)
-    acc_rows = accuracy_rows(model, limit, keeps, progress)
+    acc_rows = accuracy_rows(model, limit, keeps, progress, policies)
     proxy, processor = bench_prefill.build_proxy(spec)
-    cfgs = method_configs(proxy.config.text_config.num_hidden_layers, keeps)
+    cfgs = method_configs(proxy.config.text_config.num_hidden_layers, keeps) + policy_configs(policies)
     speed = bench_prefill.time_configs(proxy, processor, bench_prefill.random_image(spec.image_size), cfgs, repeats,
                                        decode_tokens, progress, desc="speed (proxy)")
     rows = [{**a, **{k: s[k] for k in ("speedup", "ideal_speedup", "efficiency", "decode_ms_per_token", "kv_bytes",

@@ -2,8 +2,9 @@
 
 One Optuna study: each trial picks a method and its hyper-parameters (:mod:`.space`), runs the calibration
 batches through ``VLMAccelerator`` and scores them (:mod:`.objective`), reporting the running objective
-after every batch so that Optuna's median pruner can stop clearly worse trials early; a trial whose measured
-visual share is already clearly over the budget is stopped too. The budget is an Optuna constraint (TPE
+after every batch; a trial is stopped early once it is *confidently* worse than the best finished trial (its
+running mean plus ``PRUNE_Z`` standard errors of the per-sample similarities is below the best objective), or
+once its measured visual share is clearly over the budget. The budget is an Optuna constraint (TPE
 ranks trials over budget after all others), so over-budget trials still teach the sampler.
 
 Resuming: with ``--storage`` (e.g. ``sqlite:///search.db``) the study is stored under a name derived from
@@ -35,6 +36,10 @@ log = logging.getLogger("vlmfast")
 
 #: stop a trial early once its running visual share is this far over the budget
 EARLY_BUDGET_MARGIN = 0.02
+#: stop a trial early once mean + PRUNE_Z * standard error of its similarities is below the best finished trial
+PRUNE_Z = 2.0
+#: ... but never before this many calibration samples (the standard error needs a few)
+PRUNE_MIN_SAMPLES = 16
 
 
 @dataclass
@@ -235,13 +240,14 @@ def run(cfg: SearchConfig) -> SearchResult:
             return _replay(optuna, trial, seen[key])
         acc = VLMAccelerator(base.model, base.processor, policy=policy)
         run_ = Running()
+        best = _best(optuna, trial.study.trials)
         for step, (batch, ref) in enumerate(zip(batches, reference)):
             run_.add(run_batch(acc, batch, cfg.max_new_tokens), ref, batch)
             _record(trial, run_, cfg.budget, step)
             trial.report(run_.objective, step)
             last = step == len(batches) - 1  # at the last batch stopping saves nothing: finish the trial
             stop = None if last else ("over budget" if run_.share > cfg.budget + EARLY_BUDGET_MARGIN
-                                      else "median pruner" if trial.should_prune() else None)
+                                      else "confidently worse" if _confidently_worse(run_, best) else None)
             if stop:
                 trial.set_user_attr("stopped", stop)
                 _constrain(trial)
@@ -308,7 +314,7 @@ def _open_study(optuna, cfg: SearchConfig):
     storage = _storage(optuna, cfg.storage)
     study = optuna.create_study(storage=storage, study_name=cfg.study_name, direction="maximize",
                                 load_if_exists=True,
-                                pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1))
+                                pruner=optuna.pruners.NopPruner())  # early stops: _confidently_worse
     stored = study.user_attrs.get("config")
     mine = cfg.identity()
     if stored is None:
@@ -318,6 +324,19 @@ def _open_study(optuna, cfg: SearchConfig):
         raise InputError(f"--storage {cfg.storage}: study {cfg.study_name!r} was created with other settings ({diff}); "
                          "re-run with the stored settings to resume it, or pass --study NAME for a new study")
     return study
+
+
+def _confidently_worse(run_: Running, best) -> bool:
+    """True when the trial's running objective is below the best finished trial's by more than ``PRUNE_Z``
+    standard errors of its per-sample similarities (needs ``PRUNE_MIN_SAMPLES`` samples). A rank rule such as
+    Optuna's median pruner stops good trials on an unlucky first batch; this one only stops what the samples
+    seen so far already rule out."""
+    sims = run_.similarity
+    if best is None or len(sims) < PRUNE_MIN_SAMPLES:
+        return False
+    mean = sum(sims) / len(sims)
+    se = math.sqrt(sum((x - mean) ** 2 for x in sims) / (len(sims) - 1) / len(sims))
+    return mean + PRUNE_Z * se < best.value
 
 
 def _record(trial, run_: Running, budget: float, step: int) -> None:
