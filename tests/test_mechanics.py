@@ -64,6 +64,34 @@ def test_captured_vision_attention_matches_eager(tiny, family):
             assert t.patches_per_token == 4 and t.attention.shape[0] == 4 * t.n_tokens
 
 
+def test_llava_tower_skips_only_layers_nobody_reads(models):
+    """The layers after vision_feature_layer (-2) and after the scored layer do not run; features and the
+    scored layer's attention are bit-identical to a run of the whole tower."""
+    model, processor = models["llava"]
+    adapter = adapter_for(model)
+    inputs = adapter.prepare(processor, [[make_image(4)]], [PROMPT])
+    n = len(adapter.vision_layers)
+    ran = []
+    hooks = [layer.mlp.register_forward_hook(lambda m, a, o, i=i: ran.append(i))  # runs only if the layer does
+             for i, layer in enumerate(adapter.vision_layers)]
+    try:
+        with torch.inference_mode():
+            full = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output[0]
+            ran.clear()
+            (skipped,) = adapter.image_tokens(inputs, None)
+            assert ran == list(range(n - 1))  # the last layer's output is never read: it returns its input
+            ran.clear()
+            (last,) = adapter.image_tokens(inputs, -1)  # a pruner scoring the last layer: it runs
+            assert ran == list(range(n))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert torch.equal(skipped.features, full) and torch.equal(last.features, full)
+    assert all("forward" not in vars(layer) for layer in adapter.vision_layers)  # restored after the call
+    ref = eager_vision_attention(model, "llava", inputs, n - 1)[0]
+    assert torch.allclose(last.attention, ref[1:, 1:], atol=1e-5)
+
+
 def test_fastv_equals_manual_layer_by_layer_pruning(models):
     """FastV via hooks == running layers 0..K-1 on the full sequence, ranking by eager attention of layer K-1,
     and running layers K.. by hand on the kept tokens with their original positions."""

@@ -149,6 +149,27 @@ def test_qwen2_vl_video_layout_and_sparse_prefill(models):
     assert np.isfinite(logits.numpy()).all()
 
 
+E2E_KEYS = ("seq_len", "video_frames", "visual_tokens", "dense_s", "sparse_s", "speedup", "ideal_speedup",
+            "attention_share", "density", "attention_share_qwen2_vl_7b", "ideal_speedup_qwen2_vl_7b",
+            "logits_max_abs_diff", "proxy", "repeats", "efficiency", "path")
+
+
+def test_bench_sparse_end_to_end_goes_through_generate_videos():
+    """The quick proxy on a ~1.5k-token video through ``VLMAccelerator.generate(videos=...)``: the row reports the
+    density the sparse run used (its stats' stage entry: below 1 at this length, the grid heads' lines) and the
+    sequence the processor built (the same tokens as ``video_inputs``)."""
+    from vlmfast.eval.bench_sparse import end_to_end_rows, quick_proxy_spec, video_inputs
+    from vlmfast.zoo.tiny import tiny_qwen2_vl
+
+    (row,) = end_to_end_rows(seq_lens=(1500,), repeats=1, block=64, spec=quick_proxy_spec(), log=lambda *a: None)
+    assert set(row) == set(E2E_KEYS) and row["path"] == "VLMAccelerator.generate(videos=...)"
+    assert 0 < row["density"] < 1 and row["ideal_speedup"] > 1 and 0 < row["attention_share"] < 1
+    assert 0 < row["logits_max_abs_diff"] < 1 and row["dense_s"] > 0 and row["sparse_s"] > 0
+    model, processor = tiny_qwen2_vl(quick_proxy_spec())
+    ids = video_inputs(processor, row["video_frames"], quick_proxy_spec().image_size)["input_ids"]
+    assert row["seq_len"] == ids.shape[1] and row["visual_tokens"] == int((ids == model.config.video_token_id).sum())
+
+
 @pytest.mark.slow
 def test_bench_sparse_quick_writes_the_issue_schema(tmp_path):
     import json
@@ -160,6 +181,5 @@ def test_bench_sparse_quick_writes_the_issue_schema(tmp_path):
     data = json.loads(path.read_text())
     for key in ("seq_len", "density", "sdpa_s", "flex_s", "vlmfast_s", "speedup", "ideal_speedup", "recall"):
         assert key in data["kernel"][0]
-    for key in ("seq_len", "dense_s", "sparse_s", "speedup", "ideal_speedup", "attention_share"):
-        assert key in data["end_to_end"][0]
+    assert set(data["end_to_end"][0]) == set(E2E_KEYS)
     assert 0 < data["kernel"][0]["density"] <= 1 and 0 < data["end_to_end"][0]["attention_share"] < 1

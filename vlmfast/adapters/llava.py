@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 
 import torch
 
@@ -41,11 +42,13 @@ class LlavaAdapter(Adapter):
         if "image_sizes" in inputs:
             kwargs["image_sizes"] = inputs["image_sizes"]
         if attention_layer is None:
-            feats = self.model.model.get_image_features(pixel_values=pixel_values, **kwargs).pooler_output
+            with self.skip_unused_layers(None):
+                feats = self.model.model.get_image_features(pixel_values=pixel_values, **kwargs).pooler_output
             attn = [(None, None)] * len(feats)
         else:
             attn_module = self.vision_layers[attention_layer].self_attn
-            with self.capture_outputs(q=attn_module.q_proj, k=attn_module.k_proj) as seen:
+            with self.capture_outputs(q=attn_module.q_proj, k=attn_module.k_proj) as seen, \
+                    self.skip_unused_layers(attention_layer):
                 feats = self.model.model.get_image_features(pixel_values=pixel_values, **kwargs).pooler_output
             t0 = time.perf_counter()
             attn = self._attention(attn_module, seen["q"], seen["k"])
@@ -64,6 +67,30 @@ class LlavaAdapter(Adapter):
             out.append(ImageTokens(features=f, grid=(1, side, side), attention=a, cls_attention=cls_row, keys=keys,
                                    grey=g.reshape(side * side, patch * patch)))
         return out
+
+    def layers_run(self, attention_layer: int | None) -> int:
+        """How many of the tower's layers run: up to the last one LLaVA feeds or a pruner scores."""
+        n = len(self.vision_layers)
+        f = self.model.config.vision_feature_layer
+        needed = [x + n if x < 0 else x - 1 for x in (f if isinstance(f, (list, tuple)) else [f])]
+        if attention_layer is not None:
+            needed.append(attention_layer % n)
+        return max(needed) + 1
+
+    @contextmanager
+    def skip_unused_layers(self, attention_layer: int | None):
+        """Run the tower only up to the last layer anything reads: LLaVA feeds ``vision_feature_layer`` (-2: the
+        last layer's output is never used) and a pruner may score another layer. The layers after both have
+        their ``forward`` swapped for the identity during the call (the instances, and transformers' hooks on
+        them, stay); features are bit-identical (tests/test_mechanics.py)."""
+        unused = list(self.vision_layers)[self.layers_run(attention_layer):]
+        for layer in unused:
+            layer.forward = _identity
+        try:
+            yield
+        finally:
+            for layer in unused:
+                del layer.forward
 
     @staticmethod
     def _attention(module, q: torch.Tensor, k: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -106,3 +133,7 @@ class LlavaAdapter(Adapter):
             return (x0 + left / sx, y0 + top / sy, x0 + (left + get(crop, "width")) / sx,
                     y0 + (top + get(crop, "height")) / sy)
         return x0, y0, x0 + cw, y0 + ch
+
+
+def _identity(hidden_states, *args, **kwargs):
+    return hidden_states

@@ -6,7 +6,7 @@ prefill take about a second on 2 CPU cores. Weights are random: this measures sp
 
 Every configuration runs in the same process, interleaved round-robin over repeats (the machine is shared and
 noisy), and each row reports the median. ``speedup`` = full prefill time / this prefill time, measured in
-this run; ``ideal_speedup`` = FLOPs of the full prefill / FLOPs of this one (vision tower included in both,
+this run; ``ideal_speedup`` = FLOPs of the full prefill / FLOPs of this one (the vision layers that run included in both,
 pruning's own scoring included in the pruned one), so ``speedup / ideal_speedup`` is the efficiency.
 """
 
@@ -23,6 +23,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..accelerator import VLMAccelerator
+from ..adapters import adapter_for
 from ..policy import Policy
 from ..pruners import FastV, FoPru
 from ..zoo.tiny import TinySpec, tiny_llava
@@ -58,10 +59,11 @@ def configs(keeps=(0.5, 0.25, 0.1), fastv_layer: int = 2) -> list[Config]:
 
 
 # -- FLOPs (multiply-add = 2) -------------------------------------------------------------------------------
-def vision_flops(model) -> float:
+def vision_flops(model, attention_layer: int | None = None) -> float:
+    """The tower's layers that run (up to the feature layer, or the scored layer if later) and the projector."""
     vc = model.config.vision_config
     n = (vc.image_size // vc.patch_size) ** 2 + 1
-    d, ff, layers = vc.hidden_size, vc.intermediate_size, vc.num_hidden_layers
+    d, ff, layers = vc.hidden_size, vc.intermediate_size, adapter_for(model).layers_run(attention_layer)
     per_layer = 2 * n * (4 * d * d + 2 * d * ff) + 4 * n * n * d
     tc = model.config.text_config
     projector = 2 * (n - 1) * (d * tc.hidden_size + tc.hidden_size * tc.hidden_size)
@@ -78,19 +80,20 @@ def llm_layer_flops(model, n: int) -> float:
 
 
 def scoring_flops(model) -> float:
-    """FoPru reads one vision layer's attention: q, k projections and softmax(qk^T) over N+1 tokens."""
+    """FoPru reads one vision layer's attention: softmax(qk^T) over N+1 tokens (q, k come from the tower)."""
     vc = model.config.vision_config
     n = (vc.image_size // vc.patch_size) ** 2 + 1
-    return 2 * n * 2 * vc.hidden_size ** 2 + 2 * n * n * vc.hidden_size
+    return 2 * n * n * vc.hidden_size
 
 
 def prefill_flops(model, stats, policy: Policy) -> float:
     """FLOPs of one prefill as this run did it: the vision tower, the pruner's scoring (when it reads the
     vision attention), and every decoder layer at the length it actually had (text + that layer's visual
     tokens); ZipVL's attention restricted to its important share."""
-    flops = vision_flops(model)
     vp = policy.vision_pruners
-    if vp and vp[0].needs_attention:
+    scored = bool(vp) and vp[0].needs_attention
+    flops = vision_flops(model, vp[0].attention_layer() if scored else None)
+    if scored:
         flops += scoring_flops(model)
     share = next((st["important_share"] for st in stats.stages if "important_share" in st), 1.0)
     for v in stats.visual_tokens_per_layer:  # ZipVL: all tokens through the linear layers, attention among

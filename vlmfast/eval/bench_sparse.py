@@ -11,8 +11,9 @@ Three parts, one JSON (``--json PATH``):
   density (kept share of the causal pairs), ideal speedup (1 / density) and recall (softmax mass kept).
 * **end_to_end**: prefill (vision tower + language model to the first logits) of a random-weight proxy with
   Qwen2-VL's layout (``Qwen2VLForConditionalGeneration``, M-RoPE, GQA, 2x2 merger, video frames through the
-  processor) on a video of >= 16k tokens, dense vs. ``mminference``, with the attention share of the
-  proxy's prefill FLOPs and the ideal speedup it allows (Amdahl), and the same share for Qwen2-VL-7B.
+  processor) on a video of >= 16k tokens through the public path, ``VLMAccelerator.generate(videos=...)``,
+  dense vs. ``mminference``, with the attention share of the proxy's prefill FLOPs and the ideal speedup it
+  allows (Amdahl), and the same share for Qwen2-VL-7B.
 * **recall**: per layer, the attention recall and density of the shipped head patterns of the embedded
   ``tiny-llava-shapes`` on multi-image ShapesWorld prompts (>= 8 images each, scenes the search never saw).
 
@@ -123,13 +124,14 @@ def build_specs(q, k, layout, patterns, block, scale) -> list[MaskSpec]:
     return [p.build(HeadContext(q[h], k[h], layout, block, scale, cache)) for h, p in enumerate(patterns)]
 
 
-def _round_times(fns: dict, repeats: int) -> dict[str, list[float]]:
+def _round_times(fns: dict, repeats: int, own_time: bool = False) -> dict[str, list[float]]:
+    """``own_time``: each function returns its own time (e.g. a stage read from its stats) instead of being timed."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):  # interleaved: every configuration once per round
         for name, fn in fns.items():
             t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+            out = fn()
+            times[name].append(out if own_time else time.perf_counter() - t0)
     return times
 
 
@@ -212,12 +214,21 @@ def proxy_spec():
                     vision_layers=1, vision_heads=2, image_size=392, patch=14, seed=0)
 
 
-def video_inputs(processor, frames: int, size: int = 392, seed: int = 0):
+VIDEO_PROMPT = "describe this picture in detail : what objects do you see ?"
+
+
+def video_frames(frames: int, size: int = 392, seed: int = 0) -> np.ndarray:
+    """A random (T, size, size, 3) uint8 video."""
     rng = np.random.default_rng(seed)
-    video = (rng.random((frames, size, size, 3)) * 255).astype("uint8")
-    text = ("<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>describe this picture in detail : what "
-            "objects do you see ?<|im_end|>\n<|im_start|>assistant\n")
-    return processor(videos=[video], text=[text], return_tensors="pt")
+    return (rng.random((frames, size, size, 3)) * 255).astype("uint8")
+
+
+def video_inputs(processor, frames: int, size: int = 392, seed: int = 0):
+    """The processor's outputs for ``video_frames`` and ``VIDEO_PROMPT`` in Qwen2-VL's chat format (the tokens
+    ``VLMAccelerator.generate(videos=[video], prompt=VIDEO_PROMPT)`` builds)."""
+    text = (f"<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>{VIDEO_PROMPT}<|im_end|>\n"
+            "<|im_start|>assistant\n")
+    return processor(videos=[video_frames(frames, size, seed)], text=[text], return_tensors="pt")
 
 
 def video_layout_from_inputs(model, inputs) -> Layout:
@@ -261,59 +272,61 @@ def quick_proxy_spec():
 
 
 def end_to_end_rows(seq_lens=(16384,), repeats: int = 2, block: int = 128, spec=None, log=print) -> list[dict]:
-    from .. import attention
+    """Prefill of the Qwen2-VL-layout proxy on a random video through the public path,
+    ``VLMAccelerator(model, processor, policy).generate(videos=[frames], prompt=..., max_new_tokens=1)``:
+    dense = ``policy=None``, sparse = a policy holding ``MMInference(heads=<head_patterns() in every layer>,
+    min_length=0, block=block)``. Each call's time is its ``stats.prefill_s``: from the processor's outputs to the
+    first-token logits, i.e. vision tower + merger, assembling the LLM's input embeddings, the sparse run's
+    layouts and the LLM prefill (the processor's tokenising / resizing and decoding are not in it).
+    A warm-up call of each, not timed, records what the timed calls do not: the density the sparse run used
+    (its stats' ``mminference`` stage entry) and the max abs difference of the first-token logits (the LM head
+    applied to the final hidden state it is given, ``search.objective.last_hidden``)."""
+    from unittest import mock
+
+    from ..accelerator import VLMAccelerator
+    from ..policy import Policy
+    from ..search.objective import last_hidden
     from ..sparse.method import HeadPatterns, MMInference, SparseRun
     from ..zoo.tiny import tiny_qwen2_vl
 
     spec = spec or proxy_spec()
     model, processor = tiny_qwen2_vl(spec)
     tc = model.config.get_text_config()
+    merge = model.config.vision_config.spatial_merge_size
     per_frame = (spec.image_size // (2 * spec.patch)) ** 2  # LLM tokens per temporal patch (2 frames)
     rows = []
     for target in seq_lens:
         frames = 2 * max(1, round((target - 40) / per_frame))
-        inputs = video_inputs(processor, frames, spec.image_size)
-        n = inputs["input_ids"].shape[1]
-        layout = video_layout_from_inputs(model, inputs)
+        video = video_frames(frames, spec.image_size)
         pats = head_patterns(tc.num_attention_heads)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "heads.json"
             HeadPatterns([{h: p for h, p in enumerate(pats)} for _ in range(tc.num_hidden_layers)],
                          "qwen2-vl-proxy", block).save(path)
-            method = MMInference(heads=str(path), min_length=0, block=block)
-            valid = inputs["attention_mask"].bool()
-            runs = []
+            policy = Policy([MMInference(heads=str(path), min_length=0, block=block)])
+            accs = {"dense": VLMAccelerator(model, processor, policy=None),
+                    "sparse": VLMAccelerator(model, processor, policy=policy)}
 
-            def sparse():
-                run = SparseRun(method, [layout], valid)
-                runs.append(run)
-                session = attention.AttentionSession(base="")
-                run.register(session, tc.num_hidden_layers)
-                with attention.installed(model, session):
-                    return model(**inputs, logits_to_keep=1).logits
+            def prefill(name: str):
+                return accs[name].generate(videos=[video], prompt=VIDEO_PROMPT, max_new_tokens=1).stats
 
-            def dense():
-                return model(**inputs, logits_to_keep=1).logits
-
-            with torch.inference_mode():
-                dense()
-                sparse()  # warm-up
-                rounds = _round_times({"dense": dense, "sparse": sparse}, repeats)
-                med = {name: statistics.median(t) for name, t in rounds.items()}
-                probe = SparseRun(method, [layout], valid)
-                probe.densities = []
-                session = attention.AttentionSession(base="")
-                probe.register(session, tc.num_hidden_layers)
-                with attention.installed(model, session):
-                    sparse_logits = model(**inputs, logits_to_keep=1).logits
-                dense_logits = dense()
-        density = sum(probe.densities) / len(probe.densities)
-        t, h, w = (int(x) for x in inputs["video_grid_thw"][0])
-        fl = prefill_flops(model, n, t * h * w, h * w, 1.0)
+            with last_hidden(model) as seen, mock.patch.object(SparseRun, "record_density", True):
+                probe = {name: prefill(name) for name in accs}  # warm-up
+            rounds = _round_times({name: lambda name=name: prefill(name).prefill_s for name in accs}, repeats,
+                                  own_time=True)
+        med = {name: statistics.median(t) for name, t in rounds.items()}
+        with torch.inference_mode():
+            dense_logits, sparse_logits = (model.get_output_embeddings()(h) for h in seen[:2])
+        st = probe["sparse"]
+        (stage,) = [x for x in st.stages if x["method"] == "mminference"]
+        density = stage["density"]
+        t, gh, gw = stage["visual_spans"][0]["grid"]  # LLM tokens: (frame groups, rows, columns)
+        n = st.text_tokens + st.visual_tokens_in
+        fl = prefill_flops(model, n, t * gh * gw * merge ** 2, gh * gw * merge ** 2, 1.0)
         share = fl["attention"] / sum(fl.values())
         ideal = 1 / ((1 - share) + share * density)
         row = {
-            "seq_len": n, "video_frames": frames, "visual_tokens": int(layout.visual.sum()),
+            "seq_len": n, "video_frames": frames, "visual_tokens": st.video_tokens_in,
             "dense_s": round(med["dense"], 3), "sparse_s": round(med["sparse"], 3),
             "speedup": round(paired_speedup(rounds, "dense", "sparse"), 3), "ideal_speedup": round(ideal, 3),
             "attention_share": round(share, 4), "density": round(density, 4),
@@ -322,7 +335,7 @@ def end_to_end_rows(seq_lens=(16384,), repeats: int = 2, block: int = 128, spec=
             "logits_max_abs_diff": round(float((sparse_logits - dense_logits).abs().max()), 5),
             "proxy": {"hidden": tc.hidden_size, "layers": tc.num_hidden_layers, "heads": tc.num_attention_heads,
                       "kv_heads": tc.num_key_value_heads, "vision_layers": model.config.vision_config.depth},
-            "repeats": repeats,
+            "repeats": repeats, "path": "VLMAccelerator.generate(videos=...)",
         }
         row["efficiency"] = round(row["speedup"] / row["ideal_speedup"], 3)
         log(f"end_to_end {n}: dense {row['dense_s']}s sparse {row['sparse_s']}s speedup {row['speedup']} "

@@ -188,14 +188,18 @@ def layouts_for(image_mask: torch.Tensor, images: list, kept: list[torch.Tensor]
 class SparseRun:
     """One request: registers the sparse kernel on every layer, keeps per-layer counts for the report."""
 
+    record_density = False
+    """True (benchmarks, e.g. ``mock.patch.object(SparseRun, "record_density", True)``): new runs record each sparse
+    head's mask density and report their mean as ``density`` (costly: O(n^2) per head)"""
+
     def __init__(self, method: MMInference, layouts: list[Layout], valid: torch.Tensor, stage=None):
         self.m, self.layouts, self.valid, self.stage = method, layouts, valid, stage
         self.prefill_len = valid.shape[1]
         self.sparse_calls = 0
         self.fallbacks: dict[str, int] = {}
         self.patterns: dict[str, int] = {}
-        self.densities: list[float] | None = None
-        """set to a list to record each sparse head's mask density (costly: O(n^2) per head; benchmarks)"""
+        self.densities: list[float] | None = [] if self.record_density else None
+        """each sparse head's mask density (a list when recording, else None)"""
 
     def register(self, session, n_layers: int) -> None:
         for layer in range(self.m.first_layer, n_layers):
@@ -265,6 +269,9 @@ class SparseRun:
         spans = [{"kind": s.kind, "grid": list(s.grid), "frame_stride": s.frame_stride, "tokens": s.end - s.start}
                  for s in self.layouts[b].spans]
         summary = f"{self.sparse_calls} sparse layers" + (f", dense: {self.fallbacks}" if self.fallbacks else "")
-        return {"stage": "prefill", "method": "mminference", "layer": None, "sparse_layers": self.sparse_calls,
-                "dense_fallbacks": dict(self.fallbacks), "head_patterns": dict(self.patterns), "visual_spans": spans,
-                "summary": summary}
+        rep = {"stage": "prefill", "method": "mminference", "layer": None, "sparse_layers": self.sparse_calls,
+               "dense_fallbacks": dict(self.fallbacks), "head_patterns": dict(self.patterns), "visual_spans": spans,
+               "summary": summary}
+        if self.densities:  # the whole batch's sparse heads
+            rep["density"] = sum(self.densities) / len(self.densities)
+        return rep
