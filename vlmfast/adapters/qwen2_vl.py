@@ -61,9 +61,8 @@ class Qwen2VLAdapter(Adapter):
             module = self.vision_layers[attention_layer].attn
             with self.capture_inputs(module) as seen, self.capture_outputs(qkv=module.qkv) as out:
                 feats = features(pixel_values, grid_thw).pooler_output
-            seen["qkv"] = out["qkv"]
             t0 = time.perf_counter()
-            attn = self._group(self._attention(module, seen), grid_thw)
+            attn = self._group(self._attention(module, seen, out["qkv"]), grid_thw)
             self.last_attention_s = time.perf_counter() - t0
         m = self.merge
         # patches are flattened as (channel, temporal, p, p); 4 consecutive patches make one merged token
@@ -92,13 +91,14 @@ class Qwen2VLAdapter(Adapter):
         return out
 
     @staticmethod
-    def _attention(module, seen: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _attention(module, seen: dict, qkv: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Head-mean attention per image / frame group from the layer's own qkv projection and its inputs."""
         from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 
         x = seen["hidden_states"]
         cu = seen.get("cu_seqlens", seen.get("arg1"))
         n = x.shape[0]
-        q, k, _ = seen["qkv"].reshape(n, 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)  # the tower's own
+        q, k, _ = qkv.reshape(n, 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
         cos, sin = seen["position_embeddings"]
         q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
         q, k = q.transpose(0, 1), k.transpose(0, 1)  # (H, N, d)

@@ -54,10 +54,11 @@ def policy_configs(specs) -> list[Config]:
     return out
 
 
-def accuracy_rows(model_name: str, limit: int, keeps=KEEPS, progress: bool = True, policies=()) -> list[dict]:
+def accuracy_rows(model_name: str, limit: int, keeps=KEEPS, progress: bool = True,
+                  extra: list[Config] = ()) -> list[dict]:
+    """ShapesWorld rows for every method at ``keeps``, then the ``extra`` (``policy_configs``) rows."""
     base = VLMAccelerator.from_pretrained(model_name, policy=None)
-    extra = policy_configs(policies)
-    cfgs = method_configs(len(base.adapter.decoder_layers), keeps) + extra
+    cfgs = method_configs(len(base.adapter.decoder_layers), keeps) + list(extra)
     rows = []
     for i, c in enumerate(tqdm(cfgs, desc="accuracy", disable=not progress)):
         acc = VLMAccelerator(base.model, base.processor, policy=c.policy)
@@ -77,9 +78,10 @@ def run(json_path=None, *, model: str = "tiny-llava-shapes", limit: int = 100, r
         decode_tokens: int = 8, keeps=KEEPS, progress: bool = True, spec=bench_prefill.PROXY,
         policies=()) -> list[dict]:
     torch.manual_seed(0)
-    acc_rows = accuracy_rows(model, limit, keeps, progress, policies)
+    extra = policy_configs(policies)
+    acc_rows = accuracy_rows(model, limit, keeps, progress, extra)
     proxy, processor = bench_prefill.build_proxy(spec)
-    cfgs = method_configs(proxy.config.text_config.num_hidden_layers, keeps) + policy_configs(policies)
+    cfgs = method_configs(proxy.config.text_config.num_hidden_layers, keeps) + extra
     speed = bench_prefill.time_configs(proxy, processor, bench_prefill.random_image(spec.image_size), cfgs, repeats,
                                        decode_tokens, progress, desc="speed (proxy)")
     rows = [{**a, **{k: s[k] for k in ("speedup", "ideal_speedup", "efficiency", "decode_ms_per_token", "kv_bytes",

@@ -281,12 +281,10 @@ def end_to_end_rows(seq_lens=(16384,), repeats: int = 2, block: int = 128, spec=
     A warm-up call of each, not timed, records what the timed calls do not: the density the sparse run used
     (its stats' ``mminference`` stage entry) and the max abs difference of the first-token logits (the LM head
     applied to the final hidden state it is given, ``search.objective.last_hidden``)."""
-    from unittest import mock
-
     from ..accelerator import VLMAccelerator
     from ..policy import Policy
     from ..search.objective import last_hidden
-    from ..sparse.method import HeadPatterns, MMInference, SparseRun
+    from ..sparse.method import HeadPatterns, MMInference, recording_density
     from ..zoo.tiny import tiny_qwen2_vl
 
     spec = spec or proxy_spec()
@@ -310,7 +308,7 @@ def end_to_end_rows(seq_lens=(16384,), repeats: int = 2, block: int = 128, spec=
             def prefill(name: str):
                 return accs[name].generate(videos=[video], prompt=VIDEO_PROMPT, max_new_tokens=1).stats
 
-            with last_hidden(model) as seen, mock.patch.object(SparseRun, "record_density", True):
+            with last_hidden(model) as seen, recording_density():
                 probe = {name: prefill(name) for name in accs}  # warm-up
             rounds = _round_times({name: lambda name=name: prefill(name).prefill_s for name in accs}, repeats,
                                   own_time=True)

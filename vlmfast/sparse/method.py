@@ -18,6 +18,7 @@ model's own kernel; each such fallback is counted in the report. The method regi
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
@@ -185,12 +186,22 @@ def layouts_for(image_mask: torch.Tensor, images: list, kept: list[torch.Tensor]
     return out
 
 
+@contextmanager
+def recording_density():
+    """Within the block, sparse runs record their heads' mask densities (their report's ``density``)."""
+    SparseRun.record_density = True
+    try:
+        yield
+    finally:
+        SparseRun.record_density = False
+
+
 class SparseRun:
     """One request: registers the sparse kernel on every layer, keeps per-layer counts for the report."""
 
     record_density = False
-    """True (benchmarks, e.g. ``mock.patch.object(SparseRun, "record_density", True)``): new runs record each sparse
-    head's mask density and report their mean as ``density`` (costly: O(n^2) per head)"""
+    """True inside ``recording_density()`` (benchmarks): new runs record each sparse head's mask density and
+    report their mean as ``density`` (costly: O(n^2) per head)"""
 
     def __init__(self, method: MMInference, layouts: list[Layout], valid: torch.Tensor, stage=None):
         self.m, self.layouts, self.valid, self.stage = method, layouts, valid, stage
