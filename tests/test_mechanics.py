@@ -8,6 +8,7 @@ import torch
 
 from conftest import make_image
 from vlmfast import FastV, Policy, VLMAccelerator
+from vlmfast._compat import cache_of
 from vlmfast.adapters import adapter_for
 
 PROMPT = "what is in the image ?"
@@ -140,7 +141,7 @@ def test_fastv_kv_cache_is_shorter_from_layer_k(models):
     def spy(*a, **k):
         out = orig(*a, **k)
         if not lengths:
-            lengths.extend(layer.keys.shape[2] for layer in out.past_key_values.layers)
+            lengths.extend(layer.keys.shape[2] for layer in cache_of(out).layers)
         return out
 
     model.forward = spy

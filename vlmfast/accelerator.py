@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import torch
 
 from . import attention
+from ._compat import CACHE_KW, cache_of
 from .adapters import adapter_for
 from .adapters.base import ImageTokens
 from .decoding import GenerationArgs, TokenChooser, kv_cache_bytes
@@ -368,7 +369,7 @@ class VLMAccelerator:
                 t_llm = _now(device)
                 out = model(inputs_embeds=embeds, attention_mask=mask,
                             position_ids=adapter.model_position_ids(positions), use_cache=True, logits_to_keep=1)
-                cache = out.past_key_values
+                cache = cache_of(out)
                 for run in runs:  # 4. cache transforms (ZipVL's mixed-precision or evicted KV)
                     run.transform_cache(cache)
                 if branches is not None:  # DAMRO / AGLA: each branch prefills into its own cache
@@ -476,7 +477,7 @@ class VLMAccelerator:
     def _step(self, tok, cache, mask, next_pos):
         """Feed one token per row; positions continue from the original (unpruned) maximum."""
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-        out = self.model(input_ids=tok[:, None], attention_mask=mask, past_key_values=cache, use_cache=True,
+        out = self.model(input_ids=tok[:, None], attention_mask=mask, use_cache=True, **{CACHE_KW: cache},
                          position_ids=self.adapter.model_position_ids(next_pos))
         return out.logits[:, -1].float(), mask, next_pos + 1
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 import torch
 
+from ._compat import cache_from_kwargs
 from .attention import AttentionSession, last_query_attention
 from .hooks import layer_pre_hooks
 from .pruners.base import LayerPruner
@@ -150,7 +151,7 @@ class LayerStage:
                     st.cached = self._slice_kwargs(kwargs, st)
                 new.update(st.cached)
             else:
-                kv_len = kwargs["past_key_values"].get_seq_length(0) - self.prefill_len + st.keep.shape[1]
+                kv_len = cache_from_kwargs(kwargs).get_seq_length(0) - self.prefill_len + st.keep.shape[1]
                 new["attention_mask"] = self._mask(kwargs.get("attention_mask"), st, False, kv_len)
             if args:
                 return (hidden, *args[1:]), new

@@ -21,6 +21,7 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field
 
+from .._compat import cache_from_kwargs
 from ..adapters.base import ModelInfo
 from ..errors import PolicyError
 from ..kv_quant import EvictedLayer, MixedPrecisionLayer
@@ -145,7 +146,7 @@ class ZipVLRun:
             idx, real = self.evicted[layer_idx]
             mask = kwargs.get("attention_mask")
             b = idx.shape[0]
-            n_new = kwargs["past_key_values"].layers[layer_idx].get_seq_length() - self.prefill_len + 1
+            n_new = cache_from_kwargs(kwargs).layers[layer_idx].get_seq_length() - self.prefill_len + 1
             tail_valid = torch.ones(b, n_new, dtype=torch.bool, device=idx.device)
             if mask is None:
                 if bool(real.all()):

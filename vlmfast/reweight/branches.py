@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from .. import attention
+from .._compat import cache_of
 from .base import combine
 
 
@@ -131,7 +132,7 @@ class Branches:
                     stack.enter_context(br.var_run.hooks(adapter.decoder_layers))
                 out = model(inputs_embeds=built["embeds"], attention_mask=mask,
                             position_ids=adapter.model_position_ids(positions), use_cache=True, logits_to_keep=1)
-            br.cache, br.logits = out.past_key_values, out.logits[:, -1].float()
+            br.cache, br.logits = cache_of(out), out.logits[:, -1].float()
             br.prefill_s = time.perf_counter() - t0
             self.branches.append(br)
 
