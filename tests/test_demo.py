@@ -398,3 +398,40 @@ def test_browser_end_to_end(tmp_path):
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
+
+
+def test_gradio_picture_cache_is_never_seen_half_written(tmp_path):
+    """Concurrent requests that return the same picture write the same cache file; a reader must always see it
+    whole (Gradio's own save_pil_to_cache truncates and rewrites it: the server then fails the download)."""
+    import threading
+
+    from vlmfast.demo.app import _gradio
+
+    _gradio()
+    from gradio import processing_utils as pu
+
+    assert getattr(pu.save_pil_to_cache, "vlmfast_atomic", False)
+    img = Image.fromarray((np.random.default_rng(0).random((768, 768, 3)) * 255).astype(np.uint8))  # ~1.7 MB
+    size = len(pu.encode_pil_to_bytes(img, "png"))
+    path = Path(pu.save_pil_to_cache(img, str(tmp_path), format="png"))
+    assert path.stat().st_size == size and path.read_bytes() == pu.encode_pil_to_bytes(img, "png")
+    inode = path.stat().st_ino
+    stop, sizes = threading.Event(), []
+
+    def writer():
+        while not stop.is_set():
+            pu.save_pil_to_cache(img, str(tmp_path), format="png")
+
+    threads = [threading.Thread(target=writer) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            sizes.append(path.stat().st_size)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert set(sizes) == {size}
+    assert path.stat().st_ino == inode  # an existing picture is not rewritten

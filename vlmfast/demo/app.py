@@ -12,6 +12,8 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from ..errors import VlmfastError
@@ -29,7 +31,38 @@ def _gradio():
         import gradio as gr
     except ImportError:
         raise VlmfastError("the demo needs Gradio: pip install 'vlmfast[demo]'") from None
+    _atomic_picture_cache()
     return gr
+
+
+def _atomic_picture_cache() -> None:
+    """Make Gradio write the pictures it serves atomically.
+
+    Gradio stores a returned picture under the hash of its bytes with ``save_pil_to_cache``, which rewrites the file
+    in place (truncate, then write) even when it exists. Two concurrent requests that return the same picture (the
+    unpruned token grid of one image, the same mask) then race: one client downloads the file while the other
+    request rewrites it, and the server fails the download ("Too little data for declared Content-Length"). The
+    replacement writes under a temporary name and renames into place, as Gradio's own ``save_file_to_cache``
+    does, and skips the write when the file exists (the name is a hash of the bytes)."""
+    from gradio import processing_utils as pu
+
+    if getattr(pu.save_pil_to_cache, "vlmfast_atomic", False) or not hasattr(pu, "encode_pil_to_bytes"):
+        return
+
+    def save_pil_to_cache(img, cache_dir: str, name: str = "image", format: str = "webp") -> str:
+        data = pu.encode_pil_to_bytes(img, format)
+        folder = Path(cache_dir) / pu.hash_bytes(data)
+        folder.mkdir(exist_ok=True, parents=True)
+        path = (folder / f"{name}.{format}").resolve()
+        if not path.exists():
+            fd, staging = tempfile.mkstemp(dir=folder, prefix=f".{name}.")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(staging, path)
+        return str(path)
+
+    save_pil_to_cache.vlmfast_atomic = True
+    pu.save_pil_to_cache = save_pil_to_cache
 
 
 def _path(payload) -> str | None:
