@@ -565,3 +565,25 @@ def test_evicting_kv_cache_is_refused_clearly(models):
         acc.generate(images=[make_image(1)], prompt=PROMPT, max_new_tokens=4, ground=True, ground_phrases="red circle")
     # the accelerator is still usable, without grounding
     assert acc.generate(images=[make_image(1)], prompt=PROMPT, max_new_tokens=2).grounding is None
+
+
+@pytest.mark.parametrize("rows", ["phrase", "answer", "phrase+answer", "reply", "phrase+reply"])
+def test_phrase_rows_choose_the_named_query_rows(models, rows):
+    """Known answer: the phrase's own token positions, the last prompt position (it chose answer token 0) and
+    one decode step per later answer token (step i - 1 chose token i; the last token's step never ran)."""
+    from vlmfast.grounding.pipeline import phrase_rows
+
+    tok = models["llava"][1].tokenizer
+    ids = tok("where is the red circle ?", add_special_tokens=False)["input_ids"]
+    own = tok("where is the", add_special_tokens=False)["input_ids"]
+    n = len(ids)
+    span = list(range(len(own), len(own) + len(tok(" red circle", add_special_tokens=False)["input_ids"])))
+    inputs = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, n, dtype=torch.long)}
+    positions, valid = torch.arange(n)[None, None], torch.ones(1, n, dtype=torch.bool)
+    answer = tok("top left .", add_special_tokens=False)["input_ids"]
+    (pr,) = phrase_rows(tok, GroundingConfig(prompt_rows=rows, answer_objects=False), inputs, positions, valid, 0,
+                        ["red circle"], answer, decode_steps=len(answer) - 1)
+    reply = [n - 1 + i for i in range(len(answer))]
+    want = {"phrase": span, "answer": [n - 1], "phrase+answer": span + [n - 1], "reply": reply,
+            "phrase+reply": span + reply}[rows]
+    assert pr.phrase == "red circle" and pr.rows == sorted(set(want))

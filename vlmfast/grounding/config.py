@@ -48,9 +48,10 @@ class GroundingConfig:
     """sink threshold on ``max_d |x_d| / rms(x)`` (VAR's tau = 20; ordinary tokens sit near 3-6)"""
     sink_from_layer: Annotated[int, Field(ge=0)] = 2
     """sinks are detected at the inputs of layers >= this one (VAR: 2)"""
-    prompt_rows: Literal["phrase", "answer", "phrase+answer"] = "phrase+answer"
+    prompt_rows: Literal["phrase", "answer", "phrase+answer", "reply", "phrase+reply"] = "phrase+answer"
     """for a ``ground_phrases`` phrase, which query rows make its map: the phrase's own tokens, the position
-    that predicts the answer (the last prompt token, which has read the whole question), or both"""
+    that predicts the answer (the last prompt token, which has read the whole question), both, every row that
+    chose a token of the reply (that position and each decode step), or the phrase's tokens and those"""
     answer_objects: bool = True
     """also ground the object words of the generated answer (the rows that chose those words)"""
     object_words: list[str] | None = None

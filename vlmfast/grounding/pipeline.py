@@ -58,7 +58,9 @@ def phrase_rows(tokenizer, cfg: GroundingConfig, inputs, positions, valid, b: in
         for p in phrases:
             orig = find_phrase(tokenizer, ids, p)
             own = [to_assembled[i] for i in orig if i in to_assembled]
-            rows = {"phrase": own, "answer": [length - 1], "phrase+answer": own + [length - 1]}[cfg.prompt_rows]
+            reply = [length - 1] + [length + i - 1 for i in range(1, len(answer_ids)) if i - 1 < decode_steps]
+            rows = {"phrase": own, "answer": [length - 1], "phrase+answer": own + [length - 1], "reply": reply,
+                    "phrase+reply": own + reply}[cfg.prompt_rows]
             out.append(PhraseRows(p, sorted(set(rows))))
     if cfg.answer_objects and answer_ids:
         text, spans = token_spans(tokenizer, answer_ids)
