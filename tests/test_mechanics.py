@@ -153,3 +153,33 @@ def test_fastv_kv_cache_is_shorter_from_layer_k(models):
     assert dropped > 0
     assert lengths[0] == lengths[1] and all(n == lengths[0] - dropped for n in lengths[2:])
     assert out.stats.layer_avg_visual_tokens == (2 * out.stats.visual_tokens_in + 2 * out.stats.visual_tokens_final) / 4
+
+
+def test_grey_values_only_when_a_pruner_reads_them(tiny, family, monkeypatch):
+    """Known answer: a flat (200, 100, 30) image has grey value 110 under every token; without ``grey=True``
+    the adapters skip the work (0.4 s for a 16k-token video). Through generate, VFlowOpt asks for them exactly
+    when its entropy weight ``alpha`` is non-zero."""
+    import numpy as np
+    from PIL import Image
+
+    import vlmfast.pruners.vflowopt as vflowopt_module
+    from vlmfast.pruners import VFlowOpt
+
+    model, processor = tiny
+    adapter = adapter_for(model)
+    flat = Image.fromarray(np.broadcast_to(np.array([200, 100, 30], np.uint8), (112, 112, 3)).copy())
+    inputs = adapter.prepare(processor, [[flat]], [PROMPT])
+    with torch.inference_mode():
+        (plain,), _ = adapter.visual_tokens(inputs, None)
+        (grey,), _ = adapter.visual_tokens(inputs, None, grey=True)
+    assert plain.grey is None
+    assert grey.grey.shape[0] == grey.n_tokens and grey.grey.shape[1] >= grey.patches_per_token
+    assert torch.allclose(grey.grey, torch.full_like(grey.grey, 110.0), atol=1.0)
+    calls = []
+    real = vflowopt_module.patch_entropy
+    monkeypatch.setattr(vflowopt_module, "patch_entropy", lambda g: calls.append(g.shape) or real(g))
+    for alpha, want in ((0.0, 0), (0.5, 1)):
+        calls.clear()
+        VLMAccelerator(model, processor, policy=Policy([VFlowOpt(keep=0.5, alpha=alpha)])).generate(
+            images=[flat], prompt=PROMPT, max_new_tokens=1)
+        assert len(calls) == want, alpha

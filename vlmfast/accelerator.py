@@ -320,7 +320,8 @@ class VLMAccelerator:
             positions = adapter.positions(inputs)
             vp = policy.vision_pruners[0] if policy.vision_pruners else None
             attn_layer = vision_attention_layer(policy, adapter)  # the pruner's, else DAMRO's, else None
-            images = _prompt_order(*adapter.visual_tokens(inputs, attn_layer), batch_images, batch_videos)
+            needs_grey = any(p.needs_grey for p in policy.vision_pruners)
+            images = _prompt_order(*adapter.visual_tokens(inputs, attn_layer, needs_grey), batch_images, batch_videos)
             t_vis = _now(device)
             n_feat = sum(im.n_tokens for im in images)
             if n_feat != int(image_mask.sum()):

@@ -42,7 +42,8 @@ class ImageTokens:
     cls_attention: torch.Tensor | None = None
     keys: torch.Tensor | None = None
     grey: torch.Tensor | None = None
-    """(n, P) grey values in [0, 255] of the pixels under each LLM token (for entropy-based scores)"""
+    """(n, P) grey values in [0, 255] of the pixels under each LLM token (for entropy-based scores), when asked
+    for (``grey=True``: a vision pruner's ``needs_grey``)"""
     kind: str = "image"
     """"image" or "video" (sparse prefill layouts name the span's kind)"""
 
@@ -187,19 +188,21 @@ class Adapter(ABC):
 
     # -- vision ----------------------------------------------------------------------------------------------
     @abstractmethod
-    def image_tokens(self, inputs, attention_layer: int | None) -> list[ImageTokens]:
-        """Run the vision tower once; return each image's features (and the chosen layer's attention)."""
+    def image_tokens(self, inputs, attention_layer: int | None, grey: bool = False) -> list[ImageTokens]:
+        """Run the vision tower once; return each image's features (and the chosen layer's attention; and the
+        pixels' grey values under each token when ``grey``)."""
 
-    def video_tokens(self, inputs, attention_layer: int | None) -> list[ImageTokens]:
+    def video_tokens(self, inputs, attention_layer: int | None, grey: bool = False) -> list[ImageTokens]:
         """Like ``image_tokens`` for the request's videos (grid t = frame groups); none for image-only families."""
         return []
 
-    def visual_tokens(self, inputs, attention_layer: int | None) -> tuple[list[ImageTokens], list[ImageTokens]]:
+    def visual_tokens(self, inputs, attention_layer: int | None,
+                      grey: bool = False) -> tuple[list[ImageTokens], list[ImageTokens]]:
         """(images, videos), each in request order; ``last_attention_s`` is the attention-reading time of both."""
         self.last_attention_s = 0.0
-        images = self.image_tokens(inputs, attention_layer)
+        images = self.image_tokens(inputs, attention_layer, grey)
         spent, self.last_attention_s = self.last_attention_s, 0.0
-        videos = self.video_tokens(inputs, attention_layer) if self.supports_video else []
+        videos = self.video_tokens(inputs, attention_layer, grey) if self.supports_video else []
         self.last_attention_s += spent
         return images, videos
 

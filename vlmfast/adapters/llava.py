@@ -32,7 +32,7 @@ class LlavaAdapter(Adapter):
     def fallback_prompt(self, prompt: str, n_images: int, n_videos: int = 0) -> str:
         return "USER: " + "<image>\n" * n_images + prompt + " ASSISTANT:"
 
-    def image_tokens(self, inputs, attention_layer: int | None) -> list[ImageTokens]:
+    def image_tokens(self, inputs, attention_layer: int | None, grey: bool = False) -> list[ImageTokens]:
         pixel_values = inputs.get("pixel_values")
         if pixel_values is None:
             return []
@@ -53,19 +53,21 @@ class LlavaAdapter(Adapter):
             t0 = time.perf_counter()
             attn = self._attention(attn_module, seen["q"], seen["k"])
             self.last_attention_s = time.perf_counter() - t0
-        grey = unnormalise_grey(pixel_values, self.pixel_norm, channel_dim=1)  # (B, H, W)
+        greys = unnormalise_grey(pixel_values, self.pixel_norm, channel_dim=1) if grey else [None] * len(feats)
         patch = self.model.config.vision_config.patch_size
         out = []
-        for f, (a, keys), g in zip(feats, attn, grey):
+        for f, (a, keys), g in zip(feats, attn, greys):  # g: (H, W) or None
             side = int(round(f.shape[0] ** 0.5))
             if side * side != f.shape[0]:
                 raise ValueError(f"LLaVA image has {f.shape[0]} tokens, which is not a square grid")
             cls_row = None
             if a is not None and has_cls:
                 cls_row, a, keys = a[0, 1:], a[1:, 1:], keys[1:]
-            g = g[: side * patch, : side * patch].reshape(side, patch, side, patch).permute(0, 2, 1, 3)
+            if g is not None:
+                g = g[: side * patch, : side * patch].reshape(side, patch, side, patch).permute(0, 2, 1, 3)
+                g = g.reshape(side * side, patch * patch)
             out.append(ImageTokens(features=f, grid=(1, side, side), attention=a, cls_attention=cls_row, keys=keys,
-                                   grey=g.reshape(side * side, patch * patch)))
+                                   grey=g))
         return out
 
     def layers_run(self, attention_layer: int | None) -> int:

@@ -43,15 +43,16 @@ class Qwen2VLAdapter(Adapter):
         ids = inputs["input_ids"]
         return (ids == self.image_token_id) | (ids == int(self.model.config.video_token_id))
 
-    def image_tokens(self, inputs, attention_layer: int | None) -> list[ImageTokens]:
+    def image_tokens(self, inputs, attention_layer: int | None, grey: bool = False) -> list[ImageTokens]:
         return self._tokens(inputs.get("pixel_values"), inputs.get("image_grid_thw"),
-                            self.model.model.get_image_features, attention_layer, "image", self.pixel_norm)
+                            self.model.model.get_image_features, attention_layer, "image", self.pixel_norm, grey)
 
-    def video_tokens(self, inputs, attention_layer: int | None) -> list[ImageTokens]:
+    def video_tokens(self, inputs, attention_layer: int | None, grey: bool = False) -> list[ImageTokens]:
         return self._tokens(inputs.get("pixel_values_videos"), inputs.get("video_grid_thw"),
-                            self.model.model.get_video_features, attention_layer, "video", self.video_norm)
+                            self.model.model.get_video_features, attention_layer, "video", self.video_norm, grey)
 
-    def _tokens(self, pixel_values, grid_thw, features, attention_layer, kind, norm) -> list[ImageTokens]:
+    def _tokens(self, pixel_values, grid_thw, features, attention_layer, kind, norm,
+                grey: bool) -> list[ImageTokens]:
         if pixel_values is None:
             return []
         if attention_layer is None:
@@ -66,8 +67,10 @@ class Qwen2VLAdapter(Adapter):
             self.last_attention_s = time.perf_counter() - t0
         m = self.merge
         # patches are flattened as (channel, temporal, p, p); 4 consecutive patches make one merged token
-        grey = unnormalise_grey(pixel_values.view(pixel_values.shape[0], 3, -1), norm, channel_dim=1)
-        greys = torch.split(grey.view(-1, m * m * grey.shape[-1]), [f.shape[0] for f in feats])
+        greys = [None] * len(feats)
+        if grey:
+            g = unnormalise_grey(pixel_values.view(pixel_values.shape[0], 3, -1), norm, channel_dim=1)
+            greys = torch.split(g.view(-1, m * m * g.shape[-1]), [f.shape[0] for f in feats])
         return [
             ImageTokens(features=f, grid=(int(t), int(h) // m, int(w) // m), attention=a, patches_per_token=m * m,
                         keys=None if k is None else k.view(-1, m * m, k.shape[-1]).mean(1), grey=g, kind=kind)

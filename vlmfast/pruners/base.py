@@ -68,6 +68,9 @@ class VisionPruner(Method):
     stage: ClassVar[str] = "vision"
     #: set by the method: does it need the vision layer's attention, and which layer (None = feature layer)
     needs_attention: ClassVar[bool] = True
+    #: does it read ``ImageTokens.grey`` (pixel grey values per token)? The adapters compute them only then
+    #: (0.4 s for a 16k-token video)
+    needs_grey: ClassVar[bool] = False
 
     def attention_layer(self) -> int | None:
         return getattr(self, "layer", None)

@@ -92,6 +92,10 @@ class VFlowOpt(VisionPruner, LayerPruner):
     layers_field: ClassVar[str] = "llm_layers"
     uses_vision_scores: ClassVar[bool] = True
 
+    @property
+    def needs_grey(self) -> bool:  # patch entropy weighs in only when alpha != 0
+        return bool(self.alpha)
+
     def __post_init__(self):
         if len(self.llm_layers) != len(self.llm_keep):
             raise PolicyError(f"vflowopt: llm_layers ({self.llm_layers}) and llm_keep ({self.llm_keep}) must have "
@@ -101,7 +105,7 @@ class VFlowOpt(VisionPruner, LayerPruner):
         if image.attention is None:
             raise RuntimeError("VFlowOpt needs the vision layer's attention; the adapter did not capture it")
         c = context_relevance(image.attention, self.t).view(-1, image.patches_per_token).sum(1)
-        if self.alpha and image.grey is not None:
+        if self.needs_grey and image.grey is not None:
             c = c + self.alpha * patch_entropy(image.grey.float()).softmax(0)
         return c
 
