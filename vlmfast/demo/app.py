@@ -46,7 +46,8 @@ def _atomic_picture_cache() -> None:
     does, and skips the write when the file exists (the name is a hash of the bytes)."""
     from gradio import processing_utils as pu
 
-    if getattr(pu.save_pil_to_cache, "vlmfast_atomic", False) or not hasattr(pu, "encode_pil_to_bytes"):
+    if getattr(pu.save_pil_to_cache, "vlmfast_atomic", False) or not all(
+            hasattr(pu, f) for f in ("encode_pil_to_bytes", "hash_bytes")):
         return
 
     def save_pil_to_cache(img, cache_dir: str, name: str = "image", format: str = "webp") -> str:
@@ -54,11 +55,16 @@ def _atomic_picture_cache() -> None:
         folder = Path(cache_dir) / pu.hash_bytes(data)
         folder.mkdir(exist_ok=True, parents=True)
         path = (folder / f"{name}.{format}").resolve()
-        if not path.exists():
-            fd, staging = tempfile.mkstemp(dir=folder, prefix=f".{name}.")
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(staging, path)
+        if path.exists():  # touched, as Gradio's own cache does: `delete_cache` ages files by their times
+            try:
+                os.utime(path)
+            except OSError:
+                pass
+            return str(path)
+        fd, staging = tempfile.mkstemp(dir=folder, prefix=f".{name}.")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(staging, path)
         return str(path)
 
     save_pil_to_cache.vlmfast_atomic = True
