@@ -43,7 +43,7 @@ def _atomic_picture_cache() -> None:
     unpruned token grid of one image, the same mask) then race: one client downloads the file while the other
     request rewrites it, and the server fails the download ("Too little data for declared Content-Length"). The
     replacement writes under a temporary name and renames into place, as Gradio's own ``save_file_to_cache``
-    does, and skips the write when the file exists (the name is a hash of the bytes)."""
+    does; an existing file (its name is a hash of the bytes) is only touched, as Gradio touches its cached copies."""
     from gradio import processing_utils as pu
 
     if getattr(pu.save_pil_to_cache, "vlmfast_atomic", False) or not all(

@@ -52,13 +52,19 @@ def phrase_rows(tokenizer, cfg: GroundingConfig, inputs, positions, valid, b: in
                 answer_ids: list[int], decode_steps: int) -> list[PhraseRows]:
     length = valid.shape[1]
     out: list[PhraseRows] = []
+
+    def chose(toks) -> list[int]:
+        """The rows that chose answer tokens ``toks``: the last prompt token for token 0, else decode step i - 1
+        (the last token's step never ran)."""
+        return [length - 1 if i == 0 else length + i - 1 for i in toks if i - 1 < decode_steps]
+
     if phrases:
+        reply = chose(range(len(answer_ids))) or [length - 1]
         to_assembled = _assembled_index(inputs, positions, valid, b)
         ids = inputs["input_ids"][b].tolist()
         for p in phrases:
             orig = find_phrase(tokenizer, ids, p)
             own = [to_assembled[i] for i in orig if i in to_assembled]
-            reply = [length - 1] + [length + i - 1 for i in range(1, len(answer_ids)) if i - 1 < decode_steps]
             rows = {"phrase": own, "answer": [length - 1], "phrase+answer": own + [length - 1], "reply": reply,
                     "phrase+reply": own + reply}[cfg.prompt_rows]
             out.append(PhraseRows(p, sorted(set(rows))))
@@ -66,9 +72,7 @@ def phrase_rows(tokenizer, cfg: GroundingConfig, inputs, positions, valid, b: in
         text, spans = token_spans(tokenizer, answer_ids)
         merged: dict[str, list[int]] = {}
         for phrase, s, e in object_phrases(text, cfg.object_words):
-            toks = tokens_in(spans, s, e)
-            # the row that chose answer token i: the last prompt token for i = 0, else decode step i - 1
-            rows = [length - 1 if i == 0 else length + i - 1 for i in toks if i - 1 < decode_steps]
+            rows = chose(tokens_in(spans, s, e))
             if rows:
                 merged.setdefault(phrase.lower(), []).extend(rows)
         out += [PhraseRows(p, sorted(set(r))) for p, r in merged.items()]
