@@ -173,6 +173,29 @@ def test_points_pick_the_peak_of_the_heaviest_component():
     assert abs(pts[1][0] - 99.5) < 2 and abs(pts[1][1] - 0.5) < 2
 
 
+def test_centroid_point_is_the_regions_centre_of_mass():
+    # a flat 0.8 plateau over x in [20, 40), y in [10, 30) with its maximum (1.0) at one corner pixel
+    heat = torch.zeros(50, 60)
+    heat[10:30, 20:40] = 0.8
+    heat[10, 20] = 1.0
+    pts, labels, _ = prompts.initial_points(heat, 0.5, positive="centroid")
+    assert labels.tolist() == [1, 0]
+    x, y = pts[0]
+    w = heat[10:30, 20:40]  # the exact weighted mean of the pixel centres
+    ex = float((w * (torch.arange(20, 40) + 0.5)[None, :]).sum() / w.sum())
+    ey = float((w * (torch.arange(10, 30) + 0.5)[:, None]).sum() / w.sum())
+    assert abs(x - ex) < 1e-4 and abs(y - ey) < 1e-4 and abs(x - 30) < 0.1 and abs(y - 20) < 0.1
+    assert tuple(prompts.initial_points(heat, 0.5, positive="peak")[0][0]) == (20.5, 10.5)
+    # a ring: the centre of mass (25, 25) lies outside the region, so the nearest region pixel is taken
+    yy, xx = torch.meshgrid(torch.arange(50) + 0.5, torch.arange(50) + 0.5, indexing="ij")
+    r = ((xx - 25) ** 2 + (yy - 25) ** 2).sqrt()
+    ring = ((r >= 10) & (r < 13)).float()
+    (x, y), _ = prompts.centroid(ring, ring > 0), None
+    assert bool(ring[int(y), int(x)] > 0) and 10 <= ((x - 25) ** 2 + (y - 25) ** 2) ** 0.5 < 11
+    with pytest.raises(ValueError, match="positive"):
+        prompts.initial_points(heat, 0.5, positive="middle")
+
+
 def test_refinement_points_known_answer():
     heat = _blob(40, 40, 20.5, 20.5, 5.0)
     region = heat >= 0.5

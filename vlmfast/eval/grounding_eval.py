@@ -10,6 +10,8 @@ visible mask:
 * ``peak_point_miou`` / ``peak_pointing``: (b) one positive point at the same map's peak, one SAM call;
 * ``vlsam_map_miou`` / ``vlsam_map_pointing``: (a) with VL-SAM's own map (mean-max head weights and the
   regularised attention flow over all layers) instead of the policy's;
+* ``peak_positive_miou``: (a) with VL-SAM's positive point (the map's peak in the positive region) instead of
+  the config's ``positive_point`` (same maps, negative point and SAM; compare with ``miou``);
 * ``upper_bound_miou``: (c) one positive point at the ground-truth centre (``center_point``), one SAM call;
 * ``pruned_miou`` / ``pruned_pointing``: (d) (a) with FoPru keeping 25% of the visual tokens;
 * ``time``: what grounding adds to a generate call (:data:`TIME_PROTOCOL`; :func:`time_overhead`), on the first
@@ -76,9 +78,11 @@ def _peak(heat: np.ndarray) -> tuple[float, float]:
 def evaluate_grounding(acc, scenes, image, batch: int = 16, progress: bool = True, timing: int = 30,
                        pruned_keep: float = 0.25) -> dict:
     """The ``grounding`` section of the ShapesWorld evaluation (see the module docstring)."""
+    import torch
+
     from ..grounding import GroundingConfig
     from ..pruners import FoPru
-    from ..grounding.segmenter import segment_points
+    from ..grounding.segmenter import segment, segment_points
     from ..zoo.sam import center_point
 
     cfg = acc.policy.grounding or GroundingConfig()
@@ -93,13 +97,15 @@ def evaluate_grounding(acc, scenes, image, batch: int = 16, progress: bool = Tru
     pruned = _run_grounding(_siblings(acc, cfg, [FoPru(keep=pruned_keep)]), jobs, batch, "grounding fopru", progress)
 
     predictor, emb = acc.grounder.predictor, acc.grounder.embeddings
-    peak_masks, upper_masks, peaks = [], [], []
+    peak_masks, upper_masks, peaks, peak_positive = [], [], [], []
+    peak_cfg = replace(cfg, positive_point="peak")
     for (img, _, _), g, gt in zip(jobs, main, gts):
         emb.set(np.asarray(img))
         p = _peak(g.heatmap)
         peaks.append(p)
         peak_masks.append(segment_points(predictor, [p], [1])[0])
         upper_masks.append(segment_points(predictor, [center_point(gt)], [1])[0])
+        peak_positive.append(segment(predictor, torch.from_numpy(g.heatmap), peak_cfg).mask)
 
     def miou(masks):
         return float(np.mean([mask_iou(m, t) for m, t in zip(masks, gts)]))
@@ -110,6 +116,7 @@ def evaluate_grounding(acc, scenes, image, batch: int = 16, progress: bool = Tru
         "pointing": pointing_accuracy([_first_positive(g) for g in main], gts),
         "map_pointing": pointing_accuracy(peaks, gts),
         "peak_point_miou": miou(peak_masks),
+        "peak_positive_miou": miou(peak_positive),
         "vlsam_map_miou": miou([g.mask for g in vlsam]),
         "vlsam_map_pointing": pointing_accuracy([_first_positive(g) for g in vlsam], gts),
         "upper_bound_miou": miou(upper_masks),

@@ -58,6 +58,10 @@ class GroundingConfig:
     """object nouns to ground in answers (default: ShapesWorld's shapes and the 80 COCO categories)"""
     threshold: Annotated[float, Field(gt=0, lt=1)] = 0.5
     """positive region: map >= threshold * max, largest connected component by attention mass"""
+    positive_point: Literal["centroid", "peak"] = "centroid"
+    """where in the positive region the positive point goes: its heat-weighted centre of mass (default: chosen on
+    the dev split, where it moved mIoU from 0.613 to 0.640), or the map's peak there (VL-SAM's choice; the peak
+    of a bicubically upsampled token map often sits at an object's edge or between two objects)"""
     negative_point: bool = True
     """add one negative point at the map's lowest point (farthest from the positive one)"""
     use_box: bool = False

@@ -83,6 +83,20 @@ def peak(heat: torch.Tensor, region: torch.Tensor | None = None) -> tuple[float,
     return i % heat.shape[1] + 0.5, i // heat.shape[1] + 0.5
 
 
+def centroid(heat: torch.Tensor, region: torch.Tensor) -> tuple[float, float]:
+    """(x, y) of the heat-weighted centre of mass of ``region`` (pixel centres); when that falls outside the
+    region (a ring, a crescent), the region's pixel nearest to it."""
+    ys, xs = torch.nonzero(region, as_tuple=True)
+    x, y = xs.float() + 0.5, ys.float() + 0.5
+    w = heat[ys, xs].float().clamp(min=0)
+    w = w if float(w.sum()) > 0 else torch.ones_like(w)
+    cx, cy = float((x * w).sum() / w.sum()), float((y * w).sum() / w.sum())
+    if bool(region[min(int(cy), region.shape[0] - 1), min(int(cx), region.shape[1] - 1)]):
+        return cx, cy
+    k = int(((x - cx) ** 2 + (y - cy) ** 2).argmin())
+    return float(x[k]), float(y[k])
+
+
 def lowest(heat: torch.Tensor, away_from: tuple[float, float], exclude: torch.Tensor | None = None,
            tol: float = 0.05) -> tuple[float, float]:
     """(x, y) of the lowest part of ``heat`` outside ``exclude``: among pixels within ``tol`` x max of the
@@ -104,13 +118,19 @@ def bbox(mask: torch.Tensor | np.ndarray) -> np.ndarray | None:
     return np.array([int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1], dtype=np.float32)
 
 
-def initial_points(heat: torch.Tensor, threshold: float,
-                   negative: bool = True) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
-    """VL-SAM's first prompt: the positive region, its peak (label 1) and the map's lowest point (label 0).
-    Returns (points N x 2, labels N, region)."""
+def initial_points(heat: torch.Tensor, threshold: float, negative: bool = True,
+                   positive: str = "peak") -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+    """VL-SAM's first prompt: the positive region, a positive point in it (label 1; ``positive``: ``peak``, the
+    map's maximum there as in VL-SAM, or ``centroid``, the region's heat-weighted centre of mass) and the map's
+    lowest point (label 0). Returns (points N x 2, labels N, region)."""
+    if positive not in ("peak", "centroid"):
+        raise ValueError(f"positive = {positive!r}; expected 'peak' or 'centroid'")
     small, sx, sy = work_copy(heat)
     region, region_small = _region(heat, threshold, small, sx, sy)
-    pos = peak(heat, region if bool(region.any()) else None)
+    if not bool(region.any()):
+        pos = peak(heat)
+    else:
+        pos = centroid(heat, region) if positive == "centroid" else peak(heat, region)
     pts, labels = [pos], [1]
     if negative:  # found on the work copy: a cell centre, scaled back
         x, y = lowest(small, (pos[0] / sx, pos[1] / sy), exclude=region_small)

@@ -203,8 +203,8 @@ def _predict_batch(predictor, points: list, labels: list, boxes: list, multimask
 def segment_all(predictor, heats: list[torch.Tensor], cfg: GroundingConfig) -> list[Segmentation]:
     """VL-SAM's prompt generation and iterative refinement on maps of the image the predictor holds:
 
-    1. per map, the positive region, its peak (+) and lowest point (-) (:func:`~.prompts.initial_points`),
-       optional box;
+    1. per map, the positive region, its centroid or peak (+, ``cfg.positive_point``) and lowest point (-)
+       (:func:`~.prompts.initial_points`), optional box;
     2. SAM for all maps at once (``cfg.multimask``: three candidates each, best by predicted IoU);
     3. per map, ``cfg.refine`` rounds: :func:`~.prompts.refinement_points` (plus the previous low-res logits as
        ``mask_input`` when mask feedback is on); stops when no point is added (after at least one cascade when
@@ -212,7 +212,8 @@ def segment_all(predictor, heats: list[torch.Tensor], cfg: GroundingConfig) -> l
     """
     firsts = []
     for heat in heats:
-        points, labels, region = prompts.initial_points(heat, cfg.threshold, cfg.negative_point)
+        points, labels, region = prompts.initial_points(heat, cfg.threshold, cfg.negative_point,
+                                                         cfg.positive_point)
         firsts.append((points, labels, region,
                        prompts.bbox(region) if cfg.use_box and bool(region.any()) else None))
     predicted = _predict_batch(predictor, [f[0] for f in firsts], [f[1] for f in firsts], [f[3] for f in firsts],
