@@ -100,6 +100,16 @@ def _bench_sparse(a) -> int:
     return 0
 
 
+def _bench_grounding(a) -> int:
+    from .eval import bench_grounding, bench_prefill
+
+    rows = bench_grounding.run(a.json, spec=bench_prefill.QUICK if a.quick else bench_prefill.PROXY,
+                               sam_types=tuple(a.sam_type), repeats=a.repeats, decode_tokens=a.decode_tokens,
+                               threads=a.threads)
+    print(bench_grounding.table(rows, markdown=a.markdown))
+    return 0
+
+
 def _bench_prune(a) -> int:
     from .eval import bench_prune
 
@@ -208,6 +218,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also bench this policy file (repeatable), e.g. tiny-llava-shapes-vflowopt-25")
     bq.add_argument("--markdown", action="store_true")
     bq.set_defaults(func=_bench_prune)
+    bg = bsub.add_parser("grounding", help="what ground=True adds to a generate call, with SAM and the VLM at the "
+                                           "compute ratio of SAM ViT-B/L/H and LLaVA-1.5-7B (random-weight proxies)")
+    bg.add_argument("--json", help="write the rows as JSON to this path")
+    bg.add_argument("--sam-type", nargs="+", default=["vit_b", "vit_l", "vit_h"], choices=["vit_b", "vit_l", "vit_h"])
+    bg.add_argument("--repeats", type=int, default=5)
+    bg.add_argument("--decode-tokens", type=int, default=8)
+    bg.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    bg.add_argument("--quick", action="store_true", help="the tiny VLM proxy (for smoke tests only)")
+    bg.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    bg.set_defaults(func=_bench_grounding)
 
     e = sub.add_parser("eval", help="accuracy / hallucination evaluations")
     esub = e.add_subparsers(dest="eval", required=True)

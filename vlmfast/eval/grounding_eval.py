@@ -162,6 +162,36 @@ TIME_PROTOCOL = (
 )
 
 
+def interleaved_times(acc, requests, name: str = "") -> dict:
+    """Per request, back to back: a plain generate call, the call with ``ground=True`` after SAM's embeddings are
+    cleared (a new image), and the call with ``ground=True`` again (SAM holds the image). ``requests``: (images,
+    generate kwargs, kwargs only the ground=True calls get). Wall-clock and process-CPU medians, keys prefixed
+    with ``name`` (:data:`TIME_PROTOCOL`)."""
+    emb = acc.grounder.embeddings
+    plain, cold, warm, stage, phrases, cpu = [], [], [], [], [], []
+    for images, kw, extra in requests:
+        emb.forget()
+        c0, t0 = time.process_time(), time.perf_counter()
+        acc.generate(images=images, **kw)
+        c1, t1 = time.process_time(), time.perf_counter()
+        acc.generate(images=images, ground=True, **kw, **extra)  # SAM encodes the image within the call
+        c2, t2 = time.process_time(), time.perf_counter()
+        out = acc.generate(images=images, ground=True, **kw, **extra)
+        c3, t3 = time.process_time(), time.perf_counter()
+        cpu.append((c1 - c0, c2 - c1, c3 - c2))
+        plain.append(t1 - t0)
+        cold.append(t2 - t1)
+        warm.append(t3 - t2)
+        stage.append(out.stats.grounding_s)
+        phrases.append(len(out.grounding))
+    p, c, w = statistics.median(plain), statistics.median(cold), statistics.median(warm)
+    cp, cc, cw = (statistics.median(x[k] for x in cpu) for k in range(3))
+    return {"cpu": {f"{name}generate_s": cp, f"{name}overhead": cc / cp - 1, f"{name}overhead_warm": cw / cp - 1},
+            f"{name}generate_s": p, f"{name}generate_ground_s": c, f"{name}generate_ground_warm_s": w,
+            f"{name}grounding_stage_s": statistics.median(stage), f"{name}overhead": c / p - 1,
+            f"{name}overhead_warm": w / p - 1, f"{name}phrases": statistics.mean(phrases)}
+
+
 def time_overhead(acc, jobs) -> dict:
     """What ``ground=True`` adds to a generate call (:data:`TIME_PROTOCOL`). ``jobs``: (image, referring
     question, phrase), one per scene."""
@@ -169,39 +199,18 @@ def time_overhead(acc, jobs) -> dict:
 
     from .shapes_eval import CAPTION_PROMPT
 
-    emb = acc.grounder.embeddings
     for img, prompt, phrase in jobs[:2]:  # warm-up
         acc.generate(images=[img], prompt=prompt, max_new_tokens=MAX_NEW_TOKENS)
         acc.generate(images=[img], prompt=prompt, max_new_tokens=MAX_NEW_TOKENS, ground=True, ground_phrases=[phrase])
     res: dict = {"protocol": TIME_PROTOCOL, "load_average": [os.getloadavg()[0]],
-                 "torch_threads": torch.get_num_threads()}
-    for name, kind in (("", "referring"), ("caption_", "caption")):
-        plain, cold, warm, stage, phrases, cpu = [], [], [], [], [], []
-        for img, prompt, phrase in jobs:
-            kw = (dict(prompt=prompt, max_new_tokens=MAX_NEW_TOKENS) if kind == "referring"
-                  else dict(prompt=CAPTION_PROMPT, max_new_tokens=48))
-            extra = dict(ground_phrases=[phrase]) if kind == "referring" else {}
-            emb.forget()
-            c0, t0 = time.process_time(), time.perf_counter()
-            acc.generate(images=[img], **kw)
-            c1, t1 = time.process_time(), time.perf_counter()
-            acc.generate(images=[img], ground=True, **kw, **extra)  # SAM encodes the image within the call
-            c2, t2 = time.process_time(), time.perf_counter()
-            out = acc.generate(images=[img], ground=True, **kw, **extra)
-            c3, t3 = time.process_time(), time.perf_counter()
-            cpu.append((c1 - c0, c2 - c1, c3 - c2))
-            plain.append(t1 - t0)
-            cold.append(t2 - t1)
-            warm.append(t3 - t2)
-            stage.append(out.stats.grounding_s)
-            phrases.append(len(out.grounding))
-        p, c, w = statistics.median(plain), statistics.median(cold), statistics.median(warm)
-        cp, cc, cw = (statistics.median(x[k] for x in cpu) for k in range(3))
-        res.setdefault("cpu", {}).update({f"{name}generate_s": cp, f"{name}overhead": cc / cp - 1,
-                                          f"{name}overhead_warm": cw / cp - 1})
-        res.update({f"{name}generate_s": p, f"{name}generate_ground_s": c, f"{name}generate_ground_warm_s": w,
-                    f"{name}grounding_stage_s": statistics.median(stage), f"{name}overhead": c / p - 1,
-                    f"{name}overhead_warm": w / p - 1, f"{name}phrases": statistics.mean(phrases)})
+                 "torch_threads": torch.get_num_threads(), "cpu": {}}
+    referring = [([img], dict(prompt=prompt, max_new_tokens=MAX_NEW_TOKENS), dict(ground_phrases=[phrase]))
+                 for img, prompt, phrase in jobs]
+    caption = [([img], dict(prompt=CAPTION_PROMPT, max_new_tokens=48), {}) for img, _, _ in jobs]
+    for name, requests in (("", referring), ("caption_", caption)):
+        times = interleaved_times(acc, requests, name)
+        res["cpu"].update(times.pop("cpu"))
+        res.update(times)
     res["load_average"].append(os.getloadavg()[0])
     return {"n": len(jobs), **res}
 
