@@ -1,8 +1,9 @@
 """Point prompts from an attention map (VL-SAM's prompt generation; spec section 4.1 step 3-4).
 
 Threshold the map, keep the connected component holding the most attention mass as the positive region, put
-the positive point at the map's peak inside it and the negative point at the map's lowest value (the one
-farthest from the positive point among ties). After a SAM round, :func:`refinement_points` adds a positive
+the positive point at the map's peak inside it (VL-SAM) or at the region's heat-weighted centroid (vlmfast's
+default, ``GroundingConfig.positive_point``) and the negative point at the map's lowest value (the one farthest
+from the positive point among ties). After a SAM round, :func:`refinement_points` adds a positive
 point where the map is strong but the mask is missing and a negative one where the mask covers pixels the
 map says are empty. Points are (x, y) pixel centres: pixel (row i, column j) is the point (j + 0.5, i + 0.5).
 """
