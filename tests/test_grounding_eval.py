@@ -65,3 +65,17 @@ def test_evaluate_grounding_fields_on_one_scene():
     assert n_kinds == res["n"]
     t = res["time"]
     assert t["n"] == 1 and t["generate_s"] > 0 and "caption_overhead" in t and np.isfinite(t["overhead"])
+
+
+def test_bench_grounding_cli(tmp_path, capsys):
+    import json
+
+    from vlmfast.cli import main
+
+    path = tmp_path / "g.json"
+    rc = main(["bench", "grounding", "--quick", "--repeats", "1", "--sam-type", "vit_b", "--decode-tokens", "1",
+               "--json", str(path), "--markdown"])
+    data = json.loads(path.read_text())
+    assert rc == 0 and [r["sam_type"] for r in data["rows"]] == ["vit_b"]
+    assert data["llava7b_prefill_flops"] > 1e12 and data["proxy_prefill_flops"] > 0
+    assert "| vit_b (11.1%) |" in capsys.readouterr().out
