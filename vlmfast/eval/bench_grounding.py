@@ -23,6 +23,7 @@ time, not masks.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -83,9 +84,10 @@ def sam_config(layout: SamLayout):
                            decoder_heads=8, iou_head_hidden_dim=256)
 
 
+@functools.lru_cache(maxsize=None)
 def encoder_flops(layout: SamLayout | str) -> float:
     """FLOPs (multiply-add = 2) of one image-encoder pass: ``vit_b`` / ``vit_l`` / ``vit_h`` or a layout; counted
-    on a meta-device model (nothing is computed or allocated)."""
+    on a meta-device model (nothing is computed or allocated) once per layout."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
@@ -101,13 +103,9 @@ def llava_7b_prefill_flops(text_tokens: int) -> float:
     from types import SimpleNamespace as NS
 
     v, t = NS(**LLAVA_7B["vision"]), NS(**LLAVA_7B["text"])
-    n = (v.image_size // v.patch_size) ** 2 + 1
-    tower = (v.num_hidden_layers - 1) * (2 * n * (4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size)
-                                         + 4 * n * n * v.hidden_size)  # layers up to the feature layer (-2)
-    projector = 2 * (n - 1) * (v.hidden_size * t.hidden_size + t.hidden_size ** 2)
-    model = NS(config=NS(text_config=t))
-    length = n - 1 + text_tokens
-    return tower + projector + t.num_hidden_layers * bench_prefill.llm_layer_flops(model, length)
+    vision = bench_prefill.tower_flops(v, t.hidden_size, v.num_hidden_layers - 1)  # up to the feature layer (-2)
+    length = (v.image_size // v.patch_size) ** 2 + text_tokens
+    return vision + t.num_hidden_layers * bench_prefill.llm_layer_flops(NS(config=NS(text_config=t)), length)
 
 
 def matched_layout(target_flops: float, depth: int = 6) -> SamLayout:

@@ -61,12 +61,17 @@ def configs(keeps=(0.5, 0.25, 0.1), fastv_layer: int = 2) -> list[Config]:
 # -- FLOPs (multiply-add = 2) -------------------------------------------------------------------------------
 def vision_flops(model, attention_layer: int | None = None) -> float:
     """The tower's layers that run (up to the feature layer, or the scored layer if later) and the projector."""
-    vc = model.config.vision_config
+    return tower_flops(model.config.vision_config, model.config.text_config.hidden_size,
+                       adapter_for(model).layers_run(attention_layer))
+
+
+def tower_flops(vc, text_hidden: int, layers: int) -> float:
+    """``layers`` CLIP layers over the patches + CLS of vision config ``vc``, and the 2-layer projector into a
+    decoder of width ``text_hidden``."""
     n = (vc.image_size // vc.patch_size) ** 2 + 1
-    d, ff, layers = vc.hidden_size, vc.intermediate_size, adapter_for(model).layers_run(attention_layer)
+    d, ff = vc.hidden_size, vc.intermediate_size
     per_layer = 2 * n * (4 * d * d + 2 * d * ff) + 4 * n * n * d
-    tc = model.config.text_config
-    projector = 2 * (n - 1) * (d * tc.hidden_size + tc.hidden_size * tc.hidden_size)
+    projector = 2 * (n - 1) * (d * text_hidden + text_hidden * text_hidden)
     return layers * per_layer + projector
 
 
