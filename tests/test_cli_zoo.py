@@ -76,7 +76,7 @@ def test_bench_prefill_quick_rows(tmp_path):
 
 
 def test_bench_prune_rows_cover_every_method():
-    from vlmfast.eval import bench_prefill, bench_prune
+    from vlmfast.bench import prefill as bench_prefill, prune as bench_prune
 
     policy = {"name": "my-vflowopt", "methods": [{"method": "vflowopt", "keep": 0.25, "m": 2.0}]}
     rows = bench_prune.run(None, model="tiny-random-llava", limit=2, repeats=1, decode_tokens=2, keeps=(0.25,),
@@ -95,7 +95,7 @@ def test_bench_prune_rows_cover_every_method():
 
 def test_tiny_llava_shapes_loads_by_name_offline_with_its_default_policy():
     from vlmfast.zoo import SHIPPED
-    from vlmfast.zoo.llava_shapes import vocabulary
+    from training.llava_shapes import vocabulary
 
     if not (SHIPPED["tiny-llava-shapes"][0] / "config.json").is_file():
         pytest.skip("tiny-llava-shapes weights are not in this checkout")

@@ -25,7 +25,7 @@ from PIL import Image
 from vlmfast import InputError, PolicyError, VLMAccelerator
 from vlmfast.demo import engine as E
 from vlmfast.demo import render
-from vlmfast.eval.shapes import generate_scene
+from vlmfast.datasets.shapes import generate_scene
 from vlmfast.policy import Policy, load_policy
 from vlmfast.pruners import FastV, FoPru, n_keep
 

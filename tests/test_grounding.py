@@ -231,7 +231,7 @@ def sam_predictor():
 
 
 def test_synthetic_map_through_tiny_sam_gives_the_object_mask(sam_predictor):
-    from vlmfast.eval.shapes import generate_scene, mask_iou, split_seeds
+    from vlmfast.datasets.shapes import generate_scene, mask_iou, split_seeds
     from vlmfast.grounding.segmenter import segment
 
     scene = generate_scene(split_seeds("test", 3)[2], 336)
@@ -251,7 +251,7 @@ def test_synthetic_map_through_tiny_sam_gives_the_object_mask(sam_predictor):
 def test_phrases_of_one_image_are_prompted_in_one_batch(sam_predictor):
     """segment_all prompts SAM once for several maps of the image it holds: the same points, masks and scores as
     one call per map (with and without the region's box)."""
-    from vlmfast.eval.shapes import generate_scene, split_seeds
+    from vlmfast.datasets.shapes import generate_scene, split_seeds
     from vlmfast.grounding.segmenter import ImageEmbeddings, segment, segment_all
 
     scene = generate_scene(split_seeds("test", 3)[1], 336)

@@ -9,7 +9,7 @@ import pytest
 
 from vlmfast import VLMAccelerator
 from vlmfast.cli import main
-from vlmfast.eval import hallucination, shapes_eval
+from vlmfast.eval import hallucination, shapes as shapes_eval
 from vlmfast.policy import load_policy, shipped_policies
 
 EXAMPLES = ["tiny-llava-shapes-var", "tiny-llava-shapes-damro", "tiny-llava-shapes-agla",

@@ -26,11 +26,11 @@ from lmms_eval.api.instance import Instance, unwrap_generation_output  # noqa: E
 from loguru import logger as loguru_logger  # noqa: E402
 
 from vlmfast import InputError, VLMAccelerator  # noqa: E402
-from vlmfast.eval import shapes_eval  # noqa: E402
-from vlmfast.eval.lmms import task_utils  # noqa: E402
-from vlmfast.eval.lmms.tasks import TASK_NAMES, export_lmms  # noqa: E402
-from vlmfast.eval.shapes import (  # noqa: E402
-    POPE_SPLITS, caption_objects, chair, iter_scenes, pope_items, pope_metrics, vqa_accuracy, vqa_items,
+from vlmfast.eval import shapes as shapes_eval  # noqa: E402
+from vlmfast.integrations.lmms_eval import task_utils  # noqa: E402
+from vlmfast.integrations.lmms_eval.tasks import TASK_NAMES, export_lmms  # noqa: E402
+from vlmfast.datasets.shapes import (  # noqa: E402
+    CAPTION_PROMPT, POPE_SPLITS, caption_objects, chair, iter_scenes, pope_items, pope_metrics, vqa_accuracy, vqa_items,
 )
 from vlmfast.zoo import SHIPPED  # noqa: E402
 
@@ -76,7 +76,7 @@ def task_dir(tmp_path_factory, patched):
 
 @pytest.fixture(scope="module")
 def chat_lm(patched):
-    from vlmfast.eval.lmms.model import VlmfastChat
+    from vlmfast.integrations.lmms_eval.model import VlmfastChat
 
     return VlmfastChat(pretrained=MODEL, policy=POLICY, batch_size=3, device="cpu")
 
@@ -184,7 +184,7 @@ def test_export_writes_same_items_as_vlmfast_eval_shapes(tmp_path):
         pope = load(f"shapes_pope_{sp}")
         assert pope["question"] == [it.question for s in scenes for it in pope_items(s, sp)]
     cap = load("shapes_caption")
-    assert cap["question"] == [shapes_eval.CAPTION_PROMPT] * 3
+    assert cap["question"] == [CAPTION_PROMPT] * 3
     assert [set(tuple(o.split()) for o in objs) for objs in cap["objects"]] == [caption_objects(s) for s in scenes]
     y = (d / "shapes_pope_adversarial.yaml").read_text()
     assert "dataset_path: parquet" in y and str(d / "data" / "shapes_pope_adversarial.parquet") in y
@@ -197,7 +197,7 @@ def test_export_writes_same_items_as_vlmfast_eval_shapes(tmp_path):
 
 
 def test_python_m_entry_point(tmp_path, env):
-    p = _run([sys.executable, "-m", "vlmfast.eval.lmms.tasks", str(tmp_path / "e"), "--split", "dev", "--limit", "1"],
+    p = _run([sys.executable, "-m", "vlmfast.integrations.lmms_eval.tasks", str(tmp_path / "e"), "--split", "dev", "--limit", "1"],
              env)
     assert "shapes_vqa" in p.stdout and (tmp_path / "e" / "shapes.yaml").is_file()
 
@@ -224,8 +224,8 @@ def test_task_functions_score_like_vlmfast_metrics():
 def test_entry_point_registers_chat_and_simple_classes():
     from lmms_eval.models import get_model
 
-    from vlmfast.eval.lmms import MANIFESTS
-    from vlmfast.eval.lmms.model import VlmfastChat, VlmfastSimple
+    from vlmfast.integrations.lmms_eval import MANIFESTS
+    from vlmfast.integrations.lmms_eval.model import VlmfastChat, VlmfastSimple
 
     assert MANIFESTS[0].model_id == "vlmfast"
     assert get_model("vlmfast") is VlmfastChat and not VlmfastChat.is_simple
@@ -233,7 +233,7 @@ def test_entry_point_registers_chat_and_simple_classes():
 
 
 def test_bad_model_args_fail_clearly():
-    from vlmfast.eval.lmms.model import VlmfastChat
+    from vlmfast.integrations.lmms_eval.model import VlmfastChat
 
     with pytest.raises(InputError, match=r"unknown model_args \['bogus'\]"):
         VlmfastChat.create_from_arg_string("pretrained=tiny-random-llava,bogus=1", {"batch_size": 1})
@@ -248,7 +248,7 @@ def test_bad_model_args_fail_clearly():
 
 
 def test_inline_json_policy_from_model_args(patched):
-    from vlmfast.eval.lmms.model import VlmfastChat
+    from vlmfast.integrations.lmms_eval.model import VlmfastChat
 
     lm = VlmfastChat.create_from_arg_string(
         'pretrained=tiny-random-llava,policy={"name":"fastv-half","methods":[{"method":"fastv","layer":1,"keep":0.5}]}',
@@ -323,7 +323,7 @@ def test_unsupported_inputs_raise_clear_errors(chat_lm):
 
 
 def test_simple_class_loglikelihood_uses_lmms_eval_loss_convention(patched):
-    from vlmfast.eval.lmms.model import VlmfastSimple
+    from vlmfast.integrations.lmms_eval.model import VlmfastSimple
 
     lm = VlmfastSimple(pretrained=MODEL, policy=POLICY, batch_size=2)
     docs = _docs()
@@ -352,7 +352,7 @@ def test_multiple_choice_task_through_the_evaluator(task_dir, patched):
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
 
-    from vlmfast.eval.lmms.model import VlmfastSimple
+    from vlmfast.integrations.lmms_eval.model import VlmfastSimple
 
     pope_file = task_dir / "data" / "shapes_pope_adversarial.parquet"
     (task_dir / "mc").mkdir(exist_ok=True)

@@ -198,15 +198,19 @@ def test_loglikelihood_uses_the_combined_distribution(tiny):
 
 def _record_caches(monkeypatch):
     """Every cache object the decode loop steps, in order, with its layer-0 key storage at that moment."""
-    seen = []
-    original = VLMAccelerator._step
+    from vlmfast import decoding, request
+    from vlmfast.reweight import branches
 
-    def step(self, tok, cache, mask, next_pos):
-        out = original(self, tok, cache, mask, next_pos)
+    seen = []
+    original = request.decode_step
+
+    def step(model, adapter, tok, cache, mask, next_pos):
+        out = original(model, adapter, tok, cache, mask, next_pos)
         seen.append((id(cache), [layer.keys.data_ptr() for layer in cache.layers], cache.get_seq_length()))
         return out
 
-    monkeypatch.setattr(VLMAccelerator, "_step", step)
+    monkeypatch.setattr(decoding, "decode_step", step)  # the main branch's steps
+    monkeypatch.setattr(branches, "decode_step", step)  # the decode branches' steps
     return seen
 
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from vlmfast.eval.shapes import generate_scene, split_seeds
+from vlmfast.datasets.shapes import generate_scene, split_seeds
 from vlmfast.zoo.sam import (
     DEFAULT_WEIGHTS, NAMES, TinySamConfig, build_tiny_sam, center_point, load_sam, load_tiny_sam, tiny_sam_config,
 )
-from vlmfast.zoo.train_sam import evaluate
+from training.train_sam import evaluate
 
 segment_anything = pytest.importorskip("segment_anything")
 
@@ -117,7 +117,7 @@ def test_center_point_for_c_shaped_and_occluded_masks():
 
 def _train(out: Path, capsys, *extra: str) -> str:
     """Run the training script's ``main`` in-process (saves ~5 s of imports per run); returns its stderr."""
-    from vlmfast.zoo.train_sam import main
+    from training.train_sam import main
 
     threads = torch.get_num_threads()
     try:
@@ -153,7 +153,7 @@ def test_train_script_runs_checkpoints_and_resumes(tmp_path, capsys):
 def test_training_batches_depend_only_on_seed_and_step():
     from segment_anything.utils.transforms import ResizeLongestSide
 
-    from vlmfast.zoo.train_sam import sample_batch
+    from training.train_sam import sample_batch
 
     t = ResizeLongestSide(256)
     a, b = sample_batch(0, 7, 2, 3, 256, t), sample_batch(0, 7, 2, 3, 256, t)

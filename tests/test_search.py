@@ -118,7 +118,7 @@ def test_pareto_front():
 
 # -- data ----------------------------------------------------------------------------------------------------------
 def test_shapes_data_cycles_question_types():
-    from vlmfast.eval.shapes import QUESTION_TYPES, iter_scenes, vqa_items
+    from vlmfast.datasets.shapes import QUESTION_TYPES, iter_scenes, vqa_items
 
     data = load_data("shapes:dev:10")
     assert len(data.samples) == 10 and data.has_answers

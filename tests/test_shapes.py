@@ -9,14 +9,14 @@ import time
 import numpy as np
 import pytest
 
-from vlmfast.eval.shapes import (
+from vlmfast.datasets.shapes import (
     ANSWERS, COLOR_NAMES, COLORS, MIN_VISIBLE_FRACTION, NUMBER_WORDS, POPE_SPLITS, QUESTION_TYPES, SHAPE_PLURALS,
     SHAPES, SPLIT_OFFSETS, SPLIT_SIZE, VOCABULARY, Background, Scene, ShapeObject, caption, caption_objects, chair,
     generate_scene, iter_scenes, mask_iou, miou, normalize_answer, object_prior, parse_mentions, pointing_accuracy,
     pope_items, pope_metrics, pope_set, referring_expressions, scene_texts, split_of, split_seeds, vqa_accuracy,
     vqa_items,
 )
-from vlmfast.eval.shapes.tasks import LEFT_OF_MARGIN, POSITION_MARGIN
+from vlmfast.datasets.shapes.tasks import LEFT_OF_MARGIN, POSITION_MARGIN
 
 ROWS, COLS = ("top", "middle", "bottom"), ("left", "center", "right")
 SINGULAR = {p: s for s, p in SHAPE_PLURALS.items()}

@@ -8,7 +8,7 @@ import pytest
 
 from vlmfast import FoPru, InputError, Policy, VLMAccelerator
 from vlmfast.cli import main
-from vlmfast.eval import shapes_eval
+from vlmfast.eval import shapes as shapes_eval
 
 
 def test_evaluate_sections_and_counts(models):

@@ -79,7 +79,7 @@ def test_dispatch_equals_dense_on_each_heads_mask(pattern):
     layouts = [Layout(length, [Span(5, (2, 3, 4), torch.arange(24)), Span(33, (1, 4, 4), torch.arange(16))]),
                Layout(length, [Span(15, (1, 5, 5), torch.arange(25))])]
     method = MMInference(min_length=0, block=16, default=pattern)
-    run = SparseRun(method, layouts, valid)
+    run = SparseRun(method, layouts, valid, n_layers=1)
     q, k, v = torch.randn(bsz, h, length, d), torch.randn(bsz, hkv, length, d), torch.randn(bsz, hkv, length, d)
 
     def base(*a, **kw):
@@ -124,7 +124,7 @@ def test_qwen2_vl_video_layout_and_sparse_prefill(models):
     """Video frames through the Qwen2-VL processor: one span with the (t, h, w) grid in LLM tokens; a sparse
     prefill on it with a dense pattern equals the plain forward."""
     from vlmfast import attention
-    from vlmfast.eval.bench_sparse import video_inputs, video_layout_from_inputs
+    from vlmfast.bench.sparse import video_inputs, video_layout_from_inputs
 
     model, processor = models["qwen2_vl"]
     inputs = video_inputs(processor, frames=8, size=112)
@@ -138,9 +138,9 @@ def test_qwen2_vl_video_layout_and_sparse_prefill(models):
         plain = model(**inputs, logits_to_keep=1).logits
         for pattern in (Dense(), Grid(stride="frame", local=16)):
             run = SparseRun(MMInference(min_length=0, block=16, default=pattern), [layout],
-                            inputs["attention_mask"].bool())
+                            inputs["attention_mask"].bool(), n_layers)
             session = attention.AttentionSession(base="")
-            run.register(session, n_layers)
+            run.register(session)
             with attention.installed(model, session):
                 logits = model(**inputs, logits_to_keep=1).logits
             assert run.sparse_calls == n_layers
@@ -158,7 +158,7 @@ def test_bench_sparse_end_to_end_goes_through_generate_videos():
     """The quick proxy on a ~1.5k-token video through ``VLMAccelerator.generate(videos=...)``: the row reports the
     density the sparse run used (its stats' stage entry: below 1 at this length, the grid heads' lines) and the
     sequence the processor built (the same tokens as ``video_inputs``)."""
-    from vlmfast.eval.bench_sparse import end_to_end_rows, quick_proxy_spec, video_inputs
+    from vlmfast.bench.sparse import end_to_end_rows, quick_proxy_spec, video_inputs
     from vlmfast.zoo.tiny import tiny_qwen2_vl
 
     (row,) = end_to_end_rows(seq_lens=(1500,), repeats=1, block=64, spec=quick_proxy_spec(), log=lambda *a: None)

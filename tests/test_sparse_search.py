@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 
-from vlmfast.eval.bench_sparse import synthetic_qkv
+from vlmfast.bench.sparse import synthetic_qkv
 from vlmfast.sparse.layout import video_like
 from vlmfast.sparse.method import HeadPatterns, MMInference
 from vlmfast.sparse.patterns import AShape, Dense, Grid
-from vlmfast.sparse.search import HeadSearcher, search_heads
+from vlmfast.search.heads import HeadSearcher, search_heads
 
 
 def test_search_recovers_planted_patterns():

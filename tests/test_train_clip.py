@@ -8,12 +8,13 @@ import json
 import pytest
 import torch
 
-from vlmfast.eval.shapes import generate_scene, split_seeds
+from vlmfast.datasets.shapes import generate_scene, split_seeds
 from vlmfast.zoo import SHIPPED, resolve
 from vlmfast.zoo.clip import (
     EOT, PAD, SOT, UNK, WEIGHTS_DIR, ClipMatcher, TinyClipConfig, WordTokenizer, build_tiny_clip, load_clip,
 )
-from vlmfast.zoo.train_clip import _auc, main, soft_clip_loss
+from training.train_clip import main, soft_clip_loss
+from vlmfast.eval.clip import _auc
 
 pytest.importorskip("open_clip")
 

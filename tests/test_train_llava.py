@@ -7,9 +7,9 @@ import json
 import numpy as np
 import torch
 
-from vlmfast.eval.shapes import COLOR_NAMES, SHAPES, generate_scene
-from vlmfast.zoo.llava_shapes import LlavaShapesConfig, build_processor
-from vlmfast.zoo.train_llava import Encoder, attention_target, main, patch_cover, patch_targets
+from vlmfast.datasets.shapes import COLOR_NAMES, SHAPES, generate_scene
+from training.llava_shapes import LlavaShapesConfig, build_processor
+from training.train_llava import Encoder, attention_target, main, patch_cover, patch_targets
 
 TINY = ["--vision-steps", "2", "--lm-steps", "2", "--vision-batch", "2", "--lm-batch", "2", "--turns", "2",
         "--eval-every", "2", "--ckpt-every", "1", "--dev-items", "1", "--warmup", "1", "--threads", "1"]
@@ -80,7 +80,7 @@ def test_few_steps_then_resume(tmp_path):
 
 
 def test_word_targets_name_the_objects_each_word_and_phrase_refers_to():
-    from vlmfast.zoo.train_llava import parse_heads, word_targets
+    from training.train_llava import parse_heads, word_targets
 
     scene = generate_scene(5)  # blue circle, green star, yellow square
     assert [(o.color, o.shape) for o in scene.objects] == [("blue", "circle"), ("green", "star"), ("yellow", "square")]

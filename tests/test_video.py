@@ -154,7 +154,7 @@ def test_attention_methods_run_on_a_video(qwen, method):
 
 
 def test_head_search_takes_video_samples(qwen):
-    from vlmfast.sparse.search import search_heads
+    from vlmfast.search.heads import search_heads
 
     model, processor = qwen
     res = search_heads(model, processor, [([], PROMPT, [make_video(frames=4, size=112)])], block=16,

@@ -1,20 +1,37 @@
-"""vlmfast: faster, more trustworthy vision-language model inference, by policy, on transformers' models."""
+"""vlmfast: faster, more trustworthy vision-language model inference, by policy, on transformers' models.
 
-from ._logging import setup_logging
+Importing the package registers every built-in method (``vlmfast.available_methods()`` lists them) and sets the
+``vlmfast`` logger's level from ``VLMFAST_VERBOSITY`` (default: warning).
+"""
+
+from ._logging import set_verbosity, setup_logging
 from .accelerator import GenerateOutput, VLMAccelerator
 from .errors import InputError, PolicyError, UnsupportedModelError, VlmfastError
 from .grounding import Grounding, GroundingConfig
+from .method import Method, Run, method_dataclass
 from .policy import Policy, load_policy
-from .pruners import FastV, FoPru
-from .reweight import AGLA, DAMRO, VAR
+from .pruners import (
+    AttentionMethod, DivPrune, FastV, FasterVLM, FoPru, LayerPruner, PyramidDrop, RandomPruner, VFlowOpt, VisionPruner,
+    VisionZip, ZipVL,
+)
 from .registry import available as available_methods, register
+from .request import Request
+from .reweight import AGLA, DAMRO, VAR, BranchMethod, Reweighter
+from .sparse import MMInference
 from .stats import Stats
 
 __version__ = "0.1.0"
 setup_logging()
 
 __all__ = [
-    "VLMAccelerator", "GenerateOutput", "Stats", "Policy", "load_policy", "register", "available_methods",
-    "FoPru", "FastV", "VlmfastError", "PolicyError", "InputError", "UnsupportedModelError",
-    "Grounding", "GroundingConfig", "VAR", "DAMRO", "AGLA",
+    # the API
+    "VLMAccelerator", "GenerateOutput", "Stats", "Policy", "load_policy", "Grounding", "GroundingConfig",
+    # built-in methods
+    "FoPru", "VFlowOpt", "ZipVL", "FastV", "PyramidDrop", "VisionZip", "FasterVLM", "DivPrune", "RandomPruner",
+    "MMInference", "VAR", "DAMRO", "AGLA",
+    # writing a method
+    "register", "available_methods", "method_dataclass", "Method", "Run", "Request", "VisionPruner", "LayerPruner",
+    "AttentionMethod", "Reweighter", "BranchMethod",
+    # errors and logging
+    "VlmfastError", "PolicyError", "InputError", "UnsupportedModelError", "set_verbosity",
 ]

@@ -38,7 +38,7 @@ def video_frames(spec: str) -> list[str]:
 def _generate(a) -> int:
     from .accelerator import VLMAccelerator
 
-    policy = None if a.policy == "none" else a.policy
+    policy = a.policy  # VLMAccelerator takes "auto" and "none" as they are
     videos = [video_frames(v) for v in a.video] if a.video else None  # checked before the model loads
     acc = VLMAccelerator.from_pretrained(a.model, policy=policy, local_files_only=a.local_files_only)
     out = acc.generate(images=a.image or None, videos=videos, prompt=a.prompt, max_new_tokens=a.max_new_tokens,
@@ -53,7 +53,7 @@ def _generate(a) -> int:
 
 
 def _bench(a) -> int:
-    from .eval import bench_prefill
+    from .bench import prefill as bench_prefill
 
     spec = bench_prefill.QUICK if a.quick else bench_prefill.PROXY
     rows = bench_prefill.run(a.json, spec=spec, repeats=a.repeats, decode_tokens=a.decode_tokens,
@@ -65,9 +65,9 @@ def _bench(a) -> int:
 
 
 def _eval(a) -> int:
-    from .eval import shapes_eval
+    from .eval import shapes as shapes_eval
 
-    policy = None if a.policy == "none" else a.policy
+    policy = a.policy  # VLMAccelerator takes "auto" and "none" as they are
     res = shapes_eval.run(a.model, policy, a.split, a.limit, a.task.split(","), a.json, blank=a.blank,
                           batch=a.batch_size)
     print(shapes_eval.table(res))
@@ -83,13 +83,13 @@ def _hallucination(a) -> int:
 
 
 def _export_lmms(a) -> int:
-    from .eval.lmms import tasks
+    from .integrations.lmms_eval import tasks
 
     return tasks.run(a)
 
 
 def _bench_sparse(a) -> int:
-    from .eval import bench_sparse
+    from .bench import sparse as bench_sparse
 
     result = bench_sparse.run(a.json, seq_lens=tuple(a.seq_lens), heads=a.heads, head_dim=a.head_dim, block=a.block,
                               repeats=a.repeats, e2e_lens=tuple(a.e2e_lens), e2e_repeats=a.e2e_repeats,
@@ -101,7 +101,7 @@ def _bench_sparse(a) -> int:
 
 
 def _bench_grounding(a) -> int:
-    from .eval import bench_grounding, bench_prefill
+    from .bench import grounding as bench_grounding, prefill as bench_prefill
 
     rows = bench_grounding.run(a.json, spec=bench_prefill.QUICK if a.quick else bench_prefill.PROXY,
                                sam_types=tuple(a.sam_type), repeats=a.repeats, decode_tokens=a.decode_tokens,
@@ -111,7 +111,7 @@ def _bench_grounding(a) -> int:
 
 
 def _bench_prune(a) -> int:
-    from .eval import bench_prune
+    from .bench import prune as bench_prune
 
     rows = bench_prune.run(a.json, model=a.model, limit=a.limit, repeats=a.repeats, keeps=tuple(a.keep),
                            policies=tuple(a.policy))
@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--batch-size", type=int, default=16)
     es.add_argument("--json", help="write the metrics as JSON to this path")
     es.set_defaults(func=_eval)
-    from .eval.lmms.tasks import add_arguments as export_arguments  # light: no lmms-eval / datasets import
+    from .integrations.lmms_eval.tasks import add_arguments as export_arguments  # light: no lmms-eval / datasets import
 
     from .eval.hallucination import add_arguments as hallucination_arguments  # light: no torch import
 

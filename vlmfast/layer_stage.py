@@ -14,12 +14,16 @@ that stay in the tensor but are masked out everywhere), so each row gets what it
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 
 from ._compat import cache_from_kwargs
 from .attention import AttentionSession, last_query_attention
 from .hooks import layer_pre_hooks
-from .pruners.base import LayerPruner
+
+if TYPE_CHECKING:
+    from .pruners.base import LayerPruner
 
 
 def gather_seq(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

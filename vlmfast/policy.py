@@ -25,7 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .adapters.base import ModelInfo
 from .errors import PolicyError
-from .pruners.base import AttentionMethod, LayerPruner, Method, VisionPruner
+from .method import Method, format_validation_error
+from .pruners.base import AttentionMethod, LayerPruner, VisionPruner
 from .registry import get_method
 from .reweight.base import BranchMethod, Reweighter
 
@@ -33,6 +34,8 @@ from .reweight.base import BranchMethod, Reweighter
 _CACHE_REWRITERS = ("zipvl",)
 
 POLICY_DIR = Path(__file__).parent / "policies"
+NONE = "none"
+"""the policy name for no methods (the plain model), in Python and on the command line"""
 
 
 class _PolicyFile(BaseModel):
@@ -42,17 +45,6 @@ class _PolicyFile(BaseModel):
     models: list[str] = Field(default_factory=list)
     methods: list[dict[str, Any]] = Field(default_factory=list)
     grounding: dict[str, Any] | None = None
-
-
-def _format_errors(err: ValidationError, prefix: str) -> str:
-    parts = []
-    for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"])
-        where = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
-        got = e.get("input")
-        got_s = "" if isinstance(got, dict) else f" (got {got!r})"
-        parts.append(f"{where}: {e['msg']}{got_s}")
-    return "; ".join(parts)
 
 
 class Policy:
@@ -128,6 +120,22 @@ class Policy:
                                       "rewrites the KV cache, so the attention rows and keys "
                                       f"{m.method_name} works on are not the model's")
 
+    def vision_attention_layer(self, adapter) -> int | None:
+        """The vision layer whose attention a request reads: the vision pruner's (when it needs attention), else
+        DAMRO's, else None. Raises PolicyError when both need attention from different layers (one is read)."""
+        vp = self.vision_pruners[0] if self.vision_pruners else None
+        layer = adapter.resolve_vision_layer(vp.attention_layer()) if vp and vp.needs_attention else None
+        for m in self.branch_methods:
+            if not m.needs_vision_attention:
+                continue
+            own = adapter.resolve_vision_layer(m.attention_layer())
+            if vp is not None and layer is not None and own != layer:
+                raise PolicyError(f"{self.source}: {vp.method_name} reads vision layer {layer} and {m.method_name} "
+                                  f"vision layer {own}; only one layer's attention is captured per request, so set "
+                                  f"both to the same layer (None = the layer that feeds the language model)")
+            layer = own
+        return layer
+
     @property
     def is_empty(self) -> bool:
         return not self.methods
@@ -148,7 +156,7 @@ class Policy:
         try:
             raw = _PolicyFile.model_validate(data)
         except ValidationError as e:
-            raise PolicyError(f"{source}: {_format_errors(e, '')}") from None
+            raise PolicyError(f"{source}: {format_validation_error(e, '')}") from None
         methods = []
         for i, entry in enumerate(raw.methods):
             entry = dict(entry)
@@ -161,9 +169,11 @@ class Policy:
                 raise PolicyError(f"{source}: methods[{i}].method: {e}") from None
             try:
                 methods.append(method_cls(**entry))
-            except ValidationError as e:
-                raise PolicyError(f"{source}: {_format_errors(e, f'methods[{i}] ({name})')}") from None
             except PolicyError as e:
+                field_errors = getattr(e, "validation", None)  # a bad field (method_dataclass)
+                if field_errors is not None:
+                    raise PolicyError(f"{source}: {format_validation_error(field_errors, f'methods[{i}] ({name})')}"
+                                      ) from None
                 raise PolicyError(f"{source}: methods[{i}] ({name}): {e}") from None
         return cls(methods, name=raw.name, description=raw.description, models=raw.models, source=source,
                    grounding=raw.grounding)
@@ -210,8 +220,11 @@ def _grounding_config(value: Any, source: str):
                           f"got {type(value).__name__}")
     try:
         return GroundingConfig(**value)
-    except ValidationError as e:
-        raise PolicyError(f"{source}: {_format_errors(e, 'grounding')}") from None
+    except PolicyError as e:
+        field_errors = getattr(e, "validation", None)
+        if field_errors is None:
+            raise PolicyError(f"{source}: grounding: {e}") from None
+        raise PolicyError(f"{source}: {format_validation_error(field_errors, 'grounding')}") from None
 
 
 def shipped_policies() -> dict[str, Path]:
@@ -219,13 +232,16 @@ def shipped_policies() -> dict[str, Path]:
 
 
 def load_policy(spec: "str | Path | dict | Policy | None") -> Policy:
-    """A policy from a shipped name, a YAML path, a dict, a Policy, or None (no methods)."""
-    if spec is None:
+    """A policy from a shipped name, a YAML path, a dict, a Policy, or None / ``"none"`` (no methods)."""
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() == NONE):
         return Policy(source="<none>")
     if isinstance(spec, Policy):
         return spec
     if isinstance(spec, dict):
         return Policy.from_dict(spec)
+    if not isinstance(spec, (str, Path)):
+        raise PolicyError(f"policy: expected a shipped policy name, a YAML path, a dict, a Policy, 'none' or None "
+                          f"(VLMAccelerator also takes 'auto'), got {type(spec).__name__} {spec!r}")
     shipped = shipped_policies()
     path = shipped.get(str(spec)) or Path(spec)
     if not path.is_file():

@@ -1,9 +1,16 @@
 """Name -> method class. Third-party methods register the same way the built-in ones do.
 
-    from vlmfast.registry import register
+    from vlmfast import VisionPruner, method_dataclass, register
+
     @register("mypruner")
-    @dataclass
-    class MyPruner(VisionPruner): ...
+    @method_dataclass
+    class MyPruner(VisionPruner):
+        keep: float = 0.25
+        def select(self, image): ...
+
+The registry imports no method: each method module registers itself when imported, and the package root
+(``vlmfast/__init__.py``) imports every built-in one, so ``import vlmfast`` (which any ``vlmfast.*`` import runs
+first) fills the registry before a policy can name a method.
 """
 
 from __future__ import annotations
@@ -23,14 +30,13 @@ def register(name: str) -> Callable[[T], T]:
         if name in _METHODS and _METHODS[name] is not cls:
             raise ValueError(f"method name {name!r} is already registered to {_METHODS[name].__qualname__}")
         _METHODS[name] = cls
-        cls.method_name = name
+        cls.method_name = name  # type: ignore[attr-defined]
         return cls
 
     return deco
 
 
 def get_method(name: str) -> type:
-    _load_builtins()
     try:
         return _METHODS[name]
     except KeyError:
@@ -38,10 +44,4 @@ def get_method(name: str) -> type:
 
 
 def available() -> list[str]:
-    _load_builtins()
     return sorted(_METHODS)
-
-
-def _load_builtins() -> None:
-    from . import pruners, reweight  # noqa: F401  (importing registers the built-in methods)
-    from . import sparse  # noqa: F401  (mminference)

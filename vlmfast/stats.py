@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
+
+import torch
+
+
+def now(device: torch.device | None = None) -> float:
+    """perf_counter after the device's queued work (CUDA) has finished: a time stamp for Stats."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 @dataclass

@@ -10,15 +10,28 @@ from .qwen2_vl import Qwen2VLAdapter
 ADAPTERS: list[type[Adapter]] = [LlavaAdapter, Qwen2VLAdapter]
 
 
-def adapter_for(model) -> Adapter:
+def supported_families() -> str:
+    """The families vlmfast has an adapter for, with their transformers classes (for error messages)."""
+    return ", ".join(f"{c.family} ({'/'.join(c.model_classes)})" for c in ADAPTERS)
+
+
+def adapter_class_for(model_class: type) -> type[Adapter] | None:
+    """The adapter whose family includes ``model_class`` (a transformers model class), or None."""
     for cls in ADAPTERS:
-        if cls.supports(model):
-            return cls(model)
-    supported = ", ".join(f"{c.family} ({'/'.join(c.model_classes)})" for c in ADAPTERS)
-    raise UnsupportedModelError(
-        f"vlmfast has no adapter for {type(model).__name__}; supported families: {supported}. "
-        "Load the model with its transformers class (e.g. LlavaForConditionalGeneration)."
-    )
+        if any(c.__name__ in cls.model_classes for c in model_class.__mro__):
+            return cls
+    return None
 
 
-__all__ = ["Adapter", "ImageTokens", "ModelInfo", "adapter_for", "ADAPTERS"]
+def adapter_for(model) -> Adapter:
+    cls = adapter_class_for(type(model))
+    if cls is None:
+        raise UnsupportedModelError(
+            f"vlmfast has no adapter for {type(model).__name__}; supported families: {supported_families()}. "
+            "Load the model with its transformers class (e.g. LlavaForConditionalGeneration)."
+        )
+    return cls(model)
+
+
+__all__ = ["Adapter", "ImageTokens", "ModelInfo", "adapter_for", "adapter_class_for", "supported_families",
+           "ADAPTERS"]

@@ -94,10 +94,6 @@ class Adapter(ABC):
         self.pixel_norm = ([0.0] * 3, [1.0] * 3)  # processor's (image_mean, image_std), set by prepare()
         self.video_norm = self.pixel_norm  # the video processor's, set by prepare()
 
-    @classmethod
-    def supports(cls, model: nn.Module) -> bool:
-        return any(c.__name__ in cls.model_classes for c in type(model).__mro__)
-
     # -- structure -------------------------------------------------------------------------------------------
     @property
     def text_config(self):
@@ -146,6 +142,12 @@ class Adapter(ABC):
             log.warning("vlmfast: the processor's chat template does not render video items (no %s in the prompt); "
                         "using the %s default format", video_token, self.title or self.family)
         return self.fallback_prompt(prompt, n_images, n_videos)
+
+    def placeholders(self, processor) -> list[str]:
+        """The strings of the processor's visual placeholder tokens (``<image>``, ``<|image_pad|>``, ...): vlmfast
+        writes them into the prompt itself, one set per image or video passed, so a prompt must not contain them."""
+        found = [getattr(processor, a, None) for a in ("image_token", "video_token")]
+        return [s for s in found if isinstance(s, str) and s]
 
     @abstractmethod
     def fallback_prompt(self, prompt: str, n_images: int, n_videos: int = 0) -> str: ...

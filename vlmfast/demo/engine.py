@@ -50,7 +50,7 @@ def example_path(seed: int) -> Path:
 
 def write_examples(folder: Path = EXAMPLES_DIR) -> list[Path]:
     """(Re)generate the shipped example PNGs from ShapesWorld (deterministic)."""
-    from ..eval.shapes import generate_scene
+    from ..datasets.shapes import generate_scene
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []

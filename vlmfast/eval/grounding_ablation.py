@@ -21,8 +21,8 @@ import numpy as np
 
 from ..grounding import GroundingConfig
 from ..grounding.pipeline import PhraseRows, phrase_maps
-from .grounding_eval import PROMPT, phrase_of
-from .shapes import iter_scenes, referring_expressions
+from .grounding import PROMPT, phrase_of
+from ..datasets.shapes import iter_scenes, referring_expressions
 
 
 class _NoSam:

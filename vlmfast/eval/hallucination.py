@@ -141,8 +141,8 @@ def agla_diagnostics(method, n_scenes: int) -> dict:
     import numpy as np
 
     from ..reweight.agla import keep_fraction, keep_mask, prompt_query, saliency, _matcher
-    from ..zoo.train_clip import evaluate as clip_eval
-    from .shapes import iter_scenes, pope_items
+    from .clip import evaluate as clip_eval
+    from ..datasets.shapes import iter_scenes, pope_items
 
     matcher = _matcher(method.matcher)
     out = {"matcher": method.matcher, "matcher_dev": clip_eval(matcher, 100, split="dev")}
@@ -193,7 +193,7 @@ def forced_var(acc, scenes):
 
 def _timing(accs: dict, scenes, repeats: int) -> dict:
     """Median caption decode ms/token per configuration at batch 1, configurations interleaved per scene."""
-    from .shapes_eval import CAPTION_PROMPT
+    from ..datasets.shapes import CAPTION_PROMPT
 
     per = {label: [] for label in accs}
     for _ in range(repeats):
@@ -213,8 +213,9 @@ def run_all(model_name: str = "tiny-llava-shapes", split: str = "test", limit: i
             diagnose: bool = True, progress: bool = True, timing: bool = True, accuracy: bool = True) -> dict:
     from ..accelerator import VLMAccelerator
     from ..policy import Policy, load_policy
-    from .shapes import iter_scenes
-    from .shapes_eval import CAPTION_PROMPT, evaluate
+    from ..datasets.shapes import iter_scenes
+    from ..datasets.shapes import CAPTION_PROMPT
+    from .shapes import evaluate
 
     base = VLMAccelerator.from_pretrained(model_name, policy=None)
     model, processor = base.model, base.processor

@@ -19,7 +19,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from ..pruners.base import method_dataclass
+from ..method import method_dataclass
 
 SAM_TYPES = ("tiny-sam-shapes", "vit_b", "vit_l", "vit_h", "vit_t")
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError, PolicyError
+from ..method import Run
 from . import Grounding, maps
 from .capture import AttentionCapture
 from .config import GroundingConfig
@@ -202,7 +203,7 @@ class Grounder:
         self.device = device
         self._predictor = None
         self._embeddings: ImageEmbeddings | None = None
-        self.last_request: Request | None = None
+        self.last_request: GroundingRun | None = None
         self._arrays: dict[int, tuple] = {}
         """id(PIL image) -> (the image, its RGB array, its content key) for the request in flight"""
 
@@ -225,7 +226,7 @@ class Grounder:
 
     def prefetch(self, batch_images: list[list]) -> None:
         """Before the VLM runs: convert the request's images for SAM once (RGB array and content key, reused by
-        :meth:`Request.finish`) and start SAM's image encoder on them in the background (``cfg.overlap``)."""
+        :meth:`GroundingRun.finish`) and start SAM's image encoder on them in the background (``cfg.overlap``)."""
         images = [im for imgs in batch_images for im in imgs]
         arrays = [_rgb(im) for im in images]
         keys = [ImageEmbeddings.key(a) for a in arrays]
@@ -233,41 +234,47 @@ class Grounder:
         if self.cfg.overlap:
             self.embeddings.prefetch(arrays, keys)
 
-    def begin(self, phrases: list[list[str]], n_layers: int, valid: torch.Tensor, stage=None,
-              image_mask: torch.Tensor | None = None) -> "Request":
-        """A per-call request whose capture the accelerator registers on its attention session."""
+    def begin(self, request, phrases: list[list[str]]) -> "GroundingRun":
+        """This call's grounding run: an observer of every layer's attention (registered on the call's attention
+        session, before reweighting) and the massive-activation pre-hooks, finished after decoding."""
+        stage = request.stage
         kept_index = layer_index_fn(stage) if stage is not None and stage.stages else None
-        cfg = self.cfg
+        cfg, n_layers, valid = self.cfg, request.n_layers, request.valid
         all_rows = cfg.flow != "none" or cfg.head_weights == "mean-max"
         # sinks are read at the inputs of layers >= sink_from_layer (all layers when the model is shallower)
         phi_layers = range(cfg.sink_from_layer if n_layers > cfg.sink_from_layer else 0, n_layers)
-        capture = AttentionCapture(n_layers, valid, cfg.head_weights, kept_index,
-                                   image=None if image_mask is None else image_mask & valid, all_rows=all_rows,
-                                   layers=_layer_ids(cfg, n_layers) if cfg.flow == "none" else None,
+        capture = AttentionCapture(n_layers, valid, cfg.head_weights, kept_index, image=request.image_mask & valid,
+                                   all_rows=all_rows, layers=_layer_ids(cfg, n_layers) if cfg.flow == "none" else None,
                                    phi_layers=phi_layers)
-        return Request(self, capture, phrases)
+        return GroundingRun(self, capture, phrases)
 
 
 @dataclass
-class Request:
+class GroundingRun(Run):
     grounder: Grounder
     capture: AttentionCapture
     phrases: list[list[str]]
 
-    def finish(self, *, tokenizer, processor, adapter, inputs, positions, valid, image_mask, images, kept,
-               batch_images, tokens) -> list[list[Grounding]]:
+    def register(self, session) -> None:
+        self.capture.register(session)
+
+    def hooks(self, layers):
+        return self.capture.hooks(layers, self.grounder.cfg.remove_sinks)
+
+    def finish(self, request, tokens: list[list[int]]) -> list[list[Grounding]]:
         """Per sample, its groundings (after decoding; ``tokens`` are the generated ids per sample)."""
         g, cfg = self.grounder, self.grounder.cfg
         g.last_request = self  # kept until the next call: its capture, for inspection (demo, ablations)
-        out, first = [], 0
+        processor, adapter = request.processor, request.adapter
+        out = []
         self.samples: list[tuple[list[PhraseRows], SampleContext]] = []
         with torch.inference_mode():
-            for b, imgs in enumerate(batch_images):
-                own = range(first, first + len(imgs))
-                first += len(imgs)
-                reqs = phrase_rows(tokenizer, cfg, inputs, positions, valid, b, self.phrases[b], tokens[b],
-                                   self.capture.decode_steps)
-                ctx = SampleContext(b, image_mask, valid, [images[i] for i in own], [kept[i] for i in own], imgs,
+            for b, imgs in enumerate(request.batch_images):
+                own = request.own(b)
+                reqs = phrase_rows(processor.tokenizer, cfg, request.inputs, request.positions, request.valid, b,
+                                   self.phrases[b], tokens[b], self.capture.decode_steps)
+                ctx = SampleContext(b, request.image_mask, request.valid, [request.visual[i] for i in own],
+                                    [request.kept[i] for i in own], imgs,
                                     [adapter.grid_region(processor, im.size) for im in imgs])
                 self.samples.append((reqs, ctx))
                 if not reqs or not imgs:

@@ -13,22 +13,16 @@ Scoring and selecting are separate functions so a new method is usually one ``sc
 
 from __future__ import annotations
 
-from typing import ClassVar, NamedTuple
+from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 import torch
-from pydantic import ConfigDict
-from pydantic.dataclasses import dataclass
 
 from ..adapters.base import ImageTokens, ModelInfo
 from ..errors import PolicyError
+from ..method import Method, Run, method_dataclass
 
-#: Every method dataclass is validated by pydantic: wrong types, out-of-range values and unknown fields fail
-#: when the policy is loaded.
-METHOD_CONFIG = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-def method_dataclass(cls):
-    return dataclass(config=METHOD_CONFIG)(cls)
+if TYPE_CHECKING:
+    from ..request import Request
 
 
 def n_keep(n: int, ratio: float) -> int:
@@ -52,15 +46,6 @@ class Pruned(NamedTuple):
     """their features (their own, or merged ones placed at those positions)"""
     scores: torch.Tensor | None = None
     """per kept token importance, for methods whose later (layer) stages rank by it (VFlowOpt)"""
-
-
-@method_dataclass
-class Method:
-    method_name: ClassVar[str] = ""
-    stage: ClassVar[str] = ""
-
-    def check(self, info: ModelInfo) -> None:
-        """Validate against a concrete model (layer ranges); raise PolicyError naming the field."""
 
 
 @method_dataclass
@@ -143,10 +128,10 @@ class LayerPruner(Method):
 @method_dataclass
 class AttentionMethod(Method):
     """Changes how the language model attends and what its KV cache keeps, without shortening the sequence
-    (ZipVL). ``start(valid)`` returns a per-request run with ``register(session, n_layers)``,
-    ``hooks(layers)``, ``transform_cache(cache)`` and ``report()``."""
+    (ZipVL): its per-request :class:`~vlmfast.method.Run` overrides layers' attention on the session and may
+    rewrite the KV cache after prefill."""
 
     stage: ClassVar[str] = "attention"
 
-    def start(self, valid: torch.Tensor):
+    def start(self, request: Request) -> Run:
         raise NotImplementedError

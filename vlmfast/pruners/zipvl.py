@@ -27,6 +27,7 @@ from ..errors import PolicyError
 from ..kv_quant import EvictedLayer, MixedPrecisionLayer
 from ..hooks import layer_pre_hooks
 from ..registry import register
+from ..method import Run
 from .base import AttentionMethod, method_dataclass
 
 
@@ -48,8 +49,8 @@ class ZipVL(AttentionMethod):
             raise PolicyError(f"zipvl.first_layer = {self.first_layer} is beyond the language model's depth "
                               f"({info.num_layers} layers)")
 
-    def start(self, valid: torch.Tensor) -> "ZipVLRun":
-        return ZipVLRun(self, valid)
+    def start(self, request) -> "ZipVLRun":
+        return ZipVLRun(self, request.valid, request.n_layers)
 
 
 def probe_indices(n: int, share: float) -> torch.Tensor:
@@ -83,17 +84,17 @@ def important_tokens(q: torch.Tensor, k: torch.Tensor, scaling: float, valid: to
     return out
 
 
-class ZipVLRun:
+class ZipVLRun(Run):
     """Per-request state: the important set of each layer, the attention override, the cache transform."""
 
-    def __init__(self, method: ZipVL, valid: torch.Tensor):
-        self.m, self.valid = method, valid
+    def __init__(self, method: ZipVL, valid: torch.Tensor, n_layers: int):
+        self.m, self.valid, self.n_layers = method, valid, n_layers
         self.important: dict[int, torch.Tensor] = {}
         self.prefill_len = valid.shape[1]
         self.evicted: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def register(self, session, n_layers: int) -> None:
-        for layer in range(self.m.first_layer, n_layers):
+    def register(self, session) -> None:
+        for layer in range(self.m.first_layer, self.n_layers):
             session.override(layer, self._attention)
 
     def _attention(self, module, query, key, value, mask, base, **kwargs):

@@ -30,7 +30,7 @@ import torch
 from pydantic import Field
 
 from ..registry import register
-from .base import BranchMethod, method_dataclass
+from .base import BranchInputs, BranchMethod, method_dataclass
 
 #: words that say *how* to answer rather than *what* to look at; removed from the prompt before matching
 STOPWORDS = frozenset("""
@@ -159,15 +159,13 @@ class AGLA(BranchMethod):
             keeps.append(float(mask.float().mean()))
         return out, sims.tolist(), keeps
 
-    def build(self, ctx):
-        """The augmented branch's inputs: every image replaced by its prompt-conditioned augmented copy."""
-        flat = [(im, p) for imgs, p in zip(ctx.batch_images, ctx.prompts) for im in imgs]
+    def build(self, request) -> BranchInputs:
+        """The augmented branch's inputs: every image replaced by its prompt-conditioned augmented copy, through
+        the same vision stage and pruner."""
+        flat = [(im, p) for imgs, p in zip(request.batch_images, request.prompts) for im in imgs]
         aug, sims, keeps = self.augmented([im for im, _ in flat], [p for _, p in flat])
         it = iter(aug)
-        batch = [[next(it) for _ in imgs] for imgs in ctx.batch_images]
-        built = ctx.encode(batch)
-        built["info"] = (f"matcher {self.matcher}: similarity {np.mean(sims):.3f}, kept {100 * np.mean(keeps):.0f}% "
-                         f"of pixels" if sims else "no images")
-        built["augmented_images"] = batch
-        built["similarity"], built["kept_fraction"] = sims, keeps
-        return built
+        seq, kept, inputs = request.encode([[next(it) for _ in imgs] for imgs in request.batch_images])
+        info = (f"matcher {self.matcher}: similarity {np.mean(sims):.3f}, kept {100 * np.mean(keeps):.0f}% of pixels"
+                if sims else "no images")
+        return BranchInputs(seq, kept, inputs, info=info, similarity=sims, kept_fraction=keeps)

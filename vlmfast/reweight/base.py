@@ -3,33 +3,53 @@
 * ``Reweighter`` (stage ``reweight``, VAR): changes the language model's post-softmax attention weights inside
   vlmfast's attention function. It wraps whatever computes a layer's attention (the model's own
   implementation, or an attention method's override such as sparse prefill), so it composes with pruners
-  and with prefill-only attention methods. ``start(image_mask, valid)`` returns a per-request run with
-  ``register(session, n_layers)``, ``hooks(layers)`` and ``report(b)``.
+  and with prefill-only attention methods. ``start(request)`` returns its per-request run (wrappers on the
+  session, sink pre-hooks on the decoder layers, a report row).
 * ``BranchMethod`` (stage ``decoding``, DAMRO and AGLA): decodes with a second view of the request (an
   outlier-only image, an augmented image) in its own branch with its own KV cache; each step the branches'
   logits are combined with the main branch's, z = w_main z_main + sum_b w_b z_b, then tokens outside the
   main branch's plausible set {v : z_main[v] >= log(beta) + max z_main} are removed, then the usual logits
-  processors and warpers apply (vlmfast/reweight/branches.py runs this).
+  processors and warpers apply (vlmfast/reweight/branches.py runs this). ``build(request)`` returns the branch's
+  :class:`BranchInputs`, made with the request's public assembly API (``request.assemble(kept)``,
+  ``request.encode(images)``).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
-from ..pruners.base import Method, method_dataclass
+from ..method import Method, Run, method_dataclass
+from ..request import Assembled, Request
 
 
 @method_dataclass
 class Reweighter(Method):
     stage: ClassVar[str] = "reweight"
 
-    def start(self, adapter, inputs: dict, image_mask: torch.Tensor, valid: torch.Tensor):
-        """A per-request run. ``inputs``: the processor's inputs (token ids of the unpruned prompt);
-        ``image_mask``, ``valid``: (B, L) over the sequence the language model receives (after pruning)."""
+    def start(self, request: Request) -> Run:
         raise NotImplementedError
+
+
+@dataclass
+class BranchInputs:
+    """What a decode branch feeds the language model (built by a :class:`BranchMethod` from the request)."""
+
+    seq: Assembled
+    """the branch's sequence (embeddings, mask, positions, visual tokens)"""
+    kept: list[torch.Tensor]
+    """per image, the indices of its visual tokens the branch sees"""
+    inputs: dict
+    """the processor's inputs the branch's prompt came from (VAR reads its first real token)"""
+    info: str = ""
+    """one line for the report"""
+    similarity: list[float] | None = None
+    """per image, the matcher's image-prompt similarity (AGLA)"""
+    kept_fraction: list[float] | None = None
+    """per image, the share of its pixels the augmented copy keeps (AGLA)"""
 
 
 @method_dataclass
@@ -47,6 +67,10 @@ class BranchMethod(Method):
         return 0.0
 
     def branch_weight(self) -> float:
+        raise NotImplementedError
+
+    def build(self, request: Request) -> BranchInputs:
+        """The branch's inputs, from the request (``request.assemble(kept)``, ``request.encode(images)``)."""
         raise NotImplementedError
 
 

@@ -27,7 +27,7 @@ from ..adapters.base import ImageTokens, ModelInfo
 from ..errors import PolicyError
 from ..pruners.base import topk_sorted
 from ..registry import register
-from .base import BranchMethod, method_dataclass
+from .base import BranchInputs, BranchMethod, method_dataclass
 
 
 def outlier_scores(image: ImageTokens, criterion: str = "auto") -> torch.Tensor:
@@ -85,9 +85,8 @@ class DAMRO(BranchMethod):
     def branch_weight(self) -> float:
         return -self.alpha
 
-    def build(self, ctx):
+    def build(self, request) -> BranchInputs:
         """The outlier-only branch's inputs: each image reduced to its k outliers (their own features)."""
-        kept = [select_outliers(im, self.k, self.criterion) for im in ctx.images]
-        embeds, mask, positions, image_mask = ctx.assemble(kept)
-        return {"embeds": embeds, "mask": mask, "positions": positions, "image_mask": image_mask,
-                "kept": kept, "info": f"{self.k} outlier tokens per image ({self.criterion})"}
+        kept = [select_outliers(im, self.k, self.criterion) for im in request.encoded.visual]
+        return BranchInputs(request.assemble(kept), kept, request.inputs,
+                            info=f"{self.k} outlier tokens per image ({self.criterion})")

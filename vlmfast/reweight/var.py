@@ -36,6 +36,7 @@ from ..adapters.base import ModelInfo
 from ..errors import PolicyError
 from ..hooks import layer_pre_hooks
 from ..registry import register
+from ..method import Run
 from .base import Reweighter, method_dataclass
 
 _DIMS_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -167,7 +168,12 @@ class VAR(Reweighter):
             per_model[key] = (sink_dims_from_magnitudes(m, self.dim_z, self.max_dims), float(m.max()))
         return per_model[key]
 
-    def start(self, adapter, inputs: dict, image_mask: torch.Tensor, valid: torch.Tensor) -> "VARRun":
+    def start(self, request) -> "VARRun":
+        return self.run_for(request.adapter, request.inputs, request.image_mask, request.valid)
+
+    def run_for(self, adapter, inputs: dict, image_mask: torch.Tensor, valid: torch.Tensor) -> "VARRun":
+        """A run over any sequence: ``inputs`` (the processor's; its first real token decides the sink dimensions),
+        ``image_mask`` / ``valid`` over the sequence the language model receives (a decode branch's too)."""
         hidden = adapter.text_config.hidden_size
         if self.sink_dims is not None and any(not 0 <= d < hidden for d in self.sink_dims):
             raise PolicyError(f"var.sink_dims = {self.sink_dims}: every dimension must be in [0, {hidden}) "
@@ -180,7 +186,7 @@ class VAR(Reweighter):
         return VARRun(self, dims, image_mask, valid, len(adapter.decoder_layers))
 
 
-class VARRun:
+class VARRun(Run):
     """Per-request state of VAR: sink dimensions per row, sinks per layer (prefill), the attention wrappers."""
 
     def __init__(self, m: VAR, dims: list[tuple[list[int], float]], image_mask: torch.Tensor, valid: torch.Tensor,
@@ -204,7 +210,7 @@ class VARRun:
         self.text_rows = (pos[None] > last_img[:, None]) & (last_img[:, None] >= 0) & valid
 
     # -- the contract ----------------------------------------------------------------------------------------
-    def register(self, session, n_layers: int) -> None:
+    def register(self, session) -> None:
         self.session = session
         for layer in self.layers:
             session.wrap(layer, self._attention)

@@ -58,7 +58,7 @@ def load_data(spec: str) -> CalibrationData:
 
 
 def _shapes(spec: str, rest: str) -> list[Sample]:
-    from ..eval.shapes import QUESTION_TYPES, SPLIT_SIZE, iter_scenes, vqa_items
+    from ..datasets.shapes import QUESTION_TYPES, SPLIT_SIZE, iter_scenes, vqa_items
 
     parts = rest.split(":") if rest else ["dev"]
     if len(parts) > 2:
@@ -87,7 +87,7 @@ def _shapes(spec: str, rest: str) -> list[Sample]:
 
 
 def _jsonl(spec: str, rest: str) -> list[Sample]:
-    from ..accelerator import _load_image
+    from ..inputs import load_image
 
     path = Path(rest)
     if not rest or not path.is_file():
@@ -116,7 +116,7 @@ def _jsonl(spec: str, rest: str) -> list[Sample]:
         files = row["image"] if isinstance(row["image"], list) else [row["image"]]
         if not files or not all(isinstance(f, str) for f in files):
             raise InputError(f"{where}: \"image\" must be a path or a non-empty list of paths")
-        images = [_load_image(f if Path(f).is_absolute() else path.parent / f, where) for f in files]
+        images = [load_image(f if Path(f).is_absolute() else path.parent / f, where) for f in files]
         answer = row.get("answer")
         if answer is not None and not isinstance(answer, str):
             raise InputError(f"{where}: \"answer\" must be a string")

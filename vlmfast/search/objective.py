@@ -24,7 +24,7 @@ from typing import Iterator
 
 import torch
 
-from ..eval.shapes.metrics import normalize_answer
+from ..datasets.shapes.metrics import normalize_answer
 from ..policy import Policy
 from ..pruners.vflowopt import flow_objective
 from ..stats import Stats

@@ -142,7 +142,7 @@ def sparse_calibration(samples, images_per_prompt: int, prompts: int) -> list[tu
 def _sparse_search(cfg: SearchConfig, base, samples: list[tuple[list, str]]) -> tuple[str, dict]:
     """MMInference's offline per-head pattern search on :func:`sparse_calibration`'s ``samples``; returns the
     head-pattern file's path and the ``mminference`` policy entry that points to it."""
-    from ..sparse.search import search_heads
+    from .heads import search_heads
 
     heads = Path(cfg.out).with_suffix(".heads.json")
     heads.parent.mkdir(parents=True, exist_ok=True)

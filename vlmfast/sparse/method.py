@@ -28,7 +28,7 @@ from pydantic import Field
 
 from ..adapters.base import ModelInfo
 from ..errors import PolicyError
-from ..pruners.base import Method, method_dataclass
+from ..method import Method, Run, method_dataclass
 from ..registry import register
 from .kernels import sparse_attention
 from .layout import Layout
@@ -153,12 +153,11 @@ class MMInference(Method):
         p = self._patterns.pattern(layer, head) if self._patterns is not None else None
         return p if p is not None else self.default
 
-    def start_run(self, image_mask: torch.Tensor, valid: torch.Tensor, images: list, kept: list[torch.Tensor],
-                  images_per_row: list[int], stage=None) -> "SparseRun":
-        """Per-request state from what the accelerator knows after the vision stage: the (pruned) image mask,
-        valid tokens, each image's grid and kept indices, and the layer stage (for layer pruners)."""
-        layouts = layouts_for(image_mask, images, kept, images_per_row)
-        return SparseRun(self, layouts, valid, stage)
+    def start(self, request) -> "SparseRun":
+        """Per-request state from what the request knows after the vision stage: the visual spans of each row
+        (each visual input's grid and kept indices), valid tokens and the layer stage (for layer pruners)."""
+        layouts = layouts_for(request.image_mask, request.visual, request.kept, request.counts)
+        return SparseRun(self, layouts, request.valid, request.n_layers, request.stage)
 
 
 def _load_heads(spec: str) -> HeadPatterns:
@@ -196,15 +195,15 @@ def recording_density():
         SparseRun.record_density = False
 
 
-class SparseRun:
+class SparseRun(Run):
     """One request: registers the sparse kernel on every layer, keeps per-layer counts for the report."""
 
     record_density = False
     """True inside ``recording_density()`` (benchmarks): new runs record each sparse head's mask density and
     report their mean as ``density`` (costly: O(n^2) per head)"""
 
-    def __init__(self, method: MMInference, layouts: list[Layout], valid: torch.Tensor, stage=None):
-        self.m, self.layouts, self.valid, self.stage = method, layouts, valid, stage
+    def __init__(self, method: MMInference, layouts: list[Layout], valid: torch.Tensor, n_layers: int, stage=None):
+        self.m, self.layouts, self.valid, self.n_layers, self.stage = method, layouts, valid, n_layers, stage
         self.prefill_len = valid.shape[1]
         self.sparse_calls = 0
         self.fallbacks: dict[str, int] = {}
@@ -212,17 +211,9 @@ class SparseRun:
         self.densities: list[float] | None = [] if self.record_density else None
         """each sparse head's mask density (a list when recording, else None)"""
 
-    def register(self, session, n_layers: int) -> None:
-        for layer in range(self.m.first_layer, n_layers):
+    def register(self, session) -> None:
+        for layer in range(self.m.first_layer, self.n_layers):
             session.kernel(layer, self._attention)
-
-    def hooks(self, layers):
-        from contextlib import nullcontext
-
-        return nullcontext()
-
-    def transform_cache(self, cache) -> None:
-        return None
 
     def _fallback(self, why: str, base, module, query, key, value, mask, kwargs):
         self.fallbacks[why] = self.fallbacks.get(why, 0) + 1

@@ -30,7 +30,7 @@ from typing import Annotated, Literal, Union
 import torch
 from pydantic import Field, TypeAdapter
 
-from ..pruners.base import method_dataclass
+from ..method import method_dataclass
 from .layout import Layout
 from .mask import MaskSpec, n_blocks
 

@@ -19,9 +19,9 @@ from .tiny import tiny_llava, tiny_qwen2_vl
 WEIGHTS = Path(__file__).parent / "weights"
 #: name -> folder of committed weights (trained by the project's own scripts; see each MODEL_CARD.md)
 SHIPPED: dict[str, tuple[Path, str]] = {
-    "tiny-llava-shapes": (WEIGHTS / "tiny-llava-shapes", "python -m vlmfast.zoo.train_llava"),
-    "tiny-sam-shapes": (WEIGHTS / "tiny-sam-shapes", "python -m vlmfast.zoo.train_sam"),  # vlmfast.zoo.sam.load_sam
-    "tiny-clip-shapes": (WEIGHTS / "tiny-clip-shapes", "python -m vlmfast.zoo.train_clip"),  # vlmfast.zoo.clip.load_clip
+    "tiny-llava-shapes": (WEIGHTS / "tiny-llava-shapes", "python -m training.train_llava"),
+    "tiny-sam-shapes": (WEIGHTS / "tiny-sam-shapes", "python -m training.train_sam"),  # vlmfast.zoo.sam.load_sam
+    "tiny-clip-shapes": (WEIGHTS / "tiny-clip-shapes", "python -m training.train_clip"),  # vlmfast.zoo.clip.load_clip
 }
 
 #: name -> builder returning (model, processor); random weights, for mechanics and demos only.

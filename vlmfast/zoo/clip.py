@@ -3,7 +3,7 @@ matcher AGLA uses (a global image-text similarity plus a dense patch-text simila
 
 The model is a plain :class:`open_clip.CLIP` (``VisionTransformer`` + ``TextTransformer``); only the sizes, a
 word-level tokenizer over ShapesWorld's closed vocabulary and average pooling of the patch tokens differ from
-the published configs. Trained by ``python -m vlmfast.zoo.train_clip`` (see the model card next to the weights).
+the published configs. Trained by ``python -m training.train_clip`` (see the model card next to the weights).
 
 >>> from vlmfast.zoo.clip import load_clip
 >>> matcher = load_clip("tiny-clip-shapes")                          # doctest: +SKIP
@@ -20,7 +20,7 @@ go through ``ln_post`` and ``proj``.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Sequence
 
@@ -32,12 +32,6 @@ NAMES = ("tiny-clip-shapes",)
 """Zoo names :func:`load_clip` accepts."""
 SPECIALS = ("<pad>", "<sot>", "<eot>", "<unk>")
 PAD, SOT, EOT, UNK = range(4)
-
-
-def _default_vocab() -> tuple[str, ...]:
-    from ..eval.shapes import VOCABULARY
-
-    return SPECIALS + tuple(w for w in VOCABULARY if w not in SPECIALS)
 
 
 @dataclass(frozen=True)
@@ -57,7 +51,9 @@ class TinyClipConfig:
     pool_type: str = "avg"
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.25, 0.25, 0.25)
-    vocab: tuple[str, ...] = field(default_factory=_default_vocab)
+    vocab: tuple[str, ...] = SPECIALS
+    """the tokenizer's words, the specials first (every other word maps to ``<unk>``); the trainer
+    (``training/train_clip.py``) uses ShapesWorld's closed vocabulary, and the saved config carries it"""
 
     @property
     def grid(self) -> int:

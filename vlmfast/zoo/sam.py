@@ -3,7 +3,7 @@
 The model is a plain :class:`segment_anything.modeling.Sam` (``ImageEncoderViT`` + ``PromptEncoder`` +
 ``MaskDecoder`` with a ``TwoWayTransformer``), so :class:`segment_anything.SamPredictor` and every other
 code path written for SAM run on it unchanged; only the sizes differ (see :class:`TinySamConfig`).
-Trained by ``python -m vlmfast.zoo.train_sam`` (see the model card next to the weights).
+Trained by ``python -m training.train_sam`` (see the model card next to the weights).
 
 >>> from segment_anything import SamPredictor
 >>> from vlmfast.zoo.sam import load_tiny_sam, center_point

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from ..sparse.layout import Layout, Span, video_like
 from ..sparse.mask import MaskSpec
 from ..sparse.patterns import AShape, Grid, HeadContext, VerticalSlash
-from ..sparse.search import recall_and_density
+from ..search.heads import recall_and_density
 
 HEAD_KINDS = ("grid_frame", "grid_row", "a_shape", "vertical_slash")
 
@@ -343,15 +343,6 @@ def end_to_end_rows(seq_lens=(16384,), repeats: int = 2, block: int = 128, spec=
 
 
 # -- recall on the embedded model -------------------------------------------------------------------------------
-RECALL_PROMPT = "how many objects are there ?"
-
-
-def shapes_samples(split: str, n_samples: int, images_per_sample: int, start: int = 0):
-    from .shapes.scene import generate_scene, split_seeds
-
-    seeds = split_seeds(split, n_samples * images_per_sample, start)
-    return [([generate_scene(s).image for s in seeds[i * images_per_sample:(i + 1) * images_per_sample]], RECALL_PROMPT)
-            for i in range(n_samples)]
 
 
 def recall_rows(model_name: str = "tiny-llava-shapes", heads: str = "tiny-llava-shapes", n_samples: int = 4,
@@ -359,7 +350,7 @@ def recall_rows(model_name: str = "tiny-llava-shapes", heads: str = "tiny-llava-
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from ..sparse.method import MMInference
-    from ..sparse.search import evaluate_recall
+    from ..search.heads import evaluate_recall, shapes_samples
     from ..zoo import resolve
 
     path = resolve(model_name)
@@ -402,7 +393,7 @@ def run(json_path=None, *, seq_lens=(8192, 16384, 32768), heads: int = 4, head_d
 
 
 def table(result: dict, markdown: bool = False) -> str:
-    from .bench_prefill import format_table
+    from .prefill import format_table
 
     parts = []
     if result.get("kernel"):

@@ -22,10 +22,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..pruners.base import method_dataclass
-from .mask import MaskSpec
-from .method import HeadPatterns, MMInference, SparseRun
-from .patterns import AShape, BlockSparse, Boundary2D, Dense, Grid, HeadContext, QBoundary, VerticalSlash
+from ..method import method_dataclass
+from ..sparse.mask import MaskSpec
+from ..sparse.method import HeadPatterns, MMInference, SparseRun
+from ..sparse.patterns import AShape, BlockSparse, Boundary2D, Dense, Grid, HeadContext, QBoundary, VerticalSlash
 
 
 def default_candidates() -> list:
@@ -81,9 +81,9 @@ class HeadSearch:
 class _Capture(MMInference):
     """Not registered: an ``mminference`` whose run only reads each layer's queries and keys."""
 
-    def start_run(self, image_mask, valid, images, kept, images_per_row, stage=None):
-        run = super().start_run(image_mask, valid, images, kept, images_per_row, stage)
-        return _CaptureRun(self, run.layouts, valid, stage)
+    def start(self, request):
+        run = super().start(request)
+        return _CaptureRun(self, run.layouts, run.valid, run.n_layers, run.stage)
 
 
 _VISIT: ContextVar[Callable | None] = ContextVar("vlmfast_sparse_visit", default=None)
@@ -216,17 +216,28 @@ def evaluate_recall(model, processor, samples: Sequence[tuple[Any, str]], method
     return rows
 
 
+RECALL_PROMPT = "how many objects are there ?"
+"""the calibration prompt of the sparse head search and of the recall check (multi-image ShapesWorld)"""
+
+
+def shapes_samples(split: str, n_samples: int, images_per_sample: int, start: int = 0):
+    from ..datasets.shapes.scene import generate_scene, split_seeds
+
+    seeds = split_seeds(split, n_samples * images_per_sample, start)
+    return [([generate_scene(s).image for s in seeds[i * images_per_sample:(i + 1) * images_per_sample]], RECALL_PROMPT)
+            for i in range(n_samples)]
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m vlmfast.sparse.search``: search the head patterns of a model on multi-image ShapesWorld
+    """``python -m vlmfast.search.heads``: search the head patterns of a model on multi-image ShapesWorld
     prompts (the embedded model's calibration) and write the head-pattern file."""
     import argparse
 
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from ..eval.bench_sparse import shapes_samples
     from ..zoo import resolve
 
-    p = argparse.ArgumentParser(prog="python -m vlmfast.sparse.search", description=main.__doc__)
+    p = argparse.ArgumentParser(prog="python -m vlmfast.search.heads", description=main.__doc__)
     p.add_argument("--model", default="tiny-llava-shapes", help="zoo name, hub id or folder")
     p.add_argument("--out", required=True, help="head-pattern JSON to write")
     p.add_argument("--prompts", type=int, default=4, help="calibration prompts (ShapesWorld dev split)")

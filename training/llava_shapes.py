@@ -3,7 +3,7 @@
 CLIP vision tower with a CLS token (image 168 px, patch 14 -> 12x12 = 144 visual tokens, features from
 layer -2 as in LLaVA-1.5), a 2-layer projector and a Llama decoder; a word-level tokenizer over
 ShapesWorld's closed vocabulary; LLaVA-1.5's chat format ("USER: <image>\\n... ASSISTANT:").
-Trained by ``python -m vlmfast.zoo.train_llava`` (see the model card next to the weights).
+Trained by ``python -m training.train_llava`` (see the model card next to the weights).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .tiny import LLAVA_CHAT_TEMPLATE
+from vlmfast.zoo.tiny import LLAVA_CHAT_TEMPLATE
 
 WEIGHTS_DIR = Path(__file__).parent / "weights" / "tiny-llava-shapes"
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
@@ -40,7 +40,7 @@ class LlavaShapesConfig:
 
 
 def vocabulary() -> list[str]:
-    from ..eval.shapes import VOCABULARY
+    from vlmfast.datasets.shapes import VOCABULARY
 
     words = list(SPECIAL)
     for w in [*CHAT_WORDS, *VOCABULARY]:

@@ -1,6 +1,6 @@
 """Train ``tiny-sam-shapes``: a tiny Segment Anything on ShapesWorld (CPU, minutes).
 
-    python -m vlmfast.zoo.train_sam --out /tmp/tiny-sam --minutes 60 --seed 0 --steps 2800 [--resume]
+    python -m training.train_sam --out /tmp/tiny-sam --minutes 60 --seed 0 --steps 2800 [--resume]
 
 Each step takes ``--images`` train-split scenes (scene seeds drawn from ``numpy.random.default_rng((seed,
 step))``, so the data order is a function of the seed and the step alone) and ``--prompts`` prompts per
@@ -31,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..eval.shapes import SPLIT_SIZE, generate_scene, iter_scenes, miou, split_seeds
-from .sam import TinySamConfig, build_tiny_sam, center_point, save_tiny_sam, tiny_sam_config
+from vlmfast.datasets.shapes import SPLIT_SIZE, generate_scene, iter_scenes, miou, split_seeds
+from vlmfast.zoo.sam import TinySamConfig, build_tiny_sam, center_point, save_tiny_sam, tiny_sam_config
 
 RENDER_SIZES = (256, 336, 336, 448)
 """Scene sizes drawn for training images (then resized to the model input, like SamPredictor does)."""
@@ -245,7 +245,7 @@ def _save_checkpoint(path: Path, sam, opt, step: int, elapsed: float, args, cfg:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m vlmfast.zoo.train_sam", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m training.train_sam", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="output folder (checkpoint, log, weights)")
     p.add_argument("--minutes", type=float, default=60.0, help="wall-clock cap of this invocation")
     p.add_argument("--seed", type=int, default=0)
@@ -367,7 +367,7 @@ def main(argv=None) -> int:
     metrics = {"steps": step, "train_minutes": round(elapsed() / 60, 2), "seed": args.seed,
                "images_per_step": args.images, "prompts_per_image": args.prompts}
     if args.test_scenes > 0:
-        from .sam import load_tiny_sam
+        from vlmfast.zoo.sam import load_tiny_sam
 
         metrics["test"] = evaluate(load_tiny_sam(out), args.test_scenes, split="test")  # the saved weights
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

@@ -18,13 +18,12 @@ from typing import Iterable
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .shapes import (
-    POPE_SPLITS, caption_objects, chair, iter_scenes, pope_items, pope_metrics, vqa_accuracy, vqa_items,
+from ..datasets.shapes import (
+    CAPTION_PROMPT, POPE_SPLITS, caption_objects, chair, iter_scenes, pope_items, pope_metrics, vqa_accuracy, vqa_items,
 )
 
 TASKS = ("vqa", "pope", "chair", "grounding")
 DEFAULT_TASKS = ("vqa", "pope", "chair")
-CAPTION_PROMPT = "what objects are in the image ?"
 
 
 def _batched(acc, jobs: list[tuple[Image.Image, str]], max_new_tokens: int, batch: int, desc: str, progress: bool):
@@ -73,7 +72,7 @@ def evaluate(acc, split: str = "test", limit: int = 200, tasks: Iterable[str] = 
         all_stats += st
         task_stats["chair"] = st
     if "grounding" in tasks:  # referring-expression masks from attention + SAM (eval/grounding_eval.py)
-        from .grounding_eval import evaluate_grounding
+        from .grounding import evaluate_grounding
 
         result["grounding"] = evaluate_grounding(acc, scenes, image, batch=batch, progress=progress)
     if all_stats:

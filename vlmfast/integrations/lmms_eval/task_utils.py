@@ -1,9 +1,9 @@
 """The functions behind the exported ShapesWorld lmms-eval tasks (``!function utils.<name>`` in the YAMLs).
 
-The ``utils.py`` written next to the task YAMLs by :func:`vlmfast.eval.lmms.tasks.export_lmms` re-exports
+The ``utils.py`` written next to the task YAMLs by :func:`vlmfast.integrations.lmms_eval.tasks.export_lmms` re-exports
 this module, so scoring lives (and is tested) in the package. Every metric uses vlmfast's own ShapesWorld
-metrics (:func:`~vlmfast.eval.shapes.vqa_accuracy`, :func:`~vlmfast.eval.shapes.pope_metrics`,
-:func:`~vlmfast.eval.shapes.chair`), so lmms-eval scores equal ``vlmfast eval shapes`` scores on the same
+metrics (:func:`~vlmfast.datasets.shapes.vqa_accuracy`, :func:`~vlmfast.datasets.shapes.pope_metrics`,
+:func:`~vlmfast.datasets.shapes.chair`), so lmms-eval scores equal ``vlmfast eval shapes`` scores on the same
 items and predictions.
 
 Per-document results are small dicts; the aggregations recompute the corpus-level metric from them
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..shapes import QUESTION_TYPES, chair, pope_metrics, vqa_accuracy
+from ...datasets.shapes import QUESTION_TYPES, chair, pope_metrics, vqa_accuracy
 
 __all__ = [
     "doc_to_visual", "doc_to_text", "vqa_process_results", "pope_process_results", "caption_process_results",
@@ -47,7 +47,7 @@ def _pred(results: list) -> str:
 
 def vqa_process_results(doc: dict, results: list) -> dict[str, Any]:
     """``exact_match`` (0/1) and ``acc_<type>`` for the question's type; scored by
-    :func:`~vlmfast.eval.shapes.vqa_accuracy` (``normalize_answer``, first word for yes/no types)."""
+    :func:`~vlmfast.datasets.shapes.vqa_accuracy` (``normalize_answer``, first word for yes/no types)."""
     hit = vqa_accuracy([_pred(results)], [{"answer": doc["answer"], "type": doc["type"]}])["overall"]
     return {"exact_match": hit, f"acc_{doc['type']}": hit}
 

@@ -6,7 +6,7 @@ VQA questions, POPE existence probes (random / popular / adversarial), a canonic
 unambiguous referring expressions, all in a small closed vocabulary (:data:`VOCABULARY`), and
 scores model outputs with :mod:`.metrics`. Only numpy and PIL are used.
 
->>> from vlmfast.eval.shapes import generate_scene, vqa_items, caption
+>>> from vlmfast.datasets.shapes import generate_scene, vqa_items, caption
 >>> scene = generate_scene(7)
 >>> caption(scene), vqa_items(scene)[0].question  # doctest: +SKIP
 """
@@ -19,7 +19,7 @@ from .scene import (
     generate_scene, iter_scenes, split_of, split_seeds,
 )
 from .tasks import (
-    PopeItem, RefExp, VQAItem, caption, caption_objects, pope_items, pope_negative_candidates, pope_question,
+    CAPTION_PROMPT, PopeItem, RefExp, VQAItem, caption, caption_objects, pope_items, pope_negative_candidates, pope_question,
     pope_set, raster_order, referring_expressions, scene_texts, vqa_items,
 )
 from .vocab import (
@@ -33,7 +33,7 @@ __all__ = [
     "CANONICAL_SIZE", "MIN_VISIBLE_FRACTION", "SPLIT_OFFSETS", "SPLIT_SIZE",
     # tasks
     "vqa_items", "VQAItem", "pope_items", "pope_set", "pope_question", "pope_negative_candidates", "PopeItem",
-    "caption", "caption_objects", "raster_order", "referring_expressions", "RefExp", "scene_texts",
+    "caption", "caption_objects", "CAPTION_PROMPT", "raster_order", "referring_expressions", "RefExp", "scene_texts",
     # metrics
     "normalize_answer", "vqa_accuracy", "pope_metrics", "chair", "parse_mentions", "mask_iou", "miou",
     "pointing_accuracy",

@@ -16,7 +16,7 @@ visible mask:
 * ``pruned_miou`` / ``pruned_pointing``: (d) (a) with FoPru keeping 25% of the visual tokens;
 * ``time``: what grounding adds to a generate call (:data:`TIME_PROTOCOL`; :func:`time_overhead`), on the first
   referring expression of each of the first 30 scenes and on captions of the same images. Alone, on any split:
-  ``python -m vlmfast.eval.grounding_eval --split test --limit 30``.
+  ``python -m vlmfast.eval.grounding --split test --limit 30``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from .shapes import mask_iou, pointing_accuracy, referring_expressions
+from ..datasets.shapes import mask_iou, pointing_accuracy, referring_expressions
 
 PROMPT = "where is {expression} ?"
 MAX_NEW_TOKENS = 4
@@ -197,7 +197,7 @@ def time_overhead(acc, jobs) -> dict:
     question, phrase), one per scene."""
     import torch
 
-    from .shapes_eval import CAPTION_PROMPT
+    from ..datasets.shapes import CAPTION_PROMPT
 
     for img, prompt, phrase in jobs[:2]:  # warm-up
         acc.generate(images=[img], prompt=prompt, max_new_tokens=MAX_NEW_TOKENS)
@@ -216,9 +216,9 @@ def time_overhead(acc, jobs) -> dict:
 
 
 def main(argv=None) -> int:
-    """Only the ``time`` section: ``python -m vlmfast.eval.grounding_eval --split test --limit 30``."""
+    """Only the ``time`` section: ``python -m vlmfast.eval.grounding --split test --limit 30``."""
     from ..accelerator import VLMAccelerator
-    from .shapes import iter_scenes
+    from ..datasets.shapes import iter_scenes
 
     p = argparse.ArgumentParser(description="what grounding adds to a generate call (" + TIME_PROTOCOL + ")")
     p.add_argument("--model", default="tiny-llava-shapes")
@@ -227,7 +227,7 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, default=30, help="scenes (one referring question and one caption each)")
     p.add_argument("--json", help="write the time section here")
     a = p.parse_args(argv)
-    acc = VLMAccelerator.from_pretrained(a.model, policy=None if a.policy == "none" else a.policy)
+    acc = VLMAccelerator.from_pretrained(a.model, policy=a.policy)
     text = json.dumps(time_overhead(acc, timing_jobs(iter_scenes(a.split, a.limit), lambda s: s.image)), indent=2)
     print(text)
     if a.json:

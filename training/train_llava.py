@@ -1,4 +1,4 @@
-"""Train ``tiny-llava-shapes`` on ShapesWorld: ``python -m vlmfast.zoo.train_llava --out DIR``.
+"""Train ``tiny-llava-shapes`` on ShapesWorld: ``python -m training.train_llava --out DIR``.
 
 Two stages, deterministic given ``--seed``, resumable (``--resume``) from ``DIR/ckpt.pt``:
 
@@ -29,14 +29,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..eval.shapes import (
+from vlmfast.datasets.shapes import (
     COLOR_NAMES, COLS, POPE_SPLITS, QUESTION_TYPES, ROWS, SHAPE_PLURALS, SHAPES, caption, generate_scene, pope_items, split_seeds,
     vqa_items,
 )
-from ..eval.shapes.scene import MAX_OBJECTS
-from ..eval.shapes.vocab import article
-from ..eval.shapes_eval import CAPTION_PROMPT  # the same prompt the evaluation asks
-from .llava_shapes import LlavaShapesConfig, build_model, build_processor
+from vlmfast.datasets.shapes.scene import MAX_OBJECTS
+from vlmfast.datasets.shapes.vocab import article
+from vlmfast.datasets.shapes import CAPTION_PROMPT  # the same prompt the evaluation asks
+from training.llava_shapes import LlavaShapesConfig, build_model, build_processor
 
 TASKS = ("pope", *QUESTION_TYPES, "caption")
 #: training-only warm-up questions that need one attribute matched against the image (no binding yet)

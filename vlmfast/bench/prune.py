@@ -21,8 +21,9 @@ from tqdm.auto import tqdm
 from ..accelerator import VLMAccelerator
 from ..policy import Policy, load_policy
 from ..pruners import DivPrune, FastV, FasterVLM, FoPru, PyramidDrop, RandomPruner, VFlowOpt, VisionZip, ZipVL
-from . import bench_prefill, shapes_eval
-from .bench_prefill import Config
+from . import prefill as bench_prefill
+from ..eval import shapes as shapes_eval
+from .prefill import Config
 
 KEEPS = (0.5, 0.25, 0.1, 0.05)
 FIELDS = ["method", "keep", "vqa", "pope_f1", "fraction_of_full", "speedup", "ideal_speedup", "efficiency",

@@ -265,6 +265,10 @@ def raster_order(scene: Scene) -> list[int]:
     return sorted(range(len(scene.objects)), key=key)
 
 
+CAPTION_PROMPT = "what objects are in the image ?"
+"""the prompt a caption is asked with (training, evaluation and the lmms-eval task use this one)"""
+
+
 def caption(scene: Scene) -> str:
     """Canonical caption naming every object, e.g. ``"a red circle , a blue star and two green squares ."``.
 

@@ -1,6 +1,6 @@
 """Train ``tiny-clip-shapes``: a tiny open_clip CLIP on ShapesWorld image-text pairs (CPU, minutes).
 
-    python -m vlmfast.zoo.train_clip --out /tmp/tiny-clip --minutes 20 --seed 0 --steps 500 [--resume]
+    python -m training.train_clip --out /tmp/tiny-clip --minutes 20 --seed 0 --steps 500 [--resume]
 
 Each step draws ``--batch`` train-split scenes (scene seeds from ``numpy.random.default_rng((seed, step))``, so
 the data is a function of the seed and the step alone), renders each at 96 or 192 px and resizes it to the
@@ -29,8 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..eval.shapes import SPLIT_SIZE, caption, generate_scene, iter_scenes, split_seeds
-from .clip import ClipMatcher, TinyClipConfig, WordTokenizer, build_tiny_clip, preprocess, save_tiny_clip
+from vlmfast.datasets.shapes import SPLIT_SIZE, VOCABULARY, caption, generate_scene, iter_scenes, split_seeds
+from vlmfast.eval.clip import evaluate
+from vlmfast.zoo.clip import SPECIALS, ClipMatcher, TinyClipConfig, WordTokenizer, build_tiny_clip, preprocess, save_tiny_clip
 
 RENDER_SIZES = (96, 192)
 
@@ -92,67 +93,6 @@ def soft_clip_loss(img, txt, logit_scale, pos):
 # --------------------------------------------------------------------------- evaluation
 
 
-def evaluate(matcher: ClipMatcher, n_scenes: int, split: str = "dev") -> dict:
-    """On the first ``n_scenes`` scenes of ``split``:
-
-    * ``retrieval_i2t`` / ``retrieval_t2i``: top-1 caption retrieval among the ``n_scenes`` captions (a hit when
-      the retrieved caption / image has the query's caption text: single-object scenes can share one);
-    * ``pointing``: for every distinct object ``"<colour> <shape>"`` of a scene, does the argmax cell of its dense
-      patch-text map contain a pixel of that object (pointing game with one cell of tolerance);
-    * ``object_auc``: how well the global similarity of ``"<colour> <shape>"`` separates objects present in the
-      image from absent ones (ROC AUC over all scene x object-name pairs; 0.5 = chance).
-    """
-    import torch
-
-    from ..eval.shapes import COLOR_NAMES, SHAPES
-
-    scenes = list(iter_scenes(split, n_scenes))
-    caps = [caption(s) for s in scenes]
-    with torch.inference_mode():
-        img = matcher.encode_image(matcher.preprocess([s.image for s in scenes]))
-        txt = matcher.encode_text(caps)
-        sim = img @ txt.T
-        i2t = float(np.mean([caps[int(j)] == caps[i] for i, j in enumerate(sim.argmax(1))]))
-        t2i = float(np.mean([caps[int(i)] == caps[j] for j, i in enumerate(sim.argmax(0))]))
-        names = [f"{c} {s}" for c in COLOR_NAMES for s in SHAPES]
-        obj_sim = img @ matcher.encode_text(names).T  # (n, 48)
-    present = torch.tensor([[(c, sh) in {(o.color, o.shape) for o in s.objects} for c in COLOR_NAMES for sh in SHAPES]
-                            for s in scenes])
-    auc = _auc(obj_sim[present].tolist(), obj_sim[~present].tolist())
-    hits = []
-    for s in scenes:
-        objs = sorted({(o.color, o.shape) for o in s.objects})
-        _, maps = matcher.match([s.image] * len(objs), [f"{c} {sh}" for c, sh in objs])
-        g = maps.shape[-1]
-        cell = s.size / g
-        for (c, sh), m in zip(objs, maps):
-            r, k = divmod(int(m.argmax()), g)
-            mask = np.zeros((s.size, s.size), dtype=bool)
-            for o in s.objects:
-                if (o.color, o.shape) == (c, sh):
-                    mask |= o.mask
-            hits.append(bool(mask[int(r * cell):int(math.ceil((r + 1) * cell)),
-                                  int(k * cell):int(math.ceil((k + 1) * cell))].any()))
-    return {"retrieval_i2t": i2t, "retrieval_t2i": t2i, "pointing": float(np.mean(hits)), "object_auc": auc,
-            "n_scenes": n_scenes, "n_objects": len(hits), "split": split}
-
-
-def _auc(pos: list[float], neg: list[float]) -> float:
-    """ROC AUC by ranks (ties count half)."""
-    scores = np.array(pos + neg)
-    order = scores.argsort(kind="mergesort")
-    ranks = np.empty(len(scores))
-    ranks[order] = np.arange(1, len(scores) + 1)
-    for v in np.unique(scores):  # average ranks of ties
-        idx = scores == v
-        ranks[idx] = ranks[idx].mean()
-    n_pos, n_neg = len(pos), len(neg)
-    return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-# --------------------------------------------------------------------------- training
-
-
 def lr_at(step: int, total: int, peak: float, warmup: int, final_frac: float = 0.05) -> float:
     """Linear warmup to ``peak`` over ``warmup`` steps, then cosine decay to ``final_frac * peak``."""
     if step < warmup:
@@ -173,7 +113,7 @@ def _save_checkpoint(path: Path, model, opt, step: int, elapsed: float, args, cf
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m vlmfast.zoo.train_clip", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m training.train_clip", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="output folder (checkpoint, log, weights)")
     p.add_argument("--minutes", type=float, default=20.0, help="wall-clock cap of this invocation")
     p.add_argument("--seed", type=int, default=0)
@@ -193,12 +133,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def shapes_vocab() -> tuple[str, ...]:
+    """The tokenizer's words: the specials, then ShapesWorld's closed vocabulary."""
+    return SPECIALS + tuple(w for w in VOCABULARY if w not in SPECIALS)
+
+
 def _config_from(text: str) -> TinyClipConfig:
     kw = {}
     for item in filter(None, (s.strip() for s in text.split(","))):
         key, value = item.split("=", 1)
         kw[key] = json.loads(value)
-    return TinyClipConfig.from_dict({**TinyClipConfig().to_dict(), **kw})
+    return TinyClipConfig.from_dict({**TinyClipConfig(vocab=shapes_vocab()).to_dict(), **kw})
 
 
 def main(argv=None) -> int:
@@ -298,7 +243,7 @@ def main(argv=None) -> int:
     save_tiny_clip(model, cfg, out)
     metrics = {"steps": step, "train_minutes": round(elapsed() / 60, 2), "seed": args.seed, "batch": args.batch}
     if args.final_scenes > 0:
-        from .clip import load_clip
+        from vlmfast.zoo.clip import load_clip
 
         metrics["dev"] = evaluate(load_clip(str(out)), args.final_scenes, split="dev")  # the saved (fp16) weights
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

@@ -1,0 +1,82 @@
+"""Mistakes a new user makes, each answered by a named vlmfast error that says what was wrong and what was
+expected (never a bare pydantic / transformers / TypeError traceback)."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import make_image
+
+from vlmfast import (
+    FastV, FoPru, InputError, Policy, PolicyError, UnsupportedModelError, VLMAccelerator, VlmfastError, load_policy,
+)
+
+
+@pytest.mark.parametrize("build, field", [
+    (lambda: FoPru(keep=0), "fopru.keep"),
+    (lambda: FoPru(keep=0.5, strategy="columns"), "fopru.strategy"),
+    (lambda: FastV(layer=2, keep=0.5, nope=1), "fastv.nope"),
+])
+def test_a_bad_field_built_in_python_is_a_policy_error_naming_it(build, field):
+    with pytest.raises(PolicyError, match=field.replace(".", r"\.")) as err:
+        build()
+    assert "ValidationError" not in str(err.value)
+
+
+def test_assigning_a_bad_value_is_a_policy_error_and_leaves_the_method_unchanged():
+    m = FoPru(keep=0.5)
+    with pytest.raises(PolicyError, match=r"fopru\.keep: Input should be less than or equal to 1 \(got 2\)"):
+        m.keep = 2
+    assert m.keep == 0.5
+
+
+def test_the_same_bad_value_from_a_policy_file_names_its_place():
+    with pytest.raises(PolicyError, match=r"methods\[0\] \(fopru\)\.keep: Input should be greater than 0"):
+        Policy.from_dict({"methods": [{"method": "fopru", "keep": 0}]})
+
+
+@pytest.mark.parametrize("policy", [123, 0.25, ["fopru"], object()])
+def test_a_policy_of_the_wrong_type_is_a_policy_error(tiny, policy):
+    model, processor = tiny
+    with pytest.raises(PolicyError, match="expected a shipped policy name, a YAML path, a dict, a Policy"):
+        VLMAccelerator(model, processor, policy=policy)
+
+
+@pytest.mark.parametrize("spec", ["none", "None", " NONE "])
+def test_policy_none_by_name_works_in_python_as_on_the_command_line(tiny, spec):
+    model, processor = tiny
+    assert load_policy(spec).is_empty
+    acc = VLMAccelerator(model, processor, policy=spec)
+    assert acc.policy.is_empty
+    out = acc.generate(images=[make_image(1)], prompt="what is it ?", max_new_tokens=2)
+    assert len(out.token_ids) <= 2
+
+
+def test_a_prompt_with_the_models_image_placeholder_is_an_input_error(tiny):
+    model, processor = tiny
+    acc = VLMAccelerator(model, processor, policy=None)
+    token = processor.image_token
+    with pytest.raises(InputError, match=f"prompt contains {token!r}.*one set per image"):
+        acc.generate(images=[make_image(2)], prompt=f"{token}\nwhat is it ?", max_new_tokens=2)
+    with pytest.raises(InputError, match=r"prompt\[1\] contains"):
+        acc.generate(images=[[make_image(2)], [make_image(3)]], prompt=["fine", f"bad {token}"], max_new_tokens=2)
+
+
+def test_a_folder_of_an_unsupported_family_is_refused_before_loading(tmp_path):
+    from transformers import BertConfig
+
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(
+        tmp_path)
+    with pytest.raises(UnsupportedModelError, match=r"'bert' model, which vlmfast has no adapter for.*llava.*qwen2_vl"):
+        VLMAccelerator.from_pretrained(str(tmp_path), local_files_only=True)
+
+
+def test_a_missing_folder_and_a_folder_without_config_are_input_errors(tmp_path):
+    with pytest.raises(InputError, match="no such folder"):
+        VLMAccelerator.from_pretrained(str(tmp_path / "nothing-here"), local_files_only=True)
+    with pytest.raises(InputError, match="has no config.json"):
+        VLMAccelerator.from_pretrained(str(tmp_path), local_files_only=True)
+
+
+def test_every_error_above_is_a_vlmfast_error():
+    for cls in (PolicyError, InputError, UnsupportedModelError):
+        assert issubclass(cls, VlmfastError)

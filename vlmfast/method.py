@@ -1,0 +1,110 @@
+"""The method contract: what every vlmfast method is, and how it takes part in one request.
+
+A method is a pydantic dataclass whose fields are its hyper-parameters (printable, comparable, serialisable,
+searchable; wrong types, out-of-range values and unknown fields fail when it is built). Per request it starts
+at most one :class:`Run` from the request's :class:`~vlmfast.request.Request`:
+
+    run = method.start(request)          # None: the method acts only through its stage's own call
+    run.register(session)                # attention observers / overrides / wrappers / kernels
+    with run.hooks(decoder_layers): ...  # forward pre-hooks for the call, removed after it
+    run.transform_cache(cache)           # once, after prefill (ZipVL's KV quantization)
+    run.report(b)                        # sample b's row of Stats.stages (None: no row)
+
+The stage a method acts at (``stage``) decides where else the accelerator calls it: a ``vision`` pruner's
+``prune`` after the vision tower, a ``layer`` pruner's ``select_layer`` inside the language model, a
+``decoding`` method's ``build`` for its decode branch. See docs/architecture.md (Contracts).
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import ConfigDict, ValidationError
+from pydantic.dataclasses import dataclass
+
+from .errors import PolicyError
+
+if TYPE_CHECKING:
+    from .adapters.base import ModelInfo
+    from .request import Request
+
+#: Every method dataclass is validated by pydantic: wrong types, out-of-range values and unknown fields fail
+#: when the method is built (as a PolicyError naming the field, see :func:`method_dataclass`).
+METHOD_CONFIG = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def format_validation_error(err: ValidationError, prefix: str = "") -> str:
+    """pydantic's errors as one line: ``where: what (got value); ...``."""
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        where = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
+        got = e.get("input")
+        got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+        parts.append(f"{where}: {e['msg']}{got_s}")
+    return "; ".join(parts)
+
+
+def method_dataclass(cls):
+    """Make ``cls`` a validated method dataclass. Building it (or assigning a field) with a bad value raises a
+    :class:`PolicyError` naming the method and the field (``FoPru(keep=0)``: ``fopru.keep: ...``), as loading
+    the same value from a policy file does; the error's ``validation`` holds pydantic's own error."""
+    cls = dataclass(config=METHOD_CONFIG)(cls)
+    init, setattr_ = cls.__init__, cls.__setattr__
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            init(self, *args, **kwargs)
+        except ValidationError as e:
+            raise _field_error(type(self), e) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        try:
+            setattr_(self, name, value)
+        except ValidationError as e:
+            raise _field_error(type(self), e) from None
+
+    __init__.__wrapped__ = init  # type: ignore[attr-defined]  (inspect.signature shows the fields)
+    cls.__init__ = __init__  # type: ignore[method-assign]
+    cls.__setattr__ = __setattr__  # type: ignore[method-assign]
+    return cls
+
+
+def _field_error(cls: type, err: ValidationError) -> PolicyError:
+    e = PolicyError(format_validation_error(err, getattr(cls, "method_name", "") or cls.__name__))
+    e.validation = err  # type: ignore[attr-defined]
+    return e
+
+
+class Run:
+    """What a method does during one request. Every part is optional; the defaults do nothing."""
+
+    def register(self, session) -> None:
+        """Register observers, overrides, wrappers or kernels on the call's attention session."""
+
+    def hooks(self, layers) -> AbstractContextManager:
+        """Forward pre-hooks on the decoder layers for the call (a context manager that removes them)."""
+        return nullcontext()
+
+    def transform_cache(self, cache) -> None:
+        """Rewrite the KV cache once, after prefill."""
+
+    def report(self, b: int) -> dict | None:
+        """Sample ``b``'s row of ``Stats.stages`` (None: no row)."""
+        return None
+
+
+@method_dataclass
+class Method:
+    method_name: ClassVar[str] = ""
+    """the name policies use (set by :func:`vlmfast.registry.register`)"""
+    stage: ClassVar[str] = ""
+    """where the method acts: vision, layer, attention, prefill, reweight or decoding"""
+
+    def check(self, info: ModelInfo) -> None:
+        """Validate against a concrete model (layer ranges); raise PolicyError naming the field."""
+
+    def start(self, request: Request) -> Run | None:
+        """This method's run for one request (None: nothing to do beyond its stage's own call)."""
+        return None

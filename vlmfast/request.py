@@ -1,0 +1,212 @@
+"""One request's state, and the steps every path through a request shares (the main call, decode branches).
+
+The walk (docs/architecture.md): :func:`encode` (the processor, the vision tower once) -> :func:`prune_visual`
+(the policy's vision pruner, per visual input) -> :func:`assemble` (the sequence the language model receives)
+-> prefill -> :func:`decode_step` per token. :class:`Request` holds what those steps produced for one call; every
+method's run starts from it (``method.start(request)``) and decode branches build their inputs with
+:meth:`Request.assemble` / :meth:`Request.encode` (DAMRO, AGLA).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, NamedTuple
+
+import torch
+
+from ._compat import CACHE_KW
+from .adapters.base import Adapter, ImageTokens
+from .errors import InputError
+from .layer_stage import gather_seq
+from .stats import now
+
+
+class Encoded(NamedTuple):
+    """A batch of prompts through the model's processor and vision tower (nothing pruned yet)."""
+
+    inputs: dict
+    """the processor's outputs (left padded)"""
+    image_mask: torch.Tensor
+    """(B, L) True at every visual placeholder (image and video tokens)"""
+    positions: torch.Tensor
+    """(R, B, L) positions of the unpruned sequence (row 0: 1-D; Qwen's M-RoPE rows after it)"""
+    visual: list[ImageTokens]
+    """one per visual input, in sequence order (per sample: its images, then its videos)"""
+    prepare_s: float = 0.0
+    """seconds the processor took (the rest of :func:`encode` is the vision tower)"""
+
+
+class Assembled(NamedTuple):
+    """The sequence the language model receives: embeddings with the visual features scattered in, the unkept
+    visual tokens dropped, re-padded on the left; kept tokens keep their original positions."""
+
+    embeds: torch.Tensor
+    mask: torch.Tensor
+    positions: torch.Tensor
+    image_mask: torch.Tensor
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return self.mask.bool()
+
+
+def sequence_order(images: list, videos: list, batch_images: list[list], batch_videos: list[list]) -> list:
+    """The adapter's images and videos (each in request order) interleaved in sequence order: per sample its
+    images, then its videos (the order ``prepare`` puts them in the prompt)."""
+    it_i, it_v, out = iter(images), iter(videos), []
+    for imgs, vids in zip(batch_images, batch_videos):
+        out += [next(it_i) for _ in imgs] + [next(it_v) for _ in vids]
+    return out
+
+
+def encode(adapter: Adapter, processor, batch_images: list[list], prompts: list[str],
+           batch_videos: list[list] | None = None, attention_layer: int | None = None,
+           grey: bool = False) -> Encoded:
+    """Tokenise with the model's own processor and run the vision tower once (reading ``attention_layer``'s
+    attention and the pixels' grey values when asked)."""
+    batch_videos = batch_videos or [[] for _ in prompts]
+    t0 = now(adapter.model.device)
+    inputs = adapter.prepare(processor, batch_images, prompts, videos=batch_videos if any(batch_videos) else None)
+    prepare_s = now(adapter.model.device) - t0
+    image_mask = adapter.image_token_mask(inputs)
+    positions = adapter.positions(inputs)
+    visual = sequence_order(*adapter.visual_tokens(inputs, attention_layer, grey), batch_images, batch_videos)
+    n_feat = sum(v.n_tokens for v in visual)
+    if n_feat != int(image_mask.sum()):
+        raise InputError(f"the processor produced {int(image_mask.sum())} image placeholders but the vision "
+                         f"tower {n_feat} features; check the processor matches the model")
+    return Encoded(inputs, image_mask, positions, visual, prepare_s)
+
+
+def prune_visual(pruner, visual: list[ImageTokens]) -> tuple[list[ImageTokens], list[torch.Tensor],
+                                                              list[torch.Tensor | None]]:
+    """Apply a vision pruner (or none) to every visual input: (what enters the language model, with merged
+    features written at kept positions; the kept indices, ascending; per kept token scores or None). The inputs
+    are not modified."""
+    if pruner is None:
+        return list(visual), [torch.arange(v.n_tokens, device=v.features.device) for v in visual], [None] * len(visual)
+    out, kept, scores = [], [], []
+    for v in visual:
+        res = pruner.prune_visual(v)  # a video: per frame group
+        out.append(replace(v, features=v.features.index_copy(0, res.keep, res.features.to(v.features.dtype))))
+        kept.append(res.keep)
+        scores.append(res.scores)
+    return out, kept, scores
+
+
+def assemble(model, encoded: Encoded, visual: list[ImageTokens], kept: list[torch.Tensor]) -> Assembled:
+    """Embed the prompt, scatter the visual features where the model would (``masked_scatter``), drop the unkept
+    visual tokens and re-pad on the left (kept tokens keep their order and their original positions)."""
+    input_ids, mask = encoded.inputs["input_ids"], encoded.inputs["attention_mask"]
+    image_mask, positions = encoded.image_mask, encoded.positions
+    embeds = model.get_input_embeddings()(input_ids)
+    if visual:
+        feats = torch.cat([v.features for v in visual]).to(embeds.dtype)
+        embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), feats)
+    if all(k.numel() == v.n_tokens for k, v in zip(kept, visual)):
+        return Assembled(embeds, mask, positions, image_mask)
+    flat = torch.cat([torch.zeros(v.n_tokens, dtype=torch.bool, device=input_ids.device).index_fill_(0, k, True)
+                      for v, k in zip(visual, kept)])
+    keep = mask.bool() & ~image_mask
+    keep[image_mask] = flat
+    width = int(keep.sum(1).max())
+    # stable sort puts dropped tokens first and kept tokens last, both in their original order
+    idx = torch.argsort(keep.to(torch.int8), dim=1, stable=True)[:, -width:]
+    new_mask = keep.gather(1, idx)
+    positions = torch.stack([gather_seq(p, idx) for p in positions]).masked_fill(~new_mask[None], 0)
+    return Assembled(gather_seq(embeds, idx), new_mask.to(mask.dtype), positions, image_mask.gather(1, idx) & new_mask)
+
+
+def next_positions(positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(R, B, 1): where decoding continues on every position axis, the *original* maximum + 1 (pruning never makes
+    a new token reuse a position)."""
+    return positions.masked_fill(~valid[None], -1).amax(-1, keepdim=True) + 1
+
+
+def decode_step(model, adapter: Adapter, tokens: torch.Tensor, cache, mask: torch.Tensor,
+                next_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Feed one token per row into ``cache``; return (next logits (B, V) float, the longer mask, positions + 1)."""
+    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    out = model(input_ids=tokens[:, None], attention_mask=mask, use_cache=True, **{CACHE_KW: cache},
+                position_ids=adapter.model_position_ids(next_pos))
+    return out.logits[:, -1].float(), mask, next_pos + 1
+
+
+@dataclass
+class Request:
+    """What one call knows once the vision stage has run; every method's run starts from it."""
+
+    model: Any
+    adapter: Adapter
+    processor: Any
+    prompts: list[str]
+    batch_images: list[list]
+    """per sample, its images (PIL, RGB)"""
+    batch_videos: list[list]
+    """per sample, its videos ((T, H, W, 3) uint8 arrays)"""
+    encoded: Encoded
+    """the unpruned request (``encoded.visual``: the tower's own features)"""
+    visual: list[ImageTokens]
+    """what enters the language model per visual input (merged features at kept positions)"""
+    kept: list[torch.Tensor]
+    """per visual input, the indices of its tokens that enter the language model (ascending)"""
+    seq: Assembled
+    """the sequence the language model receives"""
+    vision_pruner: Any = None
+    attention_layer: int | None = None
+    """the vision layer whose attention the request read (the pruner's, else DAMRO's), or None"""
+    vision_scores: torch.Tensor | None = None
+    """(B, L) over ``seq``: the vision pruner's per-token scores, when it gives them (VFlowOpt's layer stages)"""
+    stage: Any = None
+    """the request's :class:`~vlmfast.layer_stage.LayerStage` (layer pruners; shortened layers' columns)"""
+
+    # -- views -----------------------------------------------------------------------------------------------
+    @property
+    def inputs(self) -> dict:
+        return self.encoded.inputs
+
+    @property
+    def image_mask(self) -> torch.Tensor:
+        """(B, L) over the sequence the language model receives: its visual tokens."""
+        return self.seq.image_mask
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """(B, L) over the sequence the language model receives: False for left padding."""
+        return self.seq.valid
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return self.seq.positions
+
+    @property
+    def counts(self) -> list[int]:
+        """visual inputs per sample"""
+        return [len(i) + len(v) for i, v in zip(self.batch_images, self.batch_videos)]
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.adapter.decoder_layers)
+
+    def own(self, b: int) -> range:
+        """The indices of sample ``b``'s visual inputs in ``visual`` / ``kept``."""
+        first = sum(self.counts[:b])
+        return range(first, first + self.counts[b])
+
+    # -- for decode branches ---------------------------------------------------------------------------------
+    def assemble(self, kept: list[torch.Tensor]) -> Assembled:
+        """The request with each visual input reduced to ``kept`` (the tower's own features, original positions)."""
+        return assemble(self.model, self.encoded, self.encoded.visual, kept)
+
+    def encode(self, batch_images: list[list]) -> tuple[Assembled, list[torch.Tensor], dict]:
+        """The same prompts with other images, through the same vision stage and vision pruner: (the sequence,
+        the kept indices per image, the processor's inputs)."""
+        adapter = self.adapter
+        saved = adapter.last_attention_s  # the main request's scoring time stays what it was
+        try:
+            enc = encode(adapter, self.processor, batch_images, self.prompts, attention_layer=self.attention_layer,
+                         grey=bool(getattr(self.vision_pruner, "needs_grey", False)))
+        finally:
+            adapter.last_attention_s = saved
+        visual, kept, _ = prune_visual(self.vision_pruner, enc.visual)
+        return assemble(self.model, enc, visual, kept), kept, enc.inputs
