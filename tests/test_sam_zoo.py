@@ -10,11 +10,18 @@ import numpy as np
 import pytest
 import torch
 
+from training.train_sam import evaluate
 from vlmfast.datasets.shapes import generate_scene, split_seeds
 from vlmfast.zoo.sam import (
-    DEFAULT_WEIGHTS, NAMES, TinySamConfig, build_tiny_sam, center_point, load_sam, load_tiny_sam, tiny_sam_config,
+    DEFAULT_WEIGHTS,
+    NAMES,
+    TinySamConfig,
+    build_tiny_sam,
+    center_point,
+    load_sam,
+    load_tiny_sam,
+    tiny_sam_config,
 )
-from training.train_sam import evaluate
 
 segment_anything = pytest.importorskip("segment_anything")
 
@@ -135,7 +142,7 @@ def _train(out: Path, capsys, *extra: str) -> str:
 def test_train_script_runs_checkpoints_and_resumes(tmp_path, capsys):
     out = tmp_path / "run"
     _train(out, capsys, "--steps", "3")
-    ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert ckpt["step"] == 3 and {"model", "optimizer", "rng"} <= set(ckpt)
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
     assert json.loads((out / "metrics.json").read_text())["test"]["n_objects"] > 0
@@ -143,7 +150,7 @@ def test_train_script_runs_checkpoints_and_resumes(tmp_path, capsys):
 
     err = _train(out, capsys, "--steps", "5", "--resume")
     assert "resumed" in err and "at step 3" in err
-    assert torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)["step"] == 5
+    assert torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["step"] == 5
     steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5]
     after = load_tiny_sam(out).state_dict()

@@ -8,13 +8,22 @@ import json
 import pytest
 import torch
 
+from training.train_clip import main, soft_clip_loss
 from vlmfast.datasets.shapes import generate_scene, split_seeds
+from vlmfast.eval.clip import _auc
 from vlmfast.zoo import SHIPPED, resolve
 from vlmfast.zoo.clip import (
-    EOT, PAD, SOT, UNK, WEIGHTS_DIR, ClipMatcher, TinyClipConfig, WordTokenizer, build_tiny_clip, load_clip,
+    EOT,
+    PAD,
+    SOT,
+    UNK,
+    WEIGHTS_DIR,
+    ClipMatcher,
+    TinyClipConfig,
+    WordTokenizer,
+    build_tiny_clip,
+    load_clip,
 )
-from training.train_clip import main, soft_clip_loss
-from vlmfast.eval.clip import _auc
 
 pytest.importorskip("open_clip")
 
@@ -103,6 +112,8 @@ def test_training_few_steps_deterministic_and_resumable(tmp_path):
     assert main(["--out", str(tmp_path / "c"), *three, "--minutes", "0"]) == 0
     assert not (tmp_path / "c" / "model.safetensors").exists() and (tmp_path / "c" / "checkpoint.pt").exists()
     assert main(["--out", str(tmp_path / "c"), "--resume", *three]) == 0
+    ckpt = torch.load(tmp_path / "c" / "checkpoint.pt", map_location="cpu", weights_only=True)  # plain contents
+    assert ckpt["step"] == 3 and ckpt["args"]["steps"] == 3 and ckpt["config"]["vision_width"] == 32
     log = [json.loads(x) for x in (tmp_path / "c" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3]
     assert main(["--out", str(tmp_path / "d"), *three]) == 0

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import torch
 
-from vlmfast.datasets.shapes import COLOR_NAMES, SHAPES, generate_scene
 from training.llava_shapes import LlavaShapesConfig, build_processor
 from training.train_llava import Encoder, attention_target, main, patch_cover, patch_targets
+from vlmfast.datasets.shapes import COLOR_NAMES, SHAPES, generate_scene
 
 TINY = ["--vision-steps", "2", "--lm-steps", "2", "--vision-batch", "2", "--lm-batch", "2", "--turns", "2",
         "--eval-every", "2", "--ckpt-every", "1", "--dev-items", "1", "--warmup", "1", "--threads", "1"]
@@ -69,10 +69,10 @@ def test_object_level_targets_and_attention_target():
 def test_few_steps_then_resume(tmp_path):
     out = tmp_path / "run"
     main(["--out", str(out), *TINY, "--minutes", "0"])  # stops right after the first step, with a checkpoint
-    ck = torch.load(out / "ckpt.pt", weights_only=False)
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
     assert (ck["stage"], ck["step"]) == ("vision", 1)
     main(["--out", str(out), *TINY, "--resume", "--export", str(out / "final")])
-    ck = torch.load(out / "ckpt.pt", weights_only=False)
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
     assert (ck["stage"], ck["step"]) == ("lm", 2)
     rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert any("dev" in r for r in rows)

@@ -22,16 +22,22 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 
-from vlmfast.datasets.shapes import SPLIT_SIZE, VOCABULARY, caption, generate_scene, iter_scenes, split_seeds
+from training.harness import Run, add_optim_args, add_run_args, lr_at, optimizer_step, parse_overrides, set_lr
+from vlmfast.datasets.shapes import SPLIT_SIZE, VOCABULARY, caption, generate_scene, split_seeds
 from vlmfast.eval.clip import evaluate
-from vlmfast.zoo.clip import SPECIALS, ClipMatcher, TinyClipConfig, WordTokenizer, build_tiny_clip, preprocess, save_tiny_clip
+from vlmfast.zoo.clip import (
+    SPECIALS,
+    ClipMatcher,
+    TinyClipConfig,
+    WordTokenizer,
+    build_tiny_clip,
+    preprocess,
+    save_tiny_clip,
+)
 
 RENDER_SIZES = (96, 192)
 
@@ -90,44 +96,14 @@ def soft_clip_loss(img, txt, logit_scale, pos):
     return (i2t + t2i) / 2, logits
 
 
-# --------------------------------------------------------------------------- evaluation
-
-
-def lr_at(step: int, total: int, peak: float, warmup: int, final_frac: float = 0.05) -> float:
-    """Linear warmup to ``peak`` over ``warmup`` steps, then cosine decay to ``final_frac * peak``."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    t = min(1.0, (step - warmup) / max(1, total - warmup))
-    return peak * (final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * t)))
-
-
-def _save_checkpoint(path: Path, model, opt, step: int, elapsed: float, args, cfg: TinyClipConfig, log) -> None:
-    import torch
-
-    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "elapsed_s": elapsed,
-             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()},
-             "args": vars(args), "config": cfg.to_dict(), "log": log}
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+# --------------------------------------------------------------------------- command line
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m training.train_clip", description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True, help="output folder (checkpoint, log, weights)")
-    p.add_argument("--minutes", type=float, default=20.0, help="wall-clock cap of this invocation")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--steps", type=int, default=500, help="total optimizer steps (the schedule length)")
+    add_run_args(p, minutes=20.0, steps=500)
     p.add_argument("--batch", type=int, default=64, help="image-text pairs per step")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=60)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--clip", type=float, default=1.0)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--ckpt-every", type=int, default=100)
-    p.add_argument("--eval-every", type=int, default=150)
-    p.add_argument("--eval-scenes", type=int, default=50, help="dev scenes per periodic evaluation")
+    add_optim_args(p, lr=1e-3, warmup=60, weight_decay=0.1, eval_every=150, eval_scenes=50)
     p.add_argument("--final-scenes", type=int, default=200, help="dev scenes for the final evaluation (0: none)")
     p.add_argument("--config", default="", help="size overrides, e.g. 'vision_layers=2,text_layers=1'")
     return p.parse_args(argv)
@@ -139,11 +115,7 @@ def shapes_vocab() -> tuple[str, ...]:
 
 
 def _config_from(text: str) -> TinyClipConfig:
-    kw = {}
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        key, value = item.split("=", 1)
-        kw[key] = json.loads(value)
-    return TinyClipConfig.from_dict({**TinyClipConfig(vocab=shapes_vocab()).to_dict(), **kw})
+    return TinyClipConfig.from_dict({**TinyClipConfig(vocab=shapes_vocab()).to_dict(), **parse_overrides(text)})
 
 
 def main(argv=None) -> int:
@@ -152,19 +124,11 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out / "checkpoint.pt"
-    start_time = time.monotonic()
-    ckpt = None
-    if args.resume:
-        if not ckpt_path.is_file():
-            print(f"--resume: no checkpoint at {ckpt_path}", file=sys.stderr)
-            return 2
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        cfg = TinyClipConfig.from_dict(ckpt["config"])
-    else:
-        cfg = _config_from(args.config)
+    run = Run(args)
+    ckpt = run.load() if args.resume else None
+    if args.resume and ckpt is None:
+        return 2
+    cfg = TinyClipConfig.from_dict(ckpt["config"]) if ckpt is not None else _config_from(args.config)
     torch.manual_seed(args.seed)
     model = build_tiny_clip(cfg)
     tokenizer = WordTokenizer(cfg.vocab, cfg.context_length)
@@ -172,81 +136,48 @@ def main(argv=None) -> int:
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
-    step, elapsed_before, log = 0, 0.0, []
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        step, elapsed_before, log = ckpt["step"], ckpt["elapsed_s"], ckpt.get("log", [])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        np.random.set_state(ckpt["rng"]["numpy"])
-        print(f"resumed from {ckpt_path} at step {step} ({elapsed_before / 60:.1f} min trained)", file=sys.stderr)
+    run.begin(model, opt, ckpt)
     model.train()
-    log_path = out / "train_log.jsonl"
-    if ckpt is not None and log_path.is_file():  # drop records of steps after the checkpoint (a crash)
-        kept = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-        log_path.write_text("".join(ln + "\n" for ln in kept))
-    elif ckpt is None and log_path.is_file():
-        log_path.unlink()
-    log_file = open(log_path, "a")
-
-    def elapsed() -> float:
-        return elapsed_before + time.monotonic() - start_time
 
     def matcher() -> ClipMatcher:
         return ClipMatcher(model, tokenizer, cfg.image_size, cfg.mean, cfg.std)
 
-    deadline = start_time + 60 * args.minutes
-    bar = tqdm(total=args.steps, initial=step, desc="tiny-clip", mininterval=5, dynamic_ncols=True)
-    stopped_early = False
-    while step < args.steps:
-        if time.monotonic() > deadline:
-            stopped_early = True
-            break
-        lr = lr_at(step, args.steps, args.lr, args.warmup)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        pixels, texts, pos = sample_batch(args.seed, step, args.batch, cfg)
+    bar = tqdm(total=args.steps, initial=run.step, desc="tiny-clip", mininterval=5, dynamic_ncols=True)
+    while run.next_step():
+        lr = set_lr(opt, lr_at(run.step, args.steps, args.lr, args.warmup))
+        pixels, texts, pos = sample_batch(args.seed, run.step, args.batch, cfg)
         img = model.encode_image(pixels)
         txt = model.encode_text(tokenizer(texts))
         loss, logits = soft_clip_loss(img, txt, model.logit_scale, pos)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if args.clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-        opt.step()
+        optimizer_step(opt, loss, model.parameters(), args.clip)
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-        step += 1
+        run.step += 1
         bar.update(1)
         acc = float((pos[torch.arange(len(texts)), logits.argmax(1)]).float().mean())
-        record = {"step": step, "lr": lr, "loss": round(float(loss.detach()), 5), "train_i2t": round(acc, 4),
-                  "scale": round(float(model.logit_scale.detach().exp()), 2), "elapsed_s": round(elapsed(), 1)}
-        if args.eval_every > 0 and args.eval_scenes > 0 and (step % args.eval_every == 0 or step == args.steps):
+        record = {"step": run.step, "lr": lr, "loss": round(float(loss.detach()), 5), "train_i2t": round(acc, 4),
+                  "scale": round(float(model.logit_scale.detach().exp()), 2), "elapsed_s": round(run.elapsed(), 1)}
+        if run.eval_due():
             model.eval()
             dev = evaluate(matcher(), args.eval_scenes, split="dev")
             model.train()
             record.update({f"dev_{k}": round(v, 4) for k, v in dev.items() if isinstance(v, float)})
-            log.append(record)
+            run.log.append(record)
             bar.write(json.dumps(record))
         bar.set_postfix(loss=f"{float(loss.detach()):.3f}", acc=f"{acc:.2f}", lr=f"{lr:.1e}", refresh=False)
-        log_file.write(json.dumps(record) + "\n")
-        log_file.flush()
-        if step % args.ckpt_every == 0:
-            _save_checkpoint(ckpt_path, model, opt, step, elapsed(), args, cfg, log)
+        run.end_step(record, model, opt, cfg)
     bar.close()
-    _save_checkpoint(ckpt_path, model, opt, step, elapsed(), args, cfg, log)
-    if stopped_early:
-        print(f"stopped at step {step}/{args.steps} after {args.minutes} min; continue with --resume",
-              file=sys.stderr)
+    if not run.finish(model, opt, cfg):
         return 0
     model.eval()
-    save_tiny_clip(model, cfg, out)
-    metrics = {"steps": step, "train_minutes": round(elapsed() / 60, 2), "seed": args.seed, "batch": args.batch}
+    save_tiny_clip(model, cfg, run.out)
+    metrics = {"steps": run.step, "train_minutes": round(run.elapsed() / 60, 2), "seed": args.seed,
+               "batch": args.batch}
     if args.final_scenes > 0:
         from vlmfast.zoo.clip import load_clip
 
-        metrics["dev"] = evaluate(load_clip(str(out)), args.final_scenes, split="dev")  # the saved (fp16) weights
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        metrics["dev"] = evaluate(load_clip(str(run.out)), args.final_scenes, split="dev")  # the saved (fp16) weights
+    (run.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(json.dumps(metrics), file=sys.stderr)
     return 0
 

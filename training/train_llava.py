@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,14 +26,25 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from training.harness import Budget, load_checkpoint, lr_at, optimizer_step, save_checkpoint, set_lr
+from training.llava_shapes import LlavaShapesConfig, build_model, build_processor
 from vlmfast.datasets.shapes import (
-    COLOR_NAMES, COLS, POPE_SPLITS, QUESTION_TYPES, ROWS, SHAPE_PLURALS, SHAPES, caption, generate_scene, pope_items, split_seeds,
+    CAPTION_PROMPT,  # the same prompt the evaluation asks
+    COLOR_NAMES,
+    COLS,
+    POPE_SPLITS,
+    QUESTION_TYPES,
+    ROWS,
+    SHAPE_PLURALS,
+    SHAPES,
+    caption,
+    generate_scene,
+    pope_items,
+    split_seeds,
     vqa_items,
 )
 from vlmfast.datasets.shapes.scene import MAX_OBJECTS
 from vlmfast.datasets.shapes.vocab import article
-from vlmfast.datasets.shapes import CAPTION_PROMPT  # the same prompt the evaluation asks
-from training.llava_shapes import LlavaShapesConfig, build_model, build_processor
 
 TASKS = ("pope", *QUESTION_TYPES, "caption")
 #: training-only warm-up questions that need one attribute matched against the image (no binding yet)
@@ -148,7 +156,8 @@ def qa_pool(scene, rng: np.random.Generator) -> dict[str, list[tuple[str, str, t
     yes = [(q, "yes", tg) for q, tg in attr if tg]
     no = [(q, "no", tg) for q, tg in attr if not tg]
     k = min(len(yes), len(no))
-    pool["exists_attr"] = [yes[i] for i in rng.permutation(len(yes))[:k]] + [no[i] for i in rng.permutation(len(no))[:k]]
+    pool["exists_attr"] = ([yes[i] for i in rng.permutation(len(yes))[:k]]
+                           + [no[i] for i in rng.permutation(len(no))[:k]])
     return {t: v for t, v in pool.items() if v}
 
 
@@ -298,12 +307,6 @@ class Trainer:
             return torch.optim.AdamW([{"params": decay}, {"params": rest, "weight_decay": 0.0}], lr=self.cfg.lm_lr,
                                      betas=(0.9, 0.98), weight_decay=self.cfg.weight_decay)
         return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=self.cfg.weight_decay)
-
-    def lr_at(self, step: int, total: int, base: float) -> float:
-        if step < self.cfg.warmup:
-            return base * (step + 1) / self.cfg.warmup
-        t = (step - self.cfg.warmup) / max(1, total - self.cfg.warmup)
-        return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
     def pixels(self, scenes) -> torch.Tensor:
         return self.processor.image_processor([s.image for s in scenes], return_tensors="pt")["pixel_values"]
@@ -511,19 +514,20 @@ class Trainer:
 
     # -- loop, checkpoints
     def save(self):
-        tmp = self.out / "ckpt.pt.tmp"
-        torch.save({"stage": self.stage, "step": self.step, "model": self.model.state_dict(),
-                    "heads": self.heads.state_dict(), "opt": self.opt.state_dict(),
-                    "rng": torch.get_rng_state(), "history": self.history, "config": asdict(self.cfg)}, tmp)
-        os.replace(tmp, self.out / "ckpt.pt")
+        save_checkpoint(self.out / "ckpt.pt", {
+            "stage": self.stage, "step": self.step, "model": self.model.state_dict(), "heads": self.heads.state_dict(),
+            "opt": self.opt.state_dict(), "rng": torch.get_rng_state(), "history": self.history,
+            "config": asdict(self.cfg)})
 
-    def load(self, weights_only: bool = False):
-        ck = torch.load(self.out / "ckpt.pt", weights_only=False)
+    def load(self, model_only: bool = False):
+        """Resume from ``ckpt.pt``; ``model_only``: the weights, stage, step and history but a fresh optimizer
+        and RNG state."""
+        ck = load_checkpoint(self.out / "ckpt.pt")
         self.model.load_state_dict(ck["model"])
         self.heads.load_state_dict(ck["heads"])
         self.stage, self.step, self.history = ck["stage"], ck["step"], ck["history"]
         self.opt = self._optimizer()
-        if not weights_only:
+        if not model_only:
             self.opt.load_state_dict(ck["opt"])
             torch.set_rng_state(ck["rng"])
 
@@ -533,7 +537,7 @@ class Trainer:
             f.write(json.dumps(row) + "\n")
 
     def run(self, max_minutes: float | None = None):
-        t0 = time.time()
+        budget = Budget(max_minutes)
         self.model.train()
         for stage, total, base in (("vision", self.cfg.vision_steps, self.cfg.vision_lr),
                                    ("lm", self.cfg.lm_steps, self.cfg.lm_lr)):
@@ -541,17 +545,13 @@ class Trainer:
                 continue  # resumed after stage A
             bar = tqdm(total=total, initial=self.step, desc=f"stage {stage}")
             while self.step < total:
-                for g in self.opt.param_groups:
-                    g["lr"] = self.lr_at(self.step, total, base)
+                set_lr(self.opt, lr_at(self.step, total, base, self.cfg.warmup, final_frac=0.1))
                 m = self.vision_step() if stage == "vision" else self.lm_step()
-                self.opt.zero_grad(set_to_none=True)
-                m["loss"].backward()
-                torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], 1.0)
-                self.opt.step()
+                optimizer_step(self.opt, m["loss"], [p for g in self.opt.param_groups for p in g["params"]], 1.0)
                 self.step += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{float(m['loss'].detach()):.3f}")
-                row = {"stage": stage, "step": self.step, "time_s": round(time.time() - t0, 1),
+                row = {"stage": stage, "step": self.step, "time_s": round(budget.seconds(), 1),
                        **{k: round(float(v.detach() if torch.is_tensor(v) else v), 4) for k, v in m.items()}}
                 if stage == "lm" and self.step % self.cfg.eval_every == 0:
                     row["dev"] = self.evaluate()
@@ -560,7 +560,7 @@ class Trainer:
                     self.log(row)
                 if self.step % self.cfg.ckpt_every == 0:
                     self.save()
-                if max_minutes is not None and time.time() - t0 > 60 * max_minutes:
+                if budget.spent():
                     self.save()
                     bar.close()
                     return False
@@ -592,8 +592,8 @@ def main(argv=None):
                    help="continue stage B from exported weights (a save_pretrained folder, e.g. the shipped model)")
     p.add_argument("--start-step", type=int, default=0, help="with --init-from: the stage-B step it had reached")
     p.add_argument("--retrain-vision", action="store_true",
-                   help="with --resume: train the vision tower again (--vision-steps more steps, fresh optimiser), then "
-                        "continue the language side from its current weights for --lm-steps")
+                   help="with --resume: train the vision tower again (--vision-steps more steps, fresh optimiser), "
+                        "then continue the language side from its current weights for --lm-steps")
     p.add_argument("--restart-lm", action="store_true",
                    help="with --resume: keep the trained vision tower, start stage B (language side) afresh")
     for f in ("vision_steps", "lm_steps", "lm_batch", "vision_batch", "turns", "eval_every", "ckpt_every",
@@ -601,7 +601,8 @@ def main(argv=None):
         p.add_argument("--" + f.replace("_", "-"), type=int, default=None)
     for f in ("lm_lr", "vision_lr", "grounding_weight", "embed_std", "attn_weight", "fg_weight"):
         p.add_argument("--" + f.replace("_", "-"), type=float, default=None)
-    p.add_argument("--attn-heads", default=None, help="supervised heads by role, e.g. word=0:0;phrase=1:0;answer=2:0,3:0")
+    p.add_argument("--attn-heads", default=None,
+                   help="supervised heads by role, e.g. word=0:0;phrase=1:0;answer=2:0,3:0")
     p.add_argument("--curriculum", default=None, help='stage-B schedule "step:tasks;..." ("" = use --tasks)')
     p.add_argument("--tasks", default=None, help=f"comma-separated subset of {','.join(TASKS + EXTRA_TASKS)} "
                                                  "(default: all of " + ",".join(TASKS) + ")")
@@ -622,7 +623,7 @@ def main(argv=None):
         tr.stage, tr.step = "lm", a.start_step
         tr.opt = tr._optimizer()  # fresh AdamW moments; the warm-up is not repeated
     elif a.resume and (a.out / "ckpt.pt").is_file():
-        tr.load(weights_only=a.restart_lm or a.retrain_vision)
+        tr.load(model_only=a.restart_lm or a.retrain_vision)
         if tr.stage == "lm":
             tr.model.model.vision_tower.requires_grad_(False)
         if a.restart_lm:

@@ -24,13 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 
+from training.harness import Run, add_optim_args, add_run_args, lr_at, optimizer_step, parse_overrides, set_lr
 from vlmfast.datasets.shapes import SPLIT_SIZE, generate_scene, iter_scenes, miou, split_seeds
 from vlmfast.zoo.sam import TinySamConfig, build_tiny_sam, center_point, save_tiny_sam, tiny_sam_config
 
@@ -223,55 +221,19 @@ def _decode_all(sam, image_embeddings, image_pe, sparse, dense):
 # --------------------------------------------------------------------------- training loop
 
 
-def lr_at(step: int, total: int, peak: float, warmup: int, final_frac: float = 0.05) -> float:
-    """Linear warmup to ``peak`` over ``warmup`` steps, then cosine decay to ``final_frac * peak``."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    t = min(1.0, (step - warmup) / max(1, total - warmup))
-    return peak * (final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * t)))
-
-
-def _save_checkpoint(path: Path, sam, opt, step: int, elapsed: float, args, cfg: TinySamConfig, log) -> None:
-    import torch
-
-    state = {
-        "model": sam.state_dict(), "optimizer": opt.state_dict(), "step": step, "elapsed_s": elapsed,
-        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()},
-        "args": vars(args), "config": cfg.to_dict(), "log": log,
-    }
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m training.train_sam", description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True, help="output folder (checkpoint, log, weights)")
-    p.add_argument("--minutes", type=float, default=60.0, help="wall-clock cap of this invocation")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--steps", type=int, default=2800, help="total optimizer steps (the schedule length)")
+    add_run_args(p, minutes=60.0, steps=2800)
     p.add_argument("--images", type=int, default=4, help="scenes per step")
     p.add_argument("--prompts", type=int, default=8, help="prompts per scene")
-    p.add_argument("--lr", type=float, default=4e-4)
-    p.add_argument("--warmup", type=int, default=150)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--clip", type=float, default=1.0)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--ckpt-every", type=int, default=100)
-    p.add_argument("--eval-every", type=int, default=250)
-    p.add_argument("--eval-scenes", type=int, default=25, help="dev scenes per periodic evaluation")
+    add_optim_args(p, lr=4e-4, warmup=150, weight_decay=0.05, eval_every=250, eval_scenes=25)
     p.add_argument("--test-scenes", type=int, default=200, help="test scenes for the final evaluation (0: none)")
     p.add_argument("--config", default="", help="size overrides, e.g. 'embed_dim=64,depth=2'")
     return p.parse_args(argv)
 
 
 def _config_from(text: str, base: dict | None = None) -> TinySamConfig:
-    kw = dict(base or {})
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        key, value = item.split("=", 1)
-        kw[key] = json.loads(value) if value not in ("True", "False") else value == "True"
-    return TinySamConfig.from_dict({**tiny_sam_config().to_dict(), **kw})
+    return TinySamConfig.from_dict({**tiny_sam_config().to_dict(), **(base or {}), **parse_overrides(text)})
 
 
 def main(argv=None) -> int:
@@ -281,20 +243,11 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out / "checkpoint.pt"
-    start_time = time.monotonic()
-
-    ckpt = None
-    if args.resume:
-        if not ckpt_path.is_file():
-            print(f"--resume: no checkpoint at {ckpt_path}", file=sys.stderr)
-            return 2
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        cfg = TinySamConfig.from_dict(ckpt["config"])
-    else:
-        cfg = _config_from(args.config)
+    run = Run(args)
+    ckpt = run.load() if args.resume else None
+    if args.resume and ckpt is None:
+        return 2
+    cfg = TinySamConfig.from_dict(ckpt["config"]) if ckpt is not None else _config_from(args.config)
     torch.manual_seed(args.seed)
     sam = build_tiny_sam(cfg)
     decay = [p for n, p in sam.named_parameters() if p.ndim >= 2 and "rel_pos" not in n and "pos_embed" not in n]
@@ -302,75 +255,38 @@ def main(argv=None) -> int:
                                                              and "pos_embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.999))
-    step, elapsed_before, log = 0, 0.0, []
-    if ckpt is not None:
-        sam.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        step, elapsed_before, log = ckpt["step"], ckpt["elapsed_s"], ckpt.get("log", [])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        np.random.set_state(ckpt["rng"]["numpy"])
-        print(f"resumed from {ckpt_path} at step {step} ({elapsed_before / 60:.1f} min trained)", file=sys.stderr)
+    run.begin(sam, opt, ckpt)
     sam.train()
     transform = ResizeLongestSide(cfg.img_size)
-    log_path = out / "train_log.jsonl"
-    if ckpt is not None and log_path.is_file():  # drop records of steps after the checkpoint (a crash)
-        kept = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-        log_path.write_text("".join(ln + "\n" for ln in kept))
-    elif ckpt is None and log_path.is_file():
-        log_path.unlink()
-    log_file = open(log_path, "a")
 
-    def elapsed() -> float:
-        return elapsed_before + time.monotonic() - start_time
-
-    def checkpoint() -> None:
-        _save_checkpoint(ckpt_path, sam, opt, step, elapsed(), args, cfg, log)
-
-    deadline = start_time + 60 * args.minutes
-    bar = tqdm(total=args.steps, initial=step, desc="tiny-sam", mininterval=5, dynamic_ncols=True)
-    stopped_early = False
-    while step < args.steps:
-        if time.monotonic() > deadline:
-            stopped_early = True
-            break
-        lr = lr_at(step, args.steps, args.lr, args.warmup)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        batch = sample_batch(args.seed, step, args.images, args.prompts, cfg.img_size, transform)
+    bar = tqdm(total=args.steps, initial=run.step, desc="tiny-sam", mininterval=5, dynamic_ncols=True)
+    while run.next_step():
+        lr = set_lr(opt, lr_at(run.step, args.steps, args.lr, args.warmup))
+        batch = sample_batch(args.seed, run.step, args.images, args.prompts, cfg.img_size, transform)
         loss, stats = batch_loss(sam, batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if args.clip > 0:
-            torch.nn.utils.clip_grad_norm_(sam.parameters(), args.clip)
-        opt.step()
-        step += 1
+        optimizer_step(opt, loss, sam.parameters(), args.clip)
+        run.step += 1
         bar.update(1)
-        record = {"step": step, "lr": lr, **{k: round(v, 5) for k, v in stats.items()},
-                  "elapsed_s": round(elapsed(), 1)}
-        if args.eval_every > 0 and (step % args.eval_every == 0 or step == args.steps) and args.eval_scenes > 0:
+        record = {"step": run.step, "lr": lr, **{k: round(v, 5) for k, v in stats.items()},
+                  "elapsed_s": round(run.elapsed(), 1)}
+        if run.eval_due():
             dev = evaluate(sam, args.eval_scenes, split="dev")
             record.update(dev_point=round(dev["point"], 4), dev_box=round(dev["box"], 4))
-            log.append(record)
+            run.log.append(record)
             bar.write(json.dumps(record))
         bar.set_postfix(loss=f"{stats['loss']:.3f}", iou=f"{stats['train_iou']:.3f}", lr=f"{lr:.1e}", refresh=False)
-        log_file.write(json.dumps(record) + "\n")
-        log_file.flush()
-        if step % args.ckpt_every == 0:
-            checkpoint()
+        run.end_step(record, sam, opt, cfg)
     bar.close()
-    checkpoint()
-    if stopped_early:
-        print(f"stopped at step {step}/{args.steps} after {args.minutes} min; continue with --resume",
-              file=sys.stderr)
+    if not run.finish(sam, opt, cfg):
         return 0
-    save_tiny_sam(sam, cfg, out)
-    metrics = {"steps": step, "train_minutes": round(elapsed() / 60, 2), "seed": args.seed,
+    save_tiny_sam(sam, cfg, run.out)
+    metrics = {"steps": run.step, "train_minutes": round(run.elapsed() / 60, 2), "seed": args.seed,
                "images_per_step": args.images, "prompts_per_image": args.prompts}
     if args.test_scenes > 0:
         from vlmfast.zoo.sam import load_tiny_sam
 
-        metrics["test"] = evaluate(load_tiny_sam(out), args.test_scenes, split="test")  # the saved weights
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        metrics["test"] = evaluate(load_tiny_sam(run.out), args.test_scenes, split="test")  # the saved weights
+    (run.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(json.dumps(metrics), file=sys.stderr)
     return 0
 

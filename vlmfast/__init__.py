@@ -11,10 +11,21 @@ from .grounding import Grounding, GroundingConfig
 from .method import Method, Run, method_dataclass
 from .policy import Policy, load_policy
 from .pruners import (
-    AttentionMethod, DivPrune, FastV, FasterVLM, FoPru, LayerPruner, PyramidDrop, RandomPruner, VFlowOpt, VisionPruner,
-    VisionZip, ZipVL,
+    AttentionMethod,
+    DivPrune,
+    FasterVLM,
+    FastV,
+    FoPru,
+    LayerPruner,
+    PyramidDrop,
+    RandomPruner,
+    VFlowOpt,
+    VisionPruner,
+    VisionZip,
+    ZipVL,
 )
-from .registry import available as available_methods, register
+from .registry import available as available_methods
+from .registry import register
 from .request import Request
 from .reweight import AGLA, DAMRO, VAR, BranchMethod, Reweighter
 from .sparse import MMInference

@@ -8,7 +8,6 @@ import sys
 
 from .errors import VlmfastError
 
-
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
@@ -101,7 +100,8 @@ def _bench_sparse(a) -> int:
 
 
 def _bench_grounding(a) -> int:
-    from .bench import grounding as bench_grounding, prefill as bench_prefill
+    from .bench import grounding as bench_grounding
+    from .bench import prefill as bench_prefill
 
     rows = bench_grounding.run(a.json, spec=bench_prefill.QUICK if a.quick else bench_prefill.PROXY,
                                sam_types=tuple(a.sam_type), repeats=a.repeats, decode_tokens=a.decode_tokens,
@@ -242,9 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--batch-size", type=int, default=16)
     es.add_argument("--json", help="write the metrics as JSON to this path")
     es.set_defaults(func=_eval)
-    from .integrations.lmms_eval.tasks import add_arguments as export_arguments  # light: no lmms-eval / datasets import
-
     from .eval.hallucination import add_arguments as hallucination_arguments  # light: no torch import
+    from .integrations.lmms_eval.tasks import add_arguments as export_arguments  # light: no lmms-eval / datasets import
 
     hl = esub.add_parser("hallucination", help="baseline vs VAR / DAMRO / AGLA and combinations on ShapesWorld: "
                                                "POPE, CHAIR, VQA and decode cost in one table")

@@ -17,13 +17,20 @@ The stage a method acts at (``stage``) decides where else the accelerator calls 
 
 from __future__ import annotations
 
+import dataclasses
+import sys
 from contextlib import AbstractContextManager, nullcontext
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
-from pydantic import ConfigDict, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 from pydantic.dataclasses import dataclass
 
 from .errors import PolicyError
+
+if sys.version_info >= (3, 11):
+    from typing import dataclass_transform
+else:  # pydantic depends on typing_extensions
+    from typing_extensions import dataclass_transform
 
 if TYPE_CHECKING:
     from .adapters.base import ModelInfo
@@ -46,12 +53,17 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> str:
     return "; ".join(parts)
 
 
-def method_dataclass(cls):
+_C = TypeVar("_C", bound=type)
+
+
+# dataclass_transform: type checkers see the fields as __init__'s parameters (it only marks the function)
+@dataclass_transform(field_specifiers=(dataclasses.field, Field))
+def method_dataclass(cls: _C) -> _C:
     """Make ``cls`` a validated method dataclass. Building it (or assigning a field) with a bad value raises a
     :class:`PolicyError` naming the method and the field (``FoPru(keep=0)``: ``fopru.keep: ...``), as loading
     the same value from a policy file does; the error's ``validation`` holds pydantic's own error."""
-    cls = dataclass(config=METHOD_CONFIG)(cls)
-    init, setattr_ = cls.__init__, cls.__setattr__
+    dc: Any = dataclass(config=METHOD_CONFIG)(cls)  # the class itself, now a pydantic dataclass
+    init, setattr_ = dc.__init__, dc.__setattr__
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         try:
@@ -65,15 +77,15 @@ def method_dataclass(cls):
         except ValidationError as e:
             raise _field_error(type(self), e) from None
 
-    __init__.__wrapped__ = init  # type: ignore[attr-defined]  (inspect.signature shows the fields)
-    cls.__init__ = __init__  # type: ignore[method-assign]
-    cls.__setattr__ = __setattr__  # type: ignore[method-assign]
-    return cls
+    __init__.__wrapped__ = init  # type: ignore[attr-defined]  # inspect.signature shows the fields
+    dc.__init__ = __init__
+    dc.__setattr__ = __setattr__
+    return dc
 
 
 def _field_error(cls: type, err: ValidationError) -> PolicyError:
     e = PolicyError(format_validation_error(err, getattr(cls, "method_name", "") or cls.__name__))
-    e.validation = err  # type: ignore[attr-defined]
+    e.validation = err
     return e
 
 

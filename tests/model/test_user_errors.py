@@ -7,7 +7,15 @@ import pytest
 from conftest import make_image
 
 from vlmfast import (
-    FastV, FoPru, InputError, Policy, PolicyError, UnsupportedModelError, VLMAccelerator, VlmfastError, load_policy,
+    FastV,
+    FoPru,
+    InputError,
+    Policy,
+    PolicyError,
+    UnsupportedModelError,
+    VLMAccelerator,
+    VlmfastError,
+    load_policy,
 )
 
 

@@ -84,7 +84,7 @@ class LlavaAdapter(Adapter):
         """Run the tower only up to the last layer anything reads: LLaVA feeds ``vision_feature_layer`` (-2: the
         last layer's output is never used) and a pruner may score another layer. The layers after both have
         their ``forward`` swapped for the identity during the call (the instances, and transformers' hooks on
-        them, stay); features are bit-identical (tests/test_mechanics.py)."""
+        them, stay); features are bit-identical (tests/model/test_mechanics.py)."""
         unused = list(self.vision_layers)[self.layers_run(attention_layer):]
         for layer in unused:
             layer.forward = _identity

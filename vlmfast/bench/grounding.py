@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import prefill as bench_prefill
 from ..eval.grounding import interleaved_times
+from . import prefill as bench_prefill
 
 #: the LLaVA-1.5-7B layout (CLIP ViT-L/14 at 336 px, Vicuna-7B), for its prefill FLOPs
 LLAVA_7B = dict(vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,

@@ -19,10 +19,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..accelerator import VLMAccelerator
-from ..policy import Policy, load_policy
-from ..pruners import DivPrune, FastV, FasterVLM, FoPru, PyramidDrop, RandomPruner, VFlowOpt, VisionZip, ZipVL
-from . import prefill as bench_prefill
 from ..eval import shapes as shapes_eval
+from ..policy import Policy, load_policy
+from ..pruners import DivPrune, FasterVLM, FastV, FoPru, PyramidDrop, RandomPruner, VFlowOpt, VisionZip, ZipVL
+from . import prefill as bench_prefill
 from .prefill import Config
 
 KEEPS = (0.5, 0.25, 0.1, 0.05)

@@ -35,10 +35,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..search.heads import recall_and_density
 from ..sparse.layout import Layout, Span, video_like
 from ..sparse.mask import MaskSpec
 from ..sparse.patterns import AShape, Grid, HeadContext, VerticalSlash
-from ..search.heads import recall_and_density
 
 HEAD_KINDS = ("grid_frame", "grid_row", "a_shape", "vertical_slash")
 
@@ -349,8 +349,8 @@ def recall_rows(model_name: str = "tiny-llava-shapes", heads: str = "tiny-llava-
                 images: int = 8, log=print) -> dict:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from ..sparse.method import MMInference
     from ..search.heads import evaluate_recall, shapes_samples
+    from ..sparse.method import MMInference
     from ..zoo import resolve
 
     path = resolve(model_name)

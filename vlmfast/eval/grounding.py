@@ -81,8 +81,8 @@ def evaluate_grounding(acc, scenes, image, batch: int = 16, progress: bool = Tru
     import torch
 
     from ..grounding import GroundingConfig
-    from ..pruners import FoPru
     from ..grounding.segmenter import segment, segment_points
+    from ..pruners import FoPru
     from ..zoo.sam import center_point
 
     cfg = acc.policy.grounding or GroundingConfig()

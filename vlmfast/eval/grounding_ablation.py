@@ -19,10 +19,10 @@ from dataclasses import replace
 
 import numpy as np
 
+from ..datasets.shapes import iter_scenes, referring_expressions
 from ..grounding import GroundingConfig
 from ..grounding.pipeline import PhraseRows, phrase_maps
 from .grounding import PROMPT, phrase_of
-from ..datasets.shapes import iter_scenes, referring_expressions
 
 
 class _NoSam:

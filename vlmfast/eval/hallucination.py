@@ -140,9 +140,9 @@ def agla_diagnostics(method, n_scenes: int) -> dict:
     objects that are present, the share of the named object's pixels kept vs. the share of all pixels kept."""
     import numpy as np
 
-    from ..reweight.agla import keep_fraction, keep_mask, prompt_query, saliency, _matcher
-    from .clip import evaluate as clip_eval
     from ..datasets.shapes import iter_scenes, pope_items
+    from ..reweight.agla import _matcher, keep_fraction, keep_mask, prompt_query, saliency
+    from .clip import evaluate as clip_eval
 
     matcher = _matcher(method.matcher)
     out = {"matcher": method.matcher, "matcher_dev": clip_eval(matcher, 100, split="dev")}
@@ -212,9 +212,8 @@ def run_all(model_name: str = "tiny-llava-shapes", split: str = "test", limit: i
             timing_scenes: int = 8, repeats: int = 3, only: list[str] | None = None, ablation: bool = True,
             diagnose: bool = True, progress: bool = True, timing: bool = True, accuracy: bool = True) -> dict:
     from ..accelerator import VLMAccelerator
+    from ..datasets.shapes import CAPTION_PROMPT, iter_scenes
     from ..policy import Policy, load_policy
-    from ..datasets.shapes import iter_scenes
-    from ..datasets.shapes import CAPTION_PROMPT
     from .shapes import evaluate
 
     base = VLMAccelerator.from_pretrained(model_name, policy=None)

@@ -19,7 +19,15 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..datasets.shapes import (
-    CAPTION_PROMPT, POPE_SPLITS, caption_objects, chair, iter_scenes, pope_items, pope_metrics, vqa_accuracy, vqa_items,
+    CAPTION_PROMPT,
+    POPE_SPLITS,
+    caption_objects,
+    chair,
+    iter_scenes,
+    pope_items,
+    pope_metrics,
+    vqa_accuracy,
+    vqa_items,
 )
 
 TASKS = ("vqa", "pope", "chair", "grounding")

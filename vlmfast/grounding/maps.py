@@ -1,6 +1,6 @@
 """Attention maps: head aggregation, attention flow across layers, sink removal, token grid to pixels.
 
-Pure tensor functions (known-answer tests in tests/test_grounding.py). VL-SAM (arXiv 2410.05963; spec:
+Pure tensor functions (known-answer tests in tests/model/test_grounding.py). VL-SAM (arXiv 2410.05963; spec:
 shared/reference/hallucination_grounding.md section 4.1):
 
 * head weights ``W = mean_query(max_key(S))`` per (layer, head); ``S' = mean_heads(S * W)``;

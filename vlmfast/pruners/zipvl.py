@@ -24,10 +24,10 @@ from pydantic import Field
 from .._compat import cache_from_kwargs
 from ..adapters.base import ModelInfo
 from ..errors import PolicyError
-from ..kv_quant import EvictedLayer, MixedPrecisionLayer
 from ..hooks import layer_pre_hooks
-from ..registry import register
+from ..kv_quant import EvictedLayer, MixedPrecisionLayer
 from ..method import Run
+from ..registry import register
 from .base import AttentionMethod, method_dataclass
 
 

@@ -35,8 +35,8 @@ from .. import attention
 from ..adapters.base import ModelInfo
 from ..errors import PolicyError
 from ..hooks import layer_pre_hooks
-from ..registry import register
 from ..method import Run
+from ..registry import register
 from .base import Reweighter, method_dataclass
 
 _DIMS_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

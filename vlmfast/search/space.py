@@ -32,7 +32,17 @@ from pydantic import TypeAdapter
 
 from ..errors import InputError
 from ..pruners import (
-    DivPrune, FastV, FasterVLM, FoPru, Method, PyramidDrop, RandomPruner, VFlowOpt, VisionPruner, VisionZip, ZipVL,
+    DivPrune,
+    FasterVLM,
+    FastV,
+    FoPru,
+    Method,
+    PyramidDrop,
+    RandomPruner,
+    VFlowOpt,
+    VisionPruner,
+    VisionZip,
+    ZipVL,
 )
 from ..registry import available, get_method
 

@@ -28,9 +28,10 @@ import math
 from typing import Annotated, Literal, Union
 
 import torch
-from pydantic import Field, TypeAdapter
+from pydantic import Field, TypeAdapter, ValidationError
 
-from ..method import method_dataclass
+from ..errors import PolicyError
+from ..method import format_validation_error, method_dataclass
 from .layout import Layout
 from .mask import MaskSpec, n_blocks
 
@@ -159,7 +160,10 @@ def parse_pattern(data) -> "Pattern":
     """A pattern from a dict like ``{"pattern": "grid", "stride": "frame", "phase": 3}`` (validated)."""
     if isinstance(data, tuple(PATTERNS.values())):
         return data
-    return _PATTERN.validate_python(data)
+    try:
+        return _PATTERN.validate_python(data)
+    except ValidationError as e:
+        raise PolicyError(f"sparse pattern {data!r}: {format_validation_error(e)}") from None
 
 
 def pattern_dict(p) -> dict:

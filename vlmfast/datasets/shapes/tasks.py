@@ -22,8 +22,16 @@ import numpy as np
 
 from .scene import Scene, ShapeObject
 from .vocab import (
-    COLOR_NAMES, COLS, NUMBER_WORDS, POPE_SPLITS, QUESTION_TYPES, ROWS, SHAPE_PLURALS, SHAPES,
-    article, objects_by_frequency,
+    COLOR_NAMES,
+    COLS,
+    NUMBER_WORDS,
+    POPE_SPLITS,
+    QUESTION_TYPES,
+    ROWS,
+    SHAPE_PLURALS,
+    SHAPES,
+    article,
+    objects_by_frequency,
 )
 
 POSITION_MARGIN = 0.03

@@ -27,8 +27,16 @@ import json
 import sys
 from pathlib import Path
 
-from ...datasets.shapes import CAPTION_PROMPT, POPE_SPLITS, QUESTION_TYPES, caption, caption_objects, iter_scenes, pope_items, vqa_items
-
+from ...datasets.shapes import (
+    CAPTION_PROMPT,
+    POPE_SPLITS,
+    QUESTION_TYPES,
+    caption,
+    caption_objects,
+    iter_scenes,
+    pope_items,
+    vqa_items,
+)
 
 VQA_MAX_NEW_TOKENS = 4
 POPE_MAX_NEW_TOKENS = 2

@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import make_image
 from PIL import Image
 
-from conftest import make_image
 from vlmfast import VLMAccelerator
 from vlmfast.errors import InputError
 from vlmfast.policy import Policy

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import yaml
-
 from conftest import make_image
+
 from vlmfast import FastV, FoPru, Policy, PolicyError, UnsupportedModelError, VLMAccelerator, load_policy
 from vlmfast.errors import InputError
 from vlmfast.policy import default_policy_for, shipped_policies

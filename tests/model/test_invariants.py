@@ -6,8 +6,8 @@ import copy
 
 import pytest
 import torch
-
 from conftest import make_image, reference_generate
+
 from vlmfast import FastV, FoPru, Policy, VLMAccelerator
 
 PROMPT = "what is in the image ?"
@@ -31,7 +31,8 @@ def test_identity_empty_policy_equals_model_generate(tiny):
 def test_identity_text_only_and_two_images(tiny):
     model, processor = tiny
     acc = VLMAccelerator(model, processor, policy=None)
-    assert acc.generate(prompt=PROMPT, max_new_tokens=6).token_ids == reference_generate(model, processor, [], PROMPT, 6)
+    ref = reference_generate(model, processor, [], PROMPT, 6)
+    assert acc.generate(prompt=PROMPT, max_new_tokens=6).token_ids == ref
     imgs = [make_image(1), make_image(2)]
     assert acc.generate(images=imgs, prompt=PROMPT, max_new_tokens=6).token_ids == \
         reference_generate(model, processor, imgs, PROMPT, 6)

@@ -26,12 +26,20 @@ from lmms_eval.api.instance import Instance, unwrap_generation_output  # noqa: E
 from loguru import logger as loguru_logger  # noqa: E402
 
 from vlmfast import InputError, VLMAccelerator  # noqa: E402
+from vlmfast.datasets.shapes import (  # noqa: E402
+    CAPTION_PROMPT,
+    POPE_SPLITS,
+    caption_objects,
+    chair,
+    iter_scenes,
+    pope_items,
+    pope_metrics,
+    vqa_accuracy,
+    vqa_items,
+)
 from vlmfast.eval import shapes as shapes_eval  # noqa: E402
 from vlmfast.integrations.lmms_eval import task_utils  # noqa: E402
 from vlmfast.integrations.lmms_eval.tasks import TASK_NAMES, export_lmms  # noqa: E402
-from vlmfast.datasets.shapes import (  # noqa: E402
-    CAPTION_PROMPT, POPE_SPLITS, caption_objects, chair, iter_scenes, pope_items, pope_metrics, vqa_accuracy, vqa_items,
-)
 from vlmfast.zoo import SHIPPED  # noqa: E402
 
 MODEL = "tiny-llava-shapes" if (SHIPPED["tiny-llava-shapes"][0] / "config.json").exists() else "tiny-random-llava"
@@ -197,7 +205,8 @@ def test_export_writes_same_items_as_vlmfast_eval_shapes(tmp_path):
 
 
 def test_python_m_entry_point(tmp_path, env):
-    p = _run([sys.executable, "-m", "vlmfast.integrations.lmms_eval.tasks", str(tmp_path / "e"), "--split", "dev", "--limit", "1"],
+    p = _run([sys.executable, "-m", "vlmfast.integrations.lmms_eval.tasks", str(tmp_path / "e"), "--split", "dev",
+              "--limit", "1"],
              env)
     assert "shapes_vqa" in p.stdout and (tmp_path / "e" / "shapes.yaml").is_file()
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_image
+
 from vlmfast import VLMAccelerator
 from vlmfast.errors import PolicyError
 from vlmfast.policy import Policy

@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 
 import torch
-
 from conftest import make_image
+
 from vlmfast import FastV, Policy, VLMAccelerator
 from vlmfast._compat import cache_of
 from vlmfast.adapters import adapter_for

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import make_image
 from PIL import Image
 
-from conftest import make_image
 from vlmfast import AGLA, DAMRO, VAR, FastV, FoPru, Policy, PolicyError, VLMAccelerator
 from vlmfast.adapters.base import ImageTokens
 from vlmfast.attention import AttentionSession

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import make_image
+
 from vlmfast import Policy, PolicyError, VLMAccelerator
 from vlmfast.kv_quant import Quantized
 from vlmfast.pruners import FastV, FoPru, ZipVL

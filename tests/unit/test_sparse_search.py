@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from vlmfast.bench.sparse import synthetic_qkv
+from vlmfast.search.heads import HeadSearcher, search_heads
 from vlmfast.sparse.layout import video_like
 from vlmfast.sparse.method import HeadPatterns, MMInference
 from vlmfast.sparse.patterns import AShape, Dense, Grid
-from vlmfast.search.heads import HeadSearcher, search_heads
 
 
 def test_search_recovers_planted_patterns():

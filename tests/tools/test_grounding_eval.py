@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from vlmfast.bench import grounding as bench_grounding, prefill as bench_prefill
+from vlmfast.bench import grounding as bench_grounding
+from vlmfast.bench import prefill as bench_prefill
 
 
 def test_encoder_flops_match_the_published_sam_sizes():
@@ -48,8 +49,8 @@ def test_bench_grounding_quick_row():
 
 def test_evaluate_grounding_fields_on_one_scene():
     from vlmfast import VLMAccelerator
-    from vlmfast.eval.grounding import evaluate_grounding
     from vlmfast.datasets.shapes import iter_scenes, referring_expressions
+    from vlmfast.eval.grounding import evaluate_grounding
 
     acc = VLMAccelerator.from_pretrained("tiny-llava-shapes", policy=None)
     scenes = list(iter_scenes("dev", 1))

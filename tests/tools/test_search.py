@@ -9,8 +9,8 @@ import re
 
 import pytest
 import torch
-
 from conftest import make_image
+
 from vlmfast import InputError, VLMAccelerator, load_policy
 from vlmfast.cli import main
 from vlmfast.policy import Policy

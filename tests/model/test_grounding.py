@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_image
+
 from vlmfast import FastV, FoPru, Grounding, GroundingConfig, Policy, PolicyError, VLMAccelerator
 from vlmfast.errors import InputError
 from vlmfast.grounding import maps, prompts

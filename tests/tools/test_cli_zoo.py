@@ -8,13 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import make_image
+
 from vlmfast import InputError, VLMAccelerator
 from vlmfast.cli import main
 from vlmfast.zoo import resolve
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("name", ["tiny-random-llava", "tiny-random-qwen2-vl"])
@@ -76,7 +76,8 @@ def test_bench_prefill_quick_rows(tmp_path):
 
 
 def test_bench_prune_rows_cover_every_method():
-    from vlmfast.bench import prefill as bench_prefill, prune as bench_prune
+    from vlmfast.bench import prefill as bench_prefill
+    from vlmfast.bench import prune as bench_prune
 
     policy = {"name": "my-vflowopt", "methods": [{"method": "vflowopt", "keep": 0.25, "m": 2.0}]}
     rows = bench_prune.run(None, model="tiny-random-llava", limit=2, repeats=1, decode_tokens=2, keeps=(0.25,),
@@ -94,8 +95,8 @@ def test_bench_prune_rows_cover_every_method():
 
 
 def test_tiny_llava_shapes_loads_by_name_offline_with_its_default_policy():
-    from vlmfast.zoo import SHIPPED
     from training.llava_shapes import vocabulary
+    from vlmfast.zoo import SHIPPED
 
     if not (SHIPPED["tiny-llava-shapes"][0] / "config.json").is_file():
         pytest.skip("tiny-llava-shapes weights are not in this checkout")

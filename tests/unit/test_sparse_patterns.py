@@ -6,15 +6,29 @@ from __future__ import annotations
 import pytest
 import torch
 
+from vlmfast.errors import PolicyError
 from vlmfast.sparse.kernels import masked_reference, sparse_attention
 from vlmfast.sparse.layout import Layout, Span, multi_image, video_like
-from vlmfast.sparse.patterns import (AShape, BlockSparse, Boundary2D, Dense, Grid, HeadContext, QBoundary,
-                                     VerticalSlash, grid_phase, parse_pattern, slash_blocks, tokens)
+from vlmfast.sparse.patterns import (
+    AShape,
+    BlockSparse,
+    Boundary2D,
+    Dense,
+    Grid,
+    HeadContext,
+    QBoundary,
+    VerticalSlash,
+    grid_phase,
+    parse_pattern,
+    slash_blocks,
+    tokens,
+)
 
 LAYOUTS = {"video": video_like(20, 4, 6, 8, 15), "images": multi_image(10, 3, 5, 5, 2, 12)}
 PATTERNS = [Dense(), AShape(sink=16, local=48), AShape(sink=0.05, local=0.2, tail_dense=False),
             VerticalSlash(vertical=20, slash=30, last_q=16), BlockSparse(topk=2), BlockSparse(topk=0.3),
-            Grid(stride="row", phase=2, local=32), Grid(stride="frame", local=16), Grid(stride=5, phase=1, horizontal=False),
+            Grid(stride="row", phase=2, local=32), Grid(stride="frame", local=16),
+            Grid(stride=5, phase=1, horizontal=False),
             Grid(stride="row", phase=0, vertical=False, text_columns=False),
             QBoundary(vertical=10, slash=20, last_q=8), Boundary2D(vertical=6, slash=10, last_q=8)]
 
@@ -127,7 +141,7 @@ def test_budgets_and_parsing():
     assert tokens(0.25, 100) == 25 and tokens(40, 100) == 40 and tokens(500, 100) == 100
     p = parse_pattern({"pattern": "grid", "stride": "frame", "phase": 3})
     assert isinstance(p, Grid) and p.phase == 3
-    with pytest.raises(Exception, match="stride"):
+    with pytest.raises(PolicyError, match="stride"):
         parse_pattern({"pattern": "grid", "stride": "diagonal"})
-    with pytest.raises(Exception):
+    with pytest.raises(PolicyError, match="'nope'"):
         parse_pattern({"pattern": "nope"})

@@ -23,13 +23,13 @@ import torch
 from PIL import Image
 
 from vlmfast import InputError, PolicyError, VLMAccelerator
+from vlmfast.datasets.shapes import generate_scene
 from vlmfast.demo import engine as E
 from vlmfast.demo import render
-from vlmfast.datasets.shapes import generate_scene
 from vlmfast.policy import Policy, load_policy
 from vlmfast.pruners import FastV, FoPru, n_keep
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = os.environ.get("VLMFAST_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -283,7 +283,7 @@ def test_eight_concurrent_requests_get_their_own_answers(served, shapes_engine):
     while not all(f.done() for f in futures):
         assert time.time() < deadline, f"{sum(not f.done() for f in futures)} of 8 requests did not finish in 300 s"
         time.sleep(0.2)
-    for (image, prompt, pruner, keep), fut, (want_full, want_policy) in zip(jobs, futures, expected):
+    for (_image, prompt, pruner, keep), fut, (want_full, want_policy) in zip(jobs, futures, expected):
         out = fut.result()
         assert len(out) == 9
         assert (out[0], out[4]) == (want_full, want_policy), (prompt, pruner)

@@ -9,7 +9,8 @@ import pytest
 
 from vlmfast import VLMAccelerator
 from vlmfast.cli import main
-from vlmfast.eval import hallucination, shapes as shapes_eval
+from vlmfast.eval import hallucination
+from vlmfast.eval import shapes as shapes_eval
 from vlmfast.policy import load_policy, shipped_policies
 
 EXAMPLES = ["tiny-llava-shapes-var", "tiny-llava-shapes-damro", "tiny-llava-shapes-agla",
@@ -23,7 +24,7 @@ def test_example_policies_load_and_are_never_defaults():
         pol = load_policy(name)
         assert not pol.models  # never chosen by "auto"
         assert pol.reweighters or pol.branch_methods
-    for label, name in hallucination.CONFIGS:
+    for _label, name in hallucination.CONFIGS:
         assert name is None or name in shipped
 
 

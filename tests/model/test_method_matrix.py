@@ -4,11 +4,19 @@ counts, batch == alone. New methods are added to METHODS."""
 from __future__ import annotations
 
 import pytest
-
 from conftest import make_image
+
 from vlmfast import Policy, VLMAccelerator
 from vlmfast.pruners import (
-    DivPrune, FastV, FasterVLM, FoPru, PyramidDrop, RandomPruner, VFlowOpt, VisionZip, n_keep,
+    DivPrune,
+    FasterVLM,
+    FastV,
+    FoPru,
+    PyramidDrop,
+    RandomPruner,
+    VFlowOpt,
+    VisionZip,
+    n_keep,
 )
 
 PROMPT = "what is in the image ?"
