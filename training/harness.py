@@ -72,6 +72,16 @@ def lr_at(step: int, total: int, peak: float, warmup: int, final_frac: float = 0
     return peak * (final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+def adamw(named_params, *, lr: float, weight_decay: float, betas: tuple[float, float], decays) -> torch.optim.AdamW:
+    """AdamW over ``named_params`` (``(name, parameter)`` pairs) in two groups: ``weight_decay`` on those for
+    which ``decays(name, parameter)``, none on the rest."""
+    named = list(named_params)
+    decay = [p for n, p in named if decays(n, p)]
+    rest = [p for n, p in named if not decays(n, p)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}],
+                             lr=lr, betas=betas)
+
+
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> float:
     """Set every parameter group's learning rate to ``lr``; returns it."""
     for g in opt.param_groups:
@@ -150,16 +160,17 @@ class Budget:
 class Run:
     """One invocation of a trainer built on :func:`add_run_args` and :func:`add_optim_args`.
 
-    It creates ``--out``, starts the clock (``--minutes``), loads ``OUT/checkpoint.pt`` for ``--resume``
-    (:meth:`load`), restores it and prepares ``OUT/train_log.jsonl`` (:meth:`begin`), says when to step and to
-    evaluate (:meth:`next_step`, :meth:`eval_due`), writes each step's record and the periodic checkpoints
-    (:meth:`end_step`) and the last checkpoint (:meth:`finish`). The checkpoint holds ``model``,
-    ``optimizer``, ``step``, ``elapsed_s``, ``rng``, ``args``, ``config`` and ``log``: the records that carry
-    an evaluation.
+    It applies ``--threads``, creates ``--out`` and starts the clock (``--minutes``); it loads
+    ``OUT/checkpoint.pt`` for ``--resume`` (:meth:`load`), restores it and prepares ``OUT/train_log.jsonl``
+    (:meth:`begin`), says when to step and to evaluate (:meth:`next_step`, :meth:`eval_due`), writes each step's
+    record and the periodic checkpoints (:meth:`end_step`) and the last checkpoint (:meth:`finish`). The
+    checkpoint holds ``model``, ``optimizer``, ``step``, ``elapsed_s``, ``rng``, ``args``, ``config`` and
+    ``log``: the records that carry an evaluation.
     """
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
+        torch.set_num_threads(args.threads)
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.ckpt_path = self.out / "checkpoint.pt"

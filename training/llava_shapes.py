@@ -9,11 +9,9 @@ Trained by ``python -m training.train_llava`` (see the model card next to the we
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from vlmfast.zoo.tiny import LLAVA_CHAT_TEMPLATE
 
-WEIGHTS_DIR = Path(__file__).parent / "weights" / "tiny-llava-shapes"
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 CHAT_WORDS = ["USER", ":", "ASSISTANT"]
 

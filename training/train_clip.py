@@ -26,7 +26,7 @@ import sys
 
 import numpy as np
 
-from training.harness import Run, add_optim_args, add_run_args, lr_at, optimizer_step, parse_overrides, set_lr
+from training.harness import Run, adamw, add_optim_args, add_run_args, lr_at, optimizer_step, parse_overrides, set_lr
 from vlmfast.datasets.shapes import SPLIT_SIZE, VOCABULARY, caption, generate_scene, split_seeds
 from vlmfast.eval.clip import evaluate
 from vlmfast.zoo.clip import (
@@ -123,7 +123,6 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
     run = Run(args)
     ckpt = run.load() if args.resume else None
     if args.resume and ckpt is None:
@@ -132,10 +131,8 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     model = build_tiny_clip(cfg)
     tokenizer = WordTokenizer(cfg.vocab, cfg.context_length)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
+    opt = adamw(model.named_parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.98),
+                decays=lambda n, p: p.ndim >= 2 and "embedding" not in n)
     run.begin(model, opt, ckpt)
     model.train()
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from training.harness import Budget, load_checkpoint, lr_at, optimizer_step, save_checkpoint, set_lr
+from training.harness import Budget, adamw, load_checkpoint, lr_at, optimizer_step, save_checkpoint, set_lr
 from training.llava_shapes import LlavaShapesConfig, build_model, build_processor
 from vlmfast.datasets.shapes import (
     CAPTION_PROMPT,  # the same prompt the evaluation asks
@@ -301,11 +302,9 @@ class Trainer:
             params = list(self.model.model.vision_tower.parameters()) + list(self.heads.parameters())
             lr = self.cfg.vision_lr
         else:
-            named = [(n, p) for n, p in self.model.named_parameters() if "vision_tower" not in n]
-            decay = [p for n, p in named if p.dim() > 1 and "embed_tokens" not in n]
-            rest = [p for n, p in named if not (p.dim() > 1 and "embed_tokens" not in n)]
-            return torch.optim.AdamW([{"params": decay}, {"params": rest, "weight_decay": 0.0}], lr=self.cfg.lm_lr,
-                                     betas=(0.9, 0.98), weight_decay=self.cfg.weight_decay)
+            return adamw(((n, p) for n, p in self.model.named_parameters() if "vision_tower" not in n),
+                         lr=self.cfg.lm_lr, weight_decay=self.cfg.weight_decay, betas=(0.9, 0.98),
+                         decays=lambda n, p: p.dim() > 1 and "embed_tokens" not in n)
         return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=self.cfg.weight_decay)
 
     def pixels(self, scenes) -> torch.Tensor:
@@ -622,7 +621,10 @@ def main(argv=None):
         tr.model.model.vision_tower.requires_grad_(False)
         tr.stage, tr.step = "lm", a.start_step
         tr.opt = tr._optimizer()  # fresh AdamW moments; the warm-up is not repeated
-    elif a.resume and (a.out / "ckpt.pt").is_file():
+    elif a.resume and not (a.out / "ckpt.pt").is_file():
+        print(f"--resume: no checkpoint at {a.out / 'ckpt.pt'} (run without --resume to start)", file=sys.stderr)
+        raise SystemExit(2)
+    elif a.resume:
         tr.load(model_only=a.restart_lm or a.retrain_vision)
         if tr.stage == "lm":
             tr.model.model.vision_tower.requires_grad_(False)

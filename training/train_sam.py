@@ -28,7 +28,7 @@ import sys
 
 import numpy as np
 
-from training.harness import Run, add_optim_args, add_run_args, lr_at, optimizer_step, parse_overrides, set_lr
+from training.harness import Run, adamw, add_optim_args, add_run_args, lr_at, optimizer_step, parse_overrides, set_lr
 from vlmfast.datasets.shapes import SPLIT_SIZE, generate_scene, iter_scenes, miou, split_seeds
 from vlmfast.zoo.sam import TinySamConfig, build_tiny_sam, center_point, save_tiny_sam, tiny_sam_config
 
@@ -242,7 +242,6 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
     run = Run(args)
     ckpt = run.load() if args.resume else None
     if args.resume and ckpt is None:
@@ -250,11 +249,8 @@ def main(argv=None) -> int:
     cfg = TinySamConfig.from_dict(ckpt["config"]) if ckpt is not None else _config_from(args.config)
     torch.manual_seed(args.seed)
     sam = build_tiny_sam(cfg)
-    decay = [p for n, p in sam.named_parameters() if p.ndim >= 2 and "rel_pos" not in n and "pos_embed" not in n]
-    no_decay = [p for n, p in sam.named_parameters() if not (p.ndim >= 2 and "rel_pos" not in n
-                                                             and "pos_embed" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.999))
+    opt = adamw(sam.named_parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999),
+                decays=lambda n, p: p.ndim >= 2 and "rel_pos" not in n and "pos_embed" not in n)
     run.begin(sam, opt, ckpt)
     sam.train()
     transform = ResizeLongestSide(cfg.img_size)

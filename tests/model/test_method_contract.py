@@ -9,7 +9,15 @@ import torch
 from conftest import make_image
 
 from vlmfast import (
-    AttentionMethod, Policy, Request, Run, VisionPruner, VLMAccelerator, available_methods, method_dataclass, register,
+    AttentionMethod,
+    Policy,
+    Request,
+    Run,
+    VisionPruner,
+    VLMAccelerator,
+    available_methods,
+    method_dataclass,
+    register,
 )
 from vlmfast.request import assemble, encode, prune_visual
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from training.llava_shapes import LlavaShapesConfig, build_processor
@@ -94,3 +95,9 @@ def test_word_targets_name_the_objects_each_word_and_phrase_refers_to():
 
     with pytest.raises(ValueError, match="unknown role"):
         parse_heads("nope=0:0")
+
+
+def test_resume_without_a_checkpoint_is_an_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as err:
+        main(["--out", str(tmp_path / "none"), *TINY, "--resume"])
+    assert err.value.code == 2 and "--resume: no checkpoint at" in capsys.readouterr().err
