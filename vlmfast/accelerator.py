@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence, cast
 
 import torch
 
@@ -23,6 +23,9 @@ from .policy import default_policy_for, load_policy
 from .request import Request, assemble, encode, prune_visual
 from .reweight.branches import Branches
 from .stats import Stats, now
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = logging.getLogger("vlmfast")
 
@@ -41,7 +44,7 @@ class GenerateOutput:
     """with ``ground=True``: one :class:`vlmfast.grounding.Grounding` per grounded phrase (map, points, mask)"""
 
 
-def _model_class(path: str, given: str, local_files_only: bool) -> type:
+def _model_class(path: str, given: str, local_files_only: bool) -> type[PreTrainedModel]:
     """The transformers class ``AutoModelForImageTextToText`` would load ``path`` as, checked against vlmfast's
     adapters; clear errors for a missing folder, a folder without config.json and an unsupported family."""
     from pathlib import Path
@@ -63,7 +66,9 @@ def _model_class(path: str, given: str, local_files_only: bool) -> type:
     except (OSError, ValueError) as e:
         raise InputError(f"cannot load {given!r} (local_files_only={local_files_only}): {e}") from None
     mapping = AutoModelForImageTextToText._model_mapping
-    model_class = mapping[type(config)] if type(config) in mapping else None
+    # cast: transformers types the lazy mapping's values as (slow, fast) tokenizer pairs; a model mapping's are
+    # one model class each
+    model_class = cast("type[PreTrainedModel]", mapping[type(config)]) if type(config) in mapping else None
     if model_class is None or adapter_class_for(model_class) is None:
         what = model_class.__name__ if model_class is not None else f"a {config.model_type!r} model"
         raise UnsupportedModelError(f"{given!r} is {what}, which vlmfast has no adapter for; supported families: "
@@ -235,9 +240,11 @@ class VLMAccelerator:
             seq = assemble(model, enc, visual, kept)
             valid = seq.valid
             vision_scores = None
-            if vp is not None and all(x is not None for x in kept_scores):
+            scored = [x for x in kept_scores if x is not None]
+            if vp is not None and len(scored) == len(kept_scores):
                 vision_scores = torch.zeros(seq.image_mask.shape, dtype=torch.float32, device=device)
-                vision_scores[seq.image_mask & valid] = torch.cat(kept_scores).float()
+                if scored:  # a text-only request has no visual tokens to score
+                    vision_scores[seq.image_mask & valid] = torch.cat(scored).float()
             stage = LayerStage(policy.layer_pruners, seq.image_mask, valid, vision_scores)
             req = Request(model, adapter, self.processor, prompts, batch_images, batch_videos, enc, visual, kept, seq,
                           vp, attn_layer, vision_scores, stage)

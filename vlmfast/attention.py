@@ -13,10 +13,13 @@ from __future__ import annotations
 import sys
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, cast
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 Observer = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor | None], None]
 
@@ -98,12 +101,13 @@ def active_session() -> "AttentionSession | None":
 
 
 @contextmanager
-def use(model: nn.Module, session: "AttentionSession | None") -> Iterator[None]:
+def use(model: PreTrainedModel, session: "AttentionSession | None") -> Iterator[None]:
     """Run a block (one decode branch's forward) with ``session``. If vlmfast's attention is already installed on
     ``model`` (the main branch's), only the active session is swapped, to ``session`` or to a pass-through one
     (so the main branch's observers and wrappers never see another branch); otherwise it is installed."""
     if model.config.get_text_config()._attn_implementation.startswith(_PREFIX):
-        base = _ACTIVE.get().base if _ACTIVE.get() is not None else ""
+        active = _ACTIVE.get()
+        base = active.base if active is not None else ""
         if session is None:
             session = AttentionSession(base)
         elif not session.base:
@@ -134,7 +138,8 @@ def _register(base: str) -> str:
 
     name = _PREFIX + base
     AttentionInterface.register(name, vlmfast_attention)
-    mask_fn = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(base)
+    # cast: transformers leaves the mapping unannotated, so its values infer as builtins.function (not callable)
+    mask_fn = cast("Callable | None", ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(base))
     if mask_fn is None:
         raise NotImplementedError(
             f"vlmfast cannot wrap attention implementation {base!r}; use 'sdpa' or 'eager' "
@@ -145,7 +150,7 @@ def _register(base: str) -> str:
 
 
 @contextmanager
-def installed(model: nn.Module, session: AttentionSession | None) -> Iterator[None]:
+def installed(model: PreTrainedModel, session: AttentionSession | None) -> Iterator[None]:
     """Route the language model's attention through ``session`` for the duration of the block."""
     if session is None:
         yield

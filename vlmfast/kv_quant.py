@@ -48,6 +48,9 @@ class MixedPrecisionLayer(DynamicLayer):
     """A prefilled cache layer whose tokens are quantized at ``bits_hi`` (important) or ``bits_lo`` bits;
     tokens appended during decoding stay in full precision."""
 
+    keys: torch.Tensor  # the decode tail (DynamicLayer's may be None before its first update; these never are)
+    values: torch.Tensor
+
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, important: torch.Tensor, bits_hi: int,
                  bits_lo: int, group: int):
         super().__init__()
@@ -90,6 +93,9 @@ class EvictedLayer(DynamicLayer):
     """A prefilled cache layer that keeps only some tokens (``keys`` shorter than the sequence) but reports
     the full sequence length, so transformers keeps sizing masks for the whole sequence; the decode hook
     maps mask columns onto the kept tokens."""
+
+    keys: torch.Tensor  # the kept tokens, set at construction (DynamicLayer's may be None)
+    values: torch.Tensor
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, prefix_len: int):
         super().__init__()

@@ -14,7 +14,7 @@ that stay in the tensor but are masked out everywhere), so each row gets what it
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -43,6 +43,11 @@ class _Stage:
     valid: torch.Tensor | None = None  # (B, L') False for padding and ghost columns
     ghosts: bool = False
     cached: dict | None = None  # sliced prefill kwargs
+
+    def selected(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keep, valid): set by ``LayerStage._select`` at prefill, before anything reads them."""
+        assert self.keep is not None and self.valid is not None, f"layer {self.layer}'s stage has not selected yet"
+        return self.keep, self.valid
 
 
 class LayerStage:
@@ -86,7 +91,7 @@ class LayerStage:
             keep_prev = torch.arange(n, device=self.image_mask0.device).expand(b, n)
             valid_prev = self.valid0
         else:
-            keep_prev, valid_prev = self.stages[i - 1].keep, self.stages[i - 1].valid
+            keep_prev, valid_prev = self.stages[i - 1].selected()
         image = gather_seq(self.image_mask0, keep_prev)
         padding = ~gather_seq(self.valid0, keep_prev)
         if st.pruner.uses_vision_scores:
@@ -113,8 +118,9 @@ class LayerStage:
 
     def _ghost_cols(self, st: _Stage, total: int) -> torch.Tensor:
         """(B, 1, 1, total) True where a column is a ghost (decode columns never are)."""
-        b, n = st.keep.shape
-        ghost = ~st.valid & gather_seq(self.valid0, st.keep)
+        keep, valid = st.selected()
+        b, n = keep.shape
+        ghost = ~valid & gather_seq(self.valid0, keep)
         pad = torch.zeros(b, total - n, dtype=torch.bool, device=ghost.device)
         return torch.cat([ghost, pad], 1)[:, None, None, :]
 
@@ -122,19 +128,20 @@ class LayerStage:
         """Restrict a (B,1,Q,K) mask to the stage's kept columns (rows too at prefill); mask out ghosts."""
         if mask is None and not st.ghosts:
             return None
-        b, n = st.keep.shape
+        keep, _ = st.selected()
+        b, n = keep.shape
         if mask is None:
             if prefill:
-                m = torch.ones(n, n, dtype=torch.bool, device=st.keep.device).tril()[None, None].expand(b, 1, n, n)
+                m = torch.ones(n, n, dtype=torch.bool, device=keep.device).tril()[None, None].expand(b, 1, n, n)
             else:
-                m = torch.ones(b, 1, 1, kv_len, dtype=torch.bool, device=st.keep.device)
+                m = torch.ones(b, 1, 1, kv_len, dtype=torch.bool, device=keep.device)
         else:
             mask = mask.expand(b, *mask.shape[1:])
-            tail = torch.arange(self.prefill_len, mask.shape[-1], device=st.keep.device).expand(b, -1)
-            cols = torch.cat([st.keep, tail], 1)
+            tail = torch.arange(self.prefill_len, mask.shape[-1], device=keep.device).expand(b, -1)
+            cols = torch.cat([keep, tail], 1)
             m = mask.gather(3, cols[:, None, None, :].expand(-1, mask.shape[1], mask.shape[2], -1))
             if prefill:
-                m = m.gather(2, st.keep[:, None, :, None].expand(-1, m.shape[1], -1, m.shape[3]))
+                m = m.gather(2, keep[:, None, :, None].expand(-1, m.shape[1], -1, m.shape[3]))
         if st.ghosts:
             ghost = self._ghost_cols(st, m.shape[-1])
             m = m & ~ghost if m.dtype == torch.bool else m.masked_fill(ghost, torch.finfo(m.dtype).min)
@@ -165,9 +172,10 @@ class LayerStage:
         return hook
 
     def _slice_kwargs(self, kwargs: dict, st: _Stage) -> dict:
-        out = {"attention_mask": self._mask(kwargs.get("attention_mask"), st, True, st.keep.shape[1])}
+        keep, _ = st.selected()
+        out: dict[str, Any] = {"attention_mask": self._mask(kwargs.get("attention_mask"), st, True, keep.shape[1])}
         if kwargs.get("position_embeddings") is not None:
-            out["position_embeddings"] = tuple(gather_seq(t, st.keep) for t in kwargs["position_embeddings"])
+            out["position_embeddings"] = tuple(gather_seq(t, keep) for t in kwargs["position_embeddings"])
         if kwargs.get("position_ids") is not None:
-            out["position_ids"] = gather_seq(kwargs["position_ids"], st.keep)
+            out["position_ids"] = gather_seq(kwargs["position_ids"], keep)
         return out

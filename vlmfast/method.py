@@ -77,7 +77,7 @@ def method_dataclass(cls: _C) -> _C:
         except ValidationError as e:
             raise _field_error(type(self), e) from None
 
-    __init__.__wrapped__ = init  # type: ignore[attr-defined]  # inspect.signature shows the fields
+    __init__.__wrapped__ = init  # type: ignore[attr-defined]  # a function attribute: inspect.signature shows the fields
     dc.__init__ = __init__
     dc.__setattr__ = __setattr__
     return dc

@@ -146,7 +146,8 @@ class Policy:
             try:
                 m.check(info)
             except PolicyError as e:
-                raise PolicyError(f"{self.source}: methods[{i}] ({m.method_name}): {e} (model: {info.name or info.family})") from None
+                raise PolicyError(f"{self.source}: methods[{i}] ({m.method_name}): {e} "
+                                  f"(model: {info.name or info.family})") from None
 
     # -- (de)serialisation -----------------------------------------------------------------------------------
     @classmethod

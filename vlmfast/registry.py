@@ -15,12 +15,15 @@ first) fills the registry before a policy can name a method.
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 from .errors import PolicyError
 
-_METHODS: dict[str, type] = {}
-T = TypeVar("T", bound=type)
+if TYPE_CHECKING:
+    from .method import Method
+
+_METHODS: dict[str, type[Method]] = {}
+T = TypeVar("T", bound="type[Method]")
 
 
 def register(name: str) -> Callable[[T], T]:
@@ -30,13 +33,13 @@ def register(name: str) -> Callable[[T], T]:
         if name in _METHODS and _METHODS[name] is not cls:
             raise ValueError(f"method name {name!r} is already registered to {_METHODS[name].__qualname__}")
         _METHODS[name] = cls
-        cls.method_name = name  # type: ignore[attr-defined]
+        cls.method_name = name
         return cls
 
     return deco
 
 
-def get_method(name: str) -> type:
+def get_method(name: str) -> type[Method]:
     try:
         return _METHODS[name]
     except KeyError:

@@ -11,7 +11,7 @@ import logging
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, cast
 
 import torch
 from torch import nn
@@ -89,7 +89,9 @@ class Adapter(ABC):
     """does the family take ``videos=`` (its processor has a video processor, its model video placeholders)"""
 
     def __init__(self, model: nn.Module):
-        self.model = model
+        # a transformers model of the family: its submodules and config are the family's own (nn.Module's
+        # __getattr__ would type each one as Tensor | Module)
+        self.model: Any = model
         self.last_attention_s = 0.0  # time spent reading the vision layer's attention in the last call
         self.pixel_norm = ([0.0] * 3, [1.0] * 3)  # processor's (image_mean, image_std), set by prepare()
         self.video_norm = self.pixel_norm  # the video processor's, set by prepare()
@@ -105,7 +107,7 @@ class Adapter(ABC):
 
     @property
     def decoder_layers(self) -> nn.ModuleList:
-        return self.language_model.layers
+        return cast(nn.ModuleList, self.language_model.layers)
 
     def info(self) -> ModelInfo:
         return ModelInfo(
@@ -249,7 +251,9 @@ class Adapter(ABC):
         """Turn (R, B, L) positions into what the model's forward takes as ``position_ids``."""
 
     def set_decode_state(self, positions: torch.Tensor, valid: torch.Tensor) -> None:
-        """Store whatever the model keeps between steps (Qwen2-VL's ``rope_deltas``). Default: nothing."""
+        """Store whatever the model keeps between steps (Qwen2-VL's ``rope_deltas``). An optional hook: the
+        default stores nothing."""
+        return None
 
     @contextmanager
     def preserved_state(self) -> Iterator[None]:
@@ -277,7 +281,8 @@ def text_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return pos.masked_fill(attention_mask == 0, 0)
 
 
-def head_mean_attention(q: torch.Tensor, k: torch.Tensor, scaling: float, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+def head_mean_attention(q: torch.Tensor, k: torch.Tensor, scaling: float,
+                        chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(q k^T * scaling) averaged over heads, (N, N), computed in query chunks; and the head-mean
     keys (N, d). q, k: (H, N, d)."""
     out = torch.empty(q.shape[1], k.shape[1], dtype=torch.float32, device=q.device)

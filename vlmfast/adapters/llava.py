@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+from typing import Sequence
 
 import torch
 
@@ -39,6 +40,7 @@ class LlavaAdapter(Adapter):
         cfg = self.model.config
         has_cls = cfg.vision_feature_select_strategy == "default"
         kwargs = {}
+        attn: Sequence[tuple[torch.Tensor, torch.Tensor] | tuple[None, None]]  # (attention, keys) per image
         if "image_sizes" in inputs:
             kwargs["image_sizes"] = inputs["image_sizes"]
         if attention_layer is None:
@@ -62,6 +64,7 @@ class LlavaAdapter(Adapter):
                 raise ValueError(f"LLaVA image has {f.shape[0]} tokens, which is not a square grid")
             cls_row = None
             if a is not None and has_cls:
+                assert keys is not None  # captured with the attention
                 cls_row, a, keys = a[0, 1:], a[1:, 1:], keys[1:]
             if g is not None:
                 g = g[: side * patch, : side * patch].reshape(side, patch, side, patch).permute(0, 2, 1, 3)

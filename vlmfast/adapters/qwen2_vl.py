@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+from typing import Sequence
 
 import torch
 
@@ -54,6 +55,7 @@ class Qwen2VLAdapter(Adapter):
                 grey: bool) -> list[ImageTokens]:
         if pixel_values is None:
             return []
+        attn: Sequence[tuple[torch.Tensor, torch.Tensor] | tuple[None, None]]  # (attention, keys) per image / video
         if attention_layer is None:
             feats = features(pixel_values, grid_thw).pooler_output
             attn = [(None, None)] * len(feats)
@@ -66,7 +68,7 @@ class Qwen2VLAdapter(Adapter):
             self.last_attention_s = time.perf_counter() - t0
         m = self.merge
         # patches are flattened as (channel, temporal, p, p); 4 consecutive patches make one merged token
-        greys = [None] * len(feats)
+        greys: Sequence[torch.Tensor | None] = [None] * len(feats)
         if grey:
             g = unnormalise_grey(pixel_values.view(pixel_values.shape[0], 3, -1), norm, channel_dim=1)
             greys = torch.split(g.view(-1, m * m * g.shape[-1]), [f.shape[0] for f in feats])
@@ -82,7 +84,8 @@ class Qwen2VLAdapter(Adapter):
         (N, N) matrix; a video's (t, N/t, N/t) blocks (or its one (N, N) matrix if the tower attended across groups)."""
         out, at = [], 0
         for t, h, w in grid_thw.tolist():
-            n, parts = t * h * w, []
+            n = t * h * w
+            parts: list[tuple[torch.Tensor, torch.Tensor]] = []
             while sum(a.shape[0] for a, _ in parts) < n:
                 parts.append(chunks[at])
                 at += 1
@@ -99,6 +102,7 @@ class Qwen2VLAdapter(Adapter):
 
         x = seen["hidden_states"]
         cu = seen.get("cu_seqlens", seen.get("arg1"))
+        assert cu is not None, "the vision block was called without cu_seqlens"
         n = x.shape[0]
         q, k, _ = qkv.reshape(n, 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
         cos, sin = seen["position_embeddings"]

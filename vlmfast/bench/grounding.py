@@ -29,6 +29,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -118,6 +119,7 @@ def matched_layout(target_flops: float, depth: int = 6) -> SamLayout:
             best = (err, SamLayout(width, depth))
         if f > target_flops:
             break
+    assert best is not None  # the first width always sets it
     return best[1]
 
 
@@ -135,7 +137,7 @@ def run(json_path: str | Path | None = None, *, spec=bench_prefill.PROXY, sam_ty
     model, processor = bench_prefill.build_proxy(spec)
     acc = VLMAccelerator(model, processor, policy=Policy(source="<full>"))
     image = bench_prefill.random_image(spec.image_size)
-    kw = dict(prompt=bench_prefill.PROMPT, max_new_tokens=decode_tokens + 1)
+    kw: dict[str, Any] = dict(prompt=bench_prefill.PROMPT, max_new_tokens=decode_tokens + 1)
     stats = acc.generate(images=[image], **kw).stats  # also the warm-up
     proxy_flops = bench_prefill.prefill_flops(model, stats, acc.policy)
     real_flops = llava_7b_prefill_flops(stats.text_tokens)

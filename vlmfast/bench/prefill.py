@@ -6,8 +6,8 @@ prefill take about a second on 2 CPU cores. Weights are random: this measures sp
 
 Every configuration runs in the same process, interleaved round-robin over repeats (the machine is shared and
 noisy), and each row reports the median. ``speedup`` = full prefill time / this prefill time, measured in
-this run; ``ideal_speedup`` = FLOPs of the full prefill / FLOPs of this one (the vision layers that run included in both,
-pruning's own scoring included in the pruned one), so ``speedup / ideal_speedup`` is the efficiency.
+this run; ``ideal_speedup`` = FLOPs of the full prefill / FLOPs of this one (the vision layers that run included in
+both, pruning's own scoring included in the pruned one), so ``speedup / ideal_speedup`` is the efficiency.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ..accelerator import VLMAccelerator
 from ..adapters import adapter_for
+from ..adapters.llava import LlavaAdapter
 from ..policy import Policy
 from ..pruners import FastV, FoPru
 from ..zoo.tiny import TinySpec, tiny_llava
@@ -47,7 +48,8 @@ QUICK = TinySpec(hidden=64, layers=4, heads=4, kv_heads=4, intermediate=128,
 @dataclass
 class Config:
     method: str
-    keep: float
+    keep: float | None
+    """None: filled in from the measured visual-token share (``bench prune``'s policy rows)"""
     policy: Policy
 
 
@@ -61,8 +63,10 @@ def configs(keeps=(0.5, 0.25, 0.1), fastv_layer: int = 2) -> list[Config]:
 # -- FLOPs (multiply-add = 2) -------------------------------------------------------------------------------
 def vision_flops(model, attention_layer: int | None = None) -> float:
     """The tower's layers that run (up to the feature layer, or the scored layer if later) and the projector."""
+    adapter = adapter_for(model)
+    assert isinstance(adapter, LlavaAdapter), "the FLOPs count is a LLaVA (CLIP tower) one"
     return tower_flops(model.config.vision_config, model.config.text_config.hidden_size,
-                       adapter_for(model).layers_run(attention_layer))
+                       adapter.layers_run(attention_layer))
 
 
 def tower_flops(vc, text_hidden: int, layers: int) -> float:

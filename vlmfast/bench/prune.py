@@ -14,6 +14,7 @@ share of visual tokens the policy spent on ShapesWorld, and its speed row runs t
 from __future__ import annotations
 
 import statistics
+from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -56,7 +57,7 @@ def policy_configs(specs) -> list[Config]:
 
 
 def accuracy_rows(model_name: str, limit: int, keeps=KEEPS, progress: bool = True,
-                  extra: list[Config] = ()) -> list[dict]:
+                  extra: Sequence[Config] = ()) -> list[dict]:
     """ShapesWorld rows for every method at ``keeps``, then the ``extra`` (``policy_configs``) rows."""
     base = VLMAccelerator.from_pretrained(model_name, policy=None)
     cfgs = method_configs(len(base.adapter.decoder_layers), keeps) + list(extra)

@@ -45,7 +45,8 @@ HEAD_KINDS = ("grid_frame", "grid_row", "a_shape", "vertical_slash")
 
 def head_patterns(n_heads: int) -> list:
     """The pattern of each benchmark head (cycling through the four kinds), MMInference's budgets."""
-    menu = {"grid_frame": Grid(stride="frame", local=1024), "grid_row": Grid(stride="row", local=1024, horizontal=False),
+    menu = {"grid_frame": Grid(stride="frame", local=1024),
+            "grid_row": Grid(stride="row", local=1024, horizontal=False),
             "a_shape": AShape(sink=128, local=4096), "vertical_slash": VerticalSlash(vertical=1000, slash=1024)}
     return [menu[HEAD_KINDS[h % len(HEAD_KINDS)]] for h in range(n_heads)]
 
@@ -183,7 +184,8 @@ def kernel_rows(seq_lens=(8192, 16384, 32768), heads: int = 4, head_dim: int = 6
         rd = [recall_and_density(q[h].float(), k[h].float(), [specs[h]], scale, chunk=1024)[0] for h in range(heads)]
         density = sum(x[1] for x in rd) / heads
         row = {
-            "seq_len": n, "heads": heads, "head_dim": head_dim, "block": block, "dtype": str(dtype).replace("torch.", ""),
+            "seq_len": n, "heads": heads, "head_dim": head_dim, "block": block,
+            "dtype": str(dtype).replace("torch.", ""),
             "patterns": [p.pattern + (f"/{p.stride}" if isinstance(p, Grid) else "") for p in pats],
             "density": round(density, 4), "density_per_head": [round(x[1], 4) for x in rd],
             "sdpa_s": round(med["sdpa"], 4), "flex_s": round(med["flex"], 4) if flex else None,
@@ -359,8 +361,10 @@ def recall_rows(model_name: str = "tiny-llava-shapes", heads: str = "tiny-llava-
     method = MMInference(heads=heads, min_length=0)
     samples = shapes_samples("test", n_samples, images)
     layers = evaluate_recall(model, processor, samples, method)
+    patterns = method.head_patterns()
+    assert patterns is not None  # loaded from ``heads``
     out = {"model": model_name, "heads": heads, "images_per_prompt": images, "prompts": n_samples, "split": "test",
-           "block": method.block_size, "target_recall": method.head_patterns().meta.get("target_recall"),
+           "block": method.block_size, "target_recall": patterns.meta.get("target_recall"),
            "layers": layers, "mean_recall": round(sum(r["recall"] for r in layers) / len(layers), 4),
            "min_layer_recall": min(r["recall"] for r in layers),
            "mean_density": round(sum(r["density"] for r in layers) / len(layers), 4)}
@@ -413,7 +417,8 @@ def table(result: dict, markdown: bool = False) -> str:
     if result.get("recall"):
         rec = result["recall"]
         head = ["layer", "recall", "lowest head", "density"]
-        body = [[str(r["layer"]), str(r["recall"]), str(r["min_head_recall"]), str(r["density"])] for r in rec["layers"]]
+        body = [[str(r["layer"]), str(r["recall"]), str(r["min_head_recall"]), str(r["density"])]
+                for r in rec["layers"]]
         parts.append(f"recall on {rec['model']} ({rec['images_per_prompt']} images x {rec['prompts']} prompts):\n"
                      + format_table(head, body, markdown))
     return "\n\n".join(parts)

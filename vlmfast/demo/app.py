@@ -67,7 +67,7 @@ def _atomic_picture_cache() -> None:
         os.replace(staging, path)
         return str(path)
 
-    save_pil_to_cache.vlmfast_atomic = True
+    save_pil_to_cache.vlmfast_atomic = True  # type: ignore[attr-defined]  # a marker on the function, read by getattr
     pu.save_pil_to_cache = save_pil_to_cache
 
 

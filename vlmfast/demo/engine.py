@@ -105,7 +105,8 @@ def knobs_of(policy: Policy, default_keep: float = 0.25) -> Knobs:
     if not pruners:
         pruner, keep = NONE, default_keep
     elif len(pruners) == 1 and _has_field(type(pruners[0]), "keep"):
-        pruner, keep = pruners[0].method_name, float(pruners[0].keep)
+        only = pruners[0]
+        pruner, keep = only.method_name, float(only.keep)  # type: ignore[attr-defined]  # _has_field checked it
     else:
         pruner, keep = AS_POLICY, default_keep
     if len(halluc) > 1:
@@ -195,7 +196,7 @@ class DemoResult:
         return render.grounding_layers(self.image, side.grounding or [], image_index=0)
 
 
-def _fmt_bytes(n: int) -> str:
+def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -353,7 +354,8 @@ class DemoEngine:
                 tokens = acc.adapter.image_tokens(inputs, None)
             if len(tokens) != 1:
                 raise InputError(f"the model made {len(tokens)} token grids from one image")
-            self._grids[key] = tuple(int(x) for x in tokens[0].grid)
+            t, h, w = tokens[0].grid
+            self._grids[key] = (int(t), int(h), int(w))
         return self._grids[key]
 
     # -- one request -----------------------------------------------------------------------------------------
@@ -375,7 +377,7 @@ class DemoEngine:
     def _share_predictor(self, acc: VLMAccelerator) -> None:
         grounder = getattr(acc, "grounder", None)
         cfg = getattr(grounder, "cfg", None)
-        if cfg is None:
+        if grounder is None or cfg is None:
             return
         key = (getattr(cfg, "sam_type", None), getattr(cfg, "sam_checkpoint", None))
         if key in self._predictors:

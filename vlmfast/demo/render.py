@@ -60,9 +60,9 @@ def token_grid_overlay(image: Image.Image, grid: Sequence[int], kept: Any,
     kept_idx = np.asarray(kept.cpu() if hasattr(kept, "cpu") else kept, dtype=np.int64).reshape(-1)
     if kept_idx.size and (kept_idx.min() < 0 or kept_idx.max() >= t * h * w):
         raise ValueError(f"kept indices must lie in [0, {t * h * w}) for a {t}x{h}x{w} grid")
-    cell_kept = np.zeros(t * h * w, dtype=bool)
-    cell_kept[kept_idx] = True
-    cell_kept = cell_kept.reshape(t, h, w).any(0)
+    token_kept = np.zeros(t * h * w, dtype=bool)
+    token_kept[kept_idx] = True
+    cell_kept = np.asarray(token_kept.reshape(t, h, w).any(0))  # numpy types any(axis) as bool | array
     # per-pixel cell index over the model's view
     ys = np.floor((np.arange(height) + 0.5 - y0) / (y1 - y0) * h).astype(np.int64)
     xs = np.floor((np.arange(width) + 0.5 - x0) / (x1 - x0) * w).astype(np.int64)

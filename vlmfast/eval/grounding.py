@@ -206,7 +206,8 @@ def time_overhead(acc, jobs) -> dict:
                  "torch_threads": torch.get_num_threads(), "cpu": {}}
     referring = [([img], dict(prompt=prompt, max_new_tokens=MAX_NEW_TOKENS), dict(ground_phrases=[phrase]))
                  for img, prompt, phrase in jobs]
-    caption = [([img], dict(prompt=CAPTION_PROMPT, max_new_tokens=48), {}) for img, _, _ in jobs]
+    caption: list[tuple[list, dict, dict]] = [([img], dict(prompt=CAPTION_PROMPT, max_new_tokens=48), {})
+                                              for img, _, _ in jobs]
     for name, requests in (("", referring), ("caption_", caption)):
         times = interleaved_times(acc, requests, name)
         res["cpu"].update(times.pop("cpu"))

@@ -195,7 +195,7 @@ def _timing(accs: dict, scenes, repeats: int) -> dict:
     """Median caption decode ms/token per configuration at batch 1, configurations interleaved per scene."""
     from ..datasets.shapes import CAPTION_PROMPT
 
-    per = {label: [] for label in accs}
+    per: dict[str, list[float]] = {label: [] for label in accs}
     for _ in range(repeats):
         for s in scenes:
             for label, acc in accs.items():
@@ -214,6 +214,7 @@ def run_all(model_name: str = "tiny-llava-shapes", split: str = "test", limit: i
     from ..accelerator import VLMAccelerator
     from ..datasets.shapes import CAPTION_PROMPT, iter_scenes
     from ..policy import Policy, load_policy
+    from ..reweight import DAMRO, VAR
     from .shapes import evaluate
 
     base = VLMAccelerator.from_pretrained(model_name, policy=None)
@@ -250,8 +251,10 @@ def run_all(model_name: str = "tiny-llava-shapes", split: str = "test", limit: i
                                      f"{timing_scenes} {split} scenes, configurations interleaved, {repeats} "
                                      "rounds, median ms/token; ratio to the baseline of this run")
     if diagnose:
-        diag = {"var": var_diagnostics(base, dev, load_policy("tiny-llava-shapes-var").reweighters[0].tau)}
+        var = load_policy("tiny-llava-shapes-var").reweighters[0]
         damro = load_policy("tiny-llava-shapes-damro").branch_methods[0]
+        assert isinstance(var, VAR) and isinstance(damro, DAMRO)  # the shipped policies' one method each
+        diag = {"var": var_diagnostics(base, dev, var.tau)}
         diag["damro"] = damro_diagnostics(base, dev, damro.k)
         diag["agla"] = agla_diagnostics(load_policy("tiny-llava-shapes-agla").branch_methods[0], 50)
         result["diagnostics"] = diag

@@ -55,7 +55,10 @@ def evaluate(acc, split: str = "test", limit: int = 200, tasks: Iterable[str] = 
         raise InputError(f"unknown task(s) {unknown}; expected a subset of {list(TASKS)}")
     scenes = list(iter_scenes(split, limit))
     gray = Image.new("RGB", (scenes[0].size, scenes[0].size), (128, 128, 128)) if scenes else None
-    image = (lambda s: gray) if blank else (lambda s: s.image)
+
+    def image(scene) -> Image.Image:
+        return gray if blank and gray is not None else scene.image  # gray: made whenever there are scenes
+
     result: dict = {"split": split, "n": len(scenes), "blank_image": blank}
     all_stats = []
     task_stats: dict[str, list] = {}  # per task, for decode ms/token by answer length
@@ -68,9 +71,9 @@ def evaluate(acc, split: str = "test", limit: int = 200, tasks: Iterable[str] = 
     if "pope" in tasks:
         result["pope"] = {}
         for sp in POPE_SPLITS:
-            items = [(s, it) for s in scenes for it in pope_items(s, sp)]
-            preds, st = _batched(acc, [(image(s), it.question) for s, it in items], 2, batch, f"pope {sp}", progress)
-            result["pope"][sp] = {**pope_metrics(preds, [it.answer for _, it in items]), "n": len(items)}
+            pope = [(s, it) for s in scenes for it in pope_items(s, sp)]
+            preds, st = _batched(acc, [(image(s), it.question) for s, it in pope], 2, batch, f"pope {sp}", progress)
+            result["pope"][sp] = {**pope_metrics(preds, [it.answer for _, it in pope]), "n": len(pope)}
             all_stats += st
             task_stats.setdefault("pope", []).extend(st)
     if "chair" in tasks:
@@ -111,7 +114,8 @@ def table(res: dict) -> str:
         rows += [(f"  {k}", f"{x:.3f}") for k, x in v.items() if k not in ("overall", "n")]
     if "pope" in res:
         for sp, m in res["pope"].items():
-            rows.append((f"POPE {sp}", f"acc {m['accuracy']:.3f}  F1 {m['f1']:.3f}  yes {m['yes_ratio']:.3f}  (n={m['n']})"))
+            rows.append((f"POPE {sp}",
+                         f"acc {m['accuracy']:.3f}  F1 {m['f1']:.3f}  yes {m['yes_ratio']:.3f}  (n={m['n']})"))
     if "chair" in res:
         c = res["chair"]
         rows.append(("CHAIR", f"CHAIR_s {c['chair_s']:.3f}  CHAIR_i {c['chair_i']:.3f}  recall {c['recall']:.3f}"))

@@ -259,7 +259,7 @@ class AttentionCapture:
         step = max(1, CHUNK_ELEMENTS // max(1, b * h * n_k))
         chunks = [torch.arange(s, min(s + step, len(rows)), device=rows.device) for s in range(0, len(rows), step)]
 
-        def row_max(probs: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        def row_max(probs: torch.Tensor, c: torch.Tensor | slice) -> torch.Tensor:
             if self.head_weighting == "image-mean-max":  # text queries' largest attention on one image token
                 m = probs.masked_fill(~image[:, None, None, :], 0).amax(-1)
                 return m * text_rows[:, None, rows[c]]
@@ -354,13 +354,13 @@ class AttentionCapture:
             return torch.stack([self.matrix(b, layer)[pos.to(self.valid.device)] for layer in layers])
         device = self.valid.device
         out = torch.zeros(len(layers), len(pos), n, device=device)
-        first = self._pre[layers[0]] if layers else None
         scaling = [self._pre[layer].scaling for layer in layers]
         scale = scaling[0] if len(set(scaling)) == 1 else torch.tensor(scaling, device=device)[:, None, None, None]
         pre = (pos < self.prefill_len).nonzero().flatten()
         if len(pre) and layers:
             absolute = pos[pre].to(device)
             local = absolute
+            first = self._pre[layers[0]]
             if first.rows is not None:  # captured text rows only: where each asked-for row sits among them
                 where = torch.full((self.prefill_len,), -1, dtype=torch.long, device=device)
                 where[first.rows] = torch.arange(len(first.rows), device=device)
@@ -370,12 +370,13 @@ class AttentionCapture:
                                      "record every row with all_rows=True)")
             q = torch.stack([self._pre[layer].query[b][:, local] for layer in layers])  # (nL, H, P, D)
             k = torch.stack([self._pre[layer].key[b] for layer in layers])
-            masks = [self._pre[layer].mask for layer in layers]
-            if all(m is None for m in masks):
+            given = [m for layer in layers if (m := self._pre[layer].mask) is not None]
+            if not given:
                 mask, limit = None, absolute + 1
             else:
+                assert len(given) == len(layers), "row_attention: only some of the layers' prefills had a mask"
                 mask, limit = torch.stack([m[b if m.shape[0] > 1 else 0][:, absolute, :self.prefill_len]
-                                           for m in masks]), None
+                                           for m in given]), None
             out[:, pre.to(device), : self.prefill_len] = softmax_rows(scale, q, k, mask, limit).mean(-3)
         dec = (pos >= self.prefill_len).nonzero().flatten()
         if len(dec) and layers:

@@ -24,6 +24,7 @@ def head_weights(probs: torch.Tensor | None, row_max: torch.Tensor | None = None
     out of the mean. Returns (..., H).
     """
     if row_max is None:
+        assert probs is not None, "head_weights needs probs or row_max"
         row_max = probs.amax(-1)
     live = (row_max > 0).float()
     return (row_max * live).sum(-1) / live.sum(-1).clamp(min=1)

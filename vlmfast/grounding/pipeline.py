@@ -174,7 +174,9 @@ def ground_sample(capture: AttentionCapture, cfg: GroundingConfig, requests: lis
         for (k, heat), seg in zip(items, segment_all(predictor, [heat for _, heat in items], cfg)):
             out[k] = Grounding(requests[k].phrase, i, heat.numpy().astype(np.float32), seg.points, seg.labels,
                                seg.box, seg.mask, seg.score)
-    return out
+    done = [g for g in out if g is not None]
+    assert len(done) == len(out), "a phrase got no map"
+    return done
 
 
 def per_sample_phrases(ground_phrases, n: int, single: bool) -> list[list[str]]:
@@ -222,6 +224,7 @@ class Grounder:
     def embeddings(self) -> ImageEmbeddings:
         """``set_image`` with a one-image memory (``forget()`` to force re-encoding)."""
         self.predictor  # noqa: B018  (loads it)
+        assert self._embeddings is not None  # set with the predictor
         return self._embeddings
 
     def prefetch(self, batch_images: list[list]) -> None:
@@ -266,7 +269,7 @@ class GroundingRun(Run):
         g, cfg = self.grounder, self.grounder.cfg
         g.last_request = self  # kept until the next call: its capture, for inspection (demo, ablations)
         processor, adapter = request.processor, request.adapter
-        out = []
+        out: list[list[Grounding]] = []
         self.samples: list[tuple[list[PhraseRows], SampleContext]] = []
         with torch.inference_mode():
             for b, imgs in enumerate(request.batch_images):

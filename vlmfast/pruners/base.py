@@ -78,7 +78,8 @@ class VisionPruner(Method):
             return self.prune(image)
         parts = [self.prune(g) for g in groups]
         per = groups[0].n_tokens
-        scores = None if any(p.scores is None for p in parts) else torch.cat([p.scores for p in parts])
+        scored = [p.scores for p in parts if p.scores is not None]
+        scores = torch.cat(scored) if len(scored) == len(parts) else None
         return Pruned(torch.cat([p.keep + i * per for i, p in enumerate(parts)]),
                       torch.cat([p.features for p in parts]), scores)
 
@@ -104,9 +105,10 @@ class LayerPruner(Method):
     uses_vision_scores: ClassVar[bool] = False
 
     def drop_layers(self) -> list[int]:
-        return [self.layer]
+        return [self.layer]  # type: ignore[attr-defined]  # the field of single-layer subclasses (FastV)
 
-    def select_layer(self, scores: torch.Tensor, image_mask: torch.Tensor, valid: torch.Tensor, stage: int = 0) -> torch.Tensor:
+    def select_layer(self, scores: torch.Tensor, image_mask: torch.Tensor, valid: torch.Tensor,
+                     stage: int = 0) -> torch.Tensor:
         """scores, image_mask, valid: (B, L). Return a (B, L) bool keep mask (non-image tokens must stay).
         ``stage`` is the index into ``drop_layers()`` (for multi-stage methods)."""
         raise NotImplementedError

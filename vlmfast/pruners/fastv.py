@@ -24,7 +24,8 @@ class FastV(LayerPruner):
     keep: Annotated[float, Field(gt=0, le=1)] = 0.5
     """fraction of image tokens kept (FastV's R = 1 - keep)"""
 
-    def select_layer(self, scores: torch.Tensor, image_mask: torch.Tensor, valid: torch.Tensor, stage: int = 0) -> torch.Tensor:
+    def select_layer(self, scores: torch.Tensor, image_mask: torch.Tensor, valid: torch.Tensor,
+                     stage: int = 0) -> torch.Tensor:
         return keep_top_image_tokens(scores, image_mask, valid, self.keep)
 
 

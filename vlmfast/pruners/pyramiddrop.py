@@ -30,5 +30,6 @@ class PyramidDrop(LayerPruner):
     def drop_layers(self) -> list[int]:
         return list(self.layers)
 
-    def select_layer(self, scores: torch.Tensor, image_mask: torch.Tensor, valid: torch.Tensor, stage: int = 0) -> torch.Tensor:
+    def select_layer(self, scores: torch.Tensor, image_mask: torch.Tensor, valid: torch.Tensor,
+                     stage: int = 0) -> torch.Tensor:
         return keep_top_image_tokens(scores, image_mask, valid, self.ratio)

@@ -93,7 +93,8 @@ class VFlowOpt(VisionPruner, LayerPruner):
     uses_vision_scores: ClassVar[bool] = True
 
     @property
-    def needs_grey(self) -> bool:  # patch entropy weighs in only when alpha != 0
+    def needs_grey(self) -> bool:  # type: ignore[override]  # the base's ClassVar flag, only ever read on instances
+        # patch entropy weighs in only when alpha != 0
         return bool(self.alpha)
 
     def __post_init__(self):

@@ -62,6 +62,11 @@ class BranchMethod(Method):
     #: does the branch see the image the main branch sees (VAR applies there too) or a negative view (it does not)
     positive_branch: ClassVar[bool] = True
 
+    def attention_layer(self) -> int | None:
+        """The vision layer whose attention the branch reads (None: the layer that feeds the language model);
+        methods with ``needs_vision_attention`` define it."""
+        raise NotImplementedError
+
     def main_weight(self) -> float:
         """What this method adds to the main branch's weight (DAMRO: alpha; AGLA: 0)."""
         return 0.0

@@ -5,8 +5,9 @@ Per request: ``Branches(request, policy)`` holds the request (:class:`vlmfast.re
 tower's own features and [CLS] attention in ``request.encoded.visual``, AGLA re-encodes its augmented images with
 ``request.encode``); ``prefill()`` runs after the main prefill, inside the main call's attention installation;
 every decode step ``combine(main_logits)`` gives the logits the token is chosen from and ``step(tokens)`` feeds
-the chosen tokens to every branch (:func:`vlmfast.request.decode_step`, each branch with its own cache). Weights: main 1 + sum(DAMRO alpha); DAMRO's branch -alpha; AGLA's branch +alpha; the
-plausibility cutoff uses the largest beta, against the main branch. Each branch forward runs with its own
+the chosen tokens to every branch (:func:`vlmfast.request.decode_step`, each branch with its own cache).
+Weights: main 1 + sum(DAMRO alpha); DAMRO's branch -alpha; AGLA's branch +alpha; the plausibility cutoff uses
+the largest beta, against the main branch. Each branch forward runs with its own
 attention session (VAR in positive branches only; spec §7.2), so the main call's observers and wrappers
 (grounding capture, VAR's main-branch sinks) never see a branch.
 """
@@ -76,7 +77,9 @@ class Branches:
             self.branches.append(br)
 
     def combine(self, main_logits: torch.Tensor) -> torch.Tensor:
-        return combine(main_logits, [(br.weight, br.logits) for br in self.branches], self.main_weight, self.beta)
+        weighted = [(br.weight, br.logits) for br in self.branches if br.logits is not None]
+        assert len(weighted) == len(self.branches), "combine() before prefill()"
+        return combine(main_logits, weighted, self.main_weight, self.beta)
 
     def step(self, tokens: torch.Tensor) -> None:
         """Feed the chosen tokens to every branch (each with its own cache, mask and positions)."""

@@ -5,8 +5,8 @@ ICLR 2025). Spec: shared/reference/hallucination_grounding.md §3; docs/methods/
    LLaVA) carries the model's massive activations and its hidden states depend on nothing else, so the
    language model runs once on that token alone; m_d = max over layers >= ``first_layer`` of
    |RMSNorm(h)[d]| (RMSNorm without weight); the sink dimensions are the (at most ``max_dims``) d with
-   m_d > median(m) + ``dim_z`` * 1.4826 * MAD(m) (a robust z-score). Cached per (model, token). ``sink_dims`` overrides the discovery
-   (e.g. [1415, 2533] for LLaVA-1.5-7B, the reference code's values).
+   m_d > median(m) + ``dim_z`` * 1.4826 * MAD(m) (a robust z-score). Cached per (model, token). ``sink_dims``
+   overrides the discovery (e.g. [1415, 2533] for LLaVA-1.5-7B, the reference code's values).
 2. **Sink tokens**, per layer, during prefill: phi(x) = max over D_sink of |RMSNorm(x)[d]| of the layer's
    input; phi > ``tau`` marks a sink; inside the image span a visual sink, elsewhere a text sink (BOS).
    Note phi <= sqrt(hidden size): tau = 20 presumes a wide model (Llama-2-7B: sqrt(4096) = 64).
@@ -114,7 +114,8 @@ def _explicit_weights(module, query, key, mask, q_offset: int) -> torch.Tensor:
     boolean (True = attend) or None (causal, queries sitting at the last Q of the K positions)."""
     groups = query.shape[1] // key.shape[1]
     k = key.repeat_interleave(groups, dim=1) if groups > 1 else key
-    logits = torch.matmul(query.float(), k.float().transpose(-1, -2)) * getattr(module, "scaling", query.shape[-1] ** -0.5)
+    scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
+    logits = torch.matmul(query.float(), k.float().transpose(-1, -2)) * scaling
     if mask is None and query.shape[2] == 1:
         pass  # one query at the last position sees every key
     elif mask is None:

@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..method import method_dataclass
+from ..sparse.layout import Layout
 from ..sparse.mask import MaskSpec
 from ..sparse.method import HeadPatterns, MMInference, SparseRun
 from ..sparse.patterns import AShape, BlockSparse, Boundary2D, Dense, Grid, HeadContext, QBoundary, VerticalSlash
@@ -201,7 +202,7 @@ def evaluate_recall(model, processor, samples: Sequence[tuple[Any, str]], method
     ``samples``, averaged over heads and samples; also the lowest head."""
     per: dict[int, list[tuple[float, float]]] = {}
 
-    def visit(layer, q, k, layout, scale):
+    def visit(layer: int, q: torch.Tensor, k: torch.Tensor, layout: Layout, scale: float) -> None:
         cache: dict = {}
         for h in range(q.shape[0]):
             spec = method.pattern_for(layer, h).build(HeadContext(q[h], k[h], layout, method.block_size, scale, cache))
@@ -211,8 +212,8 @@ def evaluate_recall(model, processor, samples: Sequence[tuple[Any, str]], method
     rows = []
     for layer in sorted(per):
         r = torch.tensor(per[layer])
-        rows.append({"layer": layer, "recall": round(float(r[:, 0].mean()), 4), "min_head_recall": round(float(r[:, 0].min()), 4),
-                     "density": round(float(r[:, 1].mean()), 4)})
+        rows.append({"layer": layer, "recall": round(float(r[:, 0].mean()), 4),
+                     "min_head_recall": round(float(r[:, 0].min()), 4), "density": round(float(r[:, 1].mean()), 4)})
     return rows
 
 

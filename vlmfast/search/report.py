@@ -142,7 +142,7 @@ def summary(cfg, res) -> str:
                      _fmt(r["accuracy"], 3), str(r["number"])])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     table = "\n".join("  ".join(str(x).ljust(w) for x, w in zip(row, widths)) for row in [head, *body])
-    states = {}
+    states: dict[str, int] = {}
     for r in res.trials:
         states[r["state"]] = states.get(r["state"], 0) + 1
     lines = [table, "",

@@ -392,7 +392,7 @@ def _row(optuna, t) -> dict:
 
 
 def _per_method(rows: list[dict]) -> dict:
-    out = {}
+    out: dict[str, dict] = {}
     for r in rows:
         if r["feasible"] and (r["method"] not in out or r["objective"] > out[r["method"]]["objective"]):
             out[r["method"]] = r

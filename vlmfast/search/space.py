@@ -137,7 +137,7 @@ class MethodSpace:
 class SchemaSpace(MethodSpace):
     """Vision pruners: ``keep`` = B; other fields derived from the pydantic schema (see module docstring)."""
 
-    def __init__(self, cls: type, ranges: dict[str, tuple] | None = None, fixed: tuple[str, ...] = ()):
+    def __init__(self, cls: type[Method], ranges: dict[str, tuple] | None = None, fixed: tuple[str, ...] = ()):
         self.cls, self.name = cls, cls.method_name
         self.ranges, self._fixed = ranges or {}, set(fixed)
 

@@ -64,7 +64,8 @@ class Layout:
                 continue
             if at + m > len(pos) or pos[at + m - 1] - pos[at] != m - 1:
                 raise ValueError(f"visual input {i} ({m} tokens) is not one contiguous run in the sequence")
-            spans.append(Span(pos[at], tuple(int(x) for x in g), off.long().cpu(), (kinds or [])[i] if kinds else "image"))
+            t, h, w = (int(x) for x in g)
+            spans.append(Span(pos[at], (t, h, w), off.long().cpu(), kinds[i] if kinds else "image"))
             at += m
         if at != len(pos):
             raise ValueError(f"{len(pos)} visual positions but the inputs account for {at}")

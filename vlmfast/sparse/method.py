@@ -21,7 +21,7 @@ import json
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, Callable, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -66,8 +66,8 @@ class HeadPatterns:
         path = CONFIG_DIR / f"{spec}.json" if (CONFIG_DIR / f"{spec}.json").is_file() else Path(spec)
         if not path.is_file():
             shipped = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
-            raise PolicyError(f"head-pattern file {str(spec)!r} is neither a shipped one ({', '.join(shipped) or 'none'}) "
-                              "nor a JSON file")
+            raise PolicyError(f"head-pattern file {str(spec)!r} is neither a shipped one "
+                              f"({', '.join(shipped) or 'none'}) nor a JSON file")
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as e:
@@ -229,7 +229,8 @@ class SparseRun(Run):
             return stages[-1].keep, stages[-1].valid
         return None, None
 
-    def _attention(self, module, query, key, value, mask, base, **kwargs):
+    def _attention(self, module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   mask: torch.Tensor | None, base: Callable, **kwargs: Any):
         length = query.shape[2]
         if length == 1 or length != key.shape[2]:
             return base(module, query, key, value, mask, **kwargs)  # decoding
@@ -259,7 +260,8 @@ class SparseRun(Run):
             specs = []
             for head in range(h):
                 pat = self.m.pattern_for(module.layer_idx, head)
-                specs.append(pat.build(HeadContext(q[head], k[head // groups], layout, self.m.block_size, scale, cache)))
+                ctx = HeadContext(q[head], k[head // groups], layout, self.m.block_size, scale, cache)
+                specs.append(pat.build(ctx))
                 self.patterns[pat.pattern] = self.patterns.get(pat.pattern, 0) + 1
             out[b, idx] = sparse_attention(q, k, v, specs, scale, self.m.backend)
             if self.densities is not None:
@@ -271,9 +273,10 @@ class SparseRun(Run):
         spans = [{"kind": s.kind, "grid": list(s.grid), "frame_stride": s.frame_stride, "tokens": s.end - s.start}
                  for s in self.layouts[b].spans]
         summary = f"{self.sparse_calls} sparse layers" + (f", dense: {self.fallbacks}" if self.fallbacks else "")
-        rep = {"stage": "prefill", "method": "mminference", "layer": None, "sparse_layers": self.sparse_calls,
-               "dense_fallbacks": dict(self.fallbacks), "head_patterns": dict(self.patterns), "visual_spans": spans,
-               "summary": summary}
+        rep: dict[str, Any] = {
+            "stage": "prefill", "method": "mminference", "layer": None, "sparse_layers": self.sparse_calls,
+            "dense_fallbacks": dict(self.fallbacks), "head_patterns": dict(self.patterns), "visual_spans": spans,
+            "summary": summary}
         if self.densities:  # the whole batch's sparse heads
             rep["density"] = sum(self.densities) / len(self.densities)
         return rep

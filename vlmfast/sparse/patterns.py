@@ -25,7 +25,7 @@ docs/methods/mminference.md has the details and what differs from the research c
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal, Union, cast
 
 import torch
 from pydantic import Field, TypeAdapter, ValidationError
@@ -67,7 +67,8 @@ class AShape:
 
     def build(self, ctx: "HeadContext") -> MaskSpec:
         key = ("a_shape", self.sink, self.local, self.tail_dense)
-        return ctx.cached(key, lambda: _a_shape(ctx, tokens(self.sink, ctx.n), tokens(self.local, ctx.n), self.tail_dense))
+        return ctx.cached(key, lambda: _a_shape(ctx, tokens(self.sink, ctx.n), tokens(self.local, ctx.n),
+                                                self.tail_dense))
 
 
 @method_dataclass
@@ -94,7 +95,8 @@ class BlockSparse:
         n, b = ctx.n, ctx.block
         nb = n_blocks(n, b)
         qp, kp = _pool(ctx.q, b), _pool(ctx.k, b)
-        score = (qp @ kp.t()).masked_fill(~torch.ones(nb, nb, dtype=torch.bool, device=ctx.device).tril(), float("-inf"))
+        causal = torch.ones(nb, nb, dtype=torch.bool, device=ctx.device).tril()
+        score = (qp @ kp.t()).masked_fill(~causal, float("-inf"))
         k = max(1, min(nb, tokens(self.topk, nb)))
         top = score.topk(k, dim=1).indices
         blocks = torch.zeros(nb, nb, dtype=torch.bool, device=ctx.device)
@@ -159,7 +161,7 @@ PATTERNS = {"dense": Dense, "a_shape": AShape, "vertical_slash": VerticalSlash, 
 def parse_pattern(data) -> "Pattern":
     """A pattern from a dict like ``{"pattern": "grid", "stride": "frame", "phase": 3}`` (validated)."""
     if isinstance(data, tuple(PATTERNS.values())):
-        return data
+        return cast("Pattern", data)  # isinstance over a computed tuple of classes narrows to object only
     try:
         return _PATTERN.validate_python(data)
     except ValidationError as e:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -68,7 +68,8 @@ class TinyClipConfig:
         unknown = set(d) - names
         if unknown:
             raise ValueError(f"unknown tiny-clip config keys {sorted(unknown)}; expected some of {sorted(names)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        kw: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**kw)
 
     def open_clip_kwargs(self) -> dict:
         return {
@@ -110,7 +111,7 @@ def preprocess(images: Sequence, size: int, mean, std) -> torch.Tensor:
     normalised with ``mean``/``std``. Training and matching use this same function."""
     from PIL import Image
 
-    arr = np.stack([np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC)) for im in images])
+    arr = np.stack([np.asarray(im.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)) for im in images])
     x = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255.0
     mean = torch.as_tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.as_tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
@@ -150,7 +151,8 @@ class ClipMatcher:
 
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
         """(B, E) L2-normalised text embeddings."""
-        return torch.nn.functional.normalize(self.model.encode_text(self.tokenizer(list(texts)).to(self.device)), dim=-1)
+        tokens = self.tokenizer(list(texts)).to(self.device)
+        return torch.nn.functional.normalize(self.model.encode_text(tokens), dim=-1)
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, E) L2-normalised image embeddings."""

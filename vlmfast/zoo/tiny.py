@@ -91,7 +91,7 @@ def tiny_llava(spec: TinySpec = TinySpec()):
     )
     tok.padding_side = "left"
     n_side = spec.image_size // spec.patch
-    cfg = LlavaConfig(
+    cfg = LlavaConfig(  # type: ignore[call-arg]  # pad_token_id: an extra key, taken at runtime, not in its fields
         vision_config=CLIPVisionConfig(
             image_size=spec.image_size, patch_size=spec.patch, hidden_size=spec.vision_hidden,
             intermediate_size=2 * spec.vision_hidden, num_hidden_layers=spec.vision_layers,

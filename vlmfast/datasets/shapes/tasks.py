@@ -112,7 +112,7 @@ def _position_questions(scene: Scene, rng: np.random.Generator) -> list[tuple[st
     combos = _combo_counts(scene.objects)
     m = POSITION_MARGIN * scene.size
     borders = (scene.size / 3, 2 * scene.size / 3)
-    out = []
+    out: list[tuple[str, str, tuple[int, ...]]] = []
     for i, o in enumerate(scene.objects):
         if combos[(o.color, o.shape)] != 1:
             continue

@@ -1,7 +1,8 @@
 """lmms-eval integration: ``lmms-eval --model vlmfast`` and ShapesWorld as offline lmms-eval tasks.
 
 - :mod:`.model`: the lmms-eval model classes (a chat class and a simple twin for loglikelihood tasks).
-  lmms-eval finds them through the entry point ``lmms_eval.models: vlmfast = "vlmfast.integrations.lmms_eval:MANIFESTS"``.
+  lmms-eval finds them through the entry point
+  ``lmms_eval.models: vlmfast = "vlmfast.integrations.lmms_eval:MANIFESTS"``.
 - :mod:`.tasks`: :func:`~.tasks.export_lmms` writes the ShapesWorld tasks (parquet + YAML + ``utils.py``).
 - :mod:`.task_utils`: the ``doc_to_*`` / ``process_results`` / aggregation functions those tasks use.
 

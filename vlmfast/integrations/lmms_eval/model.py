@@ -480,7 +480,8 @@ class VlmfastChat(_VlmfastLMM):
             raise NotImplementedError(_VIDEO_MSG.format(what=f"{task} doc {doc_id}: {len(videos)} video(s)"))
         if audios:
             raise NotImplementedError(f"vlmfast's lmms-eval model does not take audio input ({task} doc {doc_id})")
-        system, user = [], []
+        system: list[str] = []
+        user: list[str] = []
         for m in messages.messages:
             texts = [c.text for c in m.content if c.type == "text"]
             if m.role == "assistant":

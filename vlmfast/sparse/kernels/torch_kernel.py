@@ -211,7 +211,8 @@ def _runs(q, k, v, rows, start, length, b, scale, state, qv):
         vs = v.as_strided(shape, stride, v.storage_offset() + k0 * d)
         mask = None
         if off == ln - 1:  # the run ends at the query block itself: causal inside that last key block
-            allowed = torch.arange(ln * b, device=k.device)[None, :] <= (off * b + torch.arange(b, device=k.device))[:, None]
+            q_pos = off * b + torch.arange(b, device=k.device)  # the query rows' positions in the key run
+            allowed = torch.arange(ln * b, device=k.device)[None, :] <= q_pos[:, None]
             mask = torch.zeros(allowed.shape, dtype=k.dtype, device=k.device).masked_fill_(~allowed, float("-inf"))
             mask = mask[None, None]
         o, l = attend(qv[q0:q0 + cnt], ks, vs, scale, mask=mask)

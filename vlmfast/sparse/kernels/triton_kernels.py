@@ -24,6 +24,7 @@ import torch
 from ..mask import MaskSpec
 from .common import merge_lse
 
+_IMPORT_ERROR: Exception | None
 try:  # triton is optional: an extra (``vlmfast[gpu]``), also present with CUDA builds of torch
     import triton
     import triton.language as tl
