@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import make_image, reference_generate
 
-from vlmfast import FastV, FoPru, Policy, VLMAccelerator
+from vlmfast import FastV, FoPru, Policy, VFlowOpt, VisionZip, VLMAccelerator
 
 PROMPT = "what is in the image ?"
 
@@ -216,3 +216,12 @@ def test_loglikelihood_equals_transformers_scores(tiny):
     lp, greedy = acc_for(tiny).loglikelihood(images=[img], prompt=PROMPT,
                                              continuation=processor.tokenizer.decode(ids))
     assert greedy and abs(lp - ref) < 1e-4
+
+
+@pytest.mark.parametrize("pruner", [VisionZip(keep=0.25), VFlowOpt(keep=0.25)])
+def test_text_only_request_under_a_vision_pruner_equals_the_plain_model(tiny, pruner):
+    """No image: nothing to prune, the answer is the plain model's (it crashed on an empty list of scores)."""
+    model, processor = tiny
+    plain = VLMAccelerator(model, processor, policy=None).generate(prompt=PROMPT, max_new_tokens=4)
+    pruned = VLMAccelerator(model, processor, policy=Policy([pruner])).generate(prompt=PROMPT, max_new_tokens=4)
+    assert pruned.token_ids == plain.token_ids and pruned.stats.visual_tokens_in == 0
