@@ -6,6 +6,8 @@ See docs/architecture.md for the walk of a request and the invariants each step 
 from __future__ import annotations
 
 import logging
+import threading
+import weakref
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence, cast
@@ -20,7 +22,7 @@ from .errors import InputError, PolicyError, UnsupportedModelError
 from .inputs import normalise_request
 from .layer_stage import LayerStage
 from .policy import default_policy_for, load_policy
-from .request import Request, assemble, encode, prune_visual
+from .request import Request, assemble, context_length, encode, prune_visual
 from .reweight.branches import Branches
 from .stats import Stats, now
 
@@ -42,6 +44,23 @@ class GenerateOutput:
     model (a video's indices run over its frame groups: group g's tokens are g*h*w ... (g+1)*h*w - 1)"""
     grounding: list | None = field(default=None, repr=False)
     """with ``ground=True``: one :class:`vlmfast.grounding.Grounding` per grounded phrase (map, points, mask)"""
+
+
+_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model) -> threading.RLock:
+    """The lock every vlmfast call on ``model`` holds: a call installs hooks, the attention implementation and
+    per-request state on the model's shared modules (and a shared SAM predictor is stateful), so calls on one
+    model object run one at a time, whichever accelerator or thread makes them. Different models run in
+    parallel. Plain ``model.generate`` calls from other threads are not serialised: do not mix them with
+    vlmfast calls on the same model."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(model)
+        if lock is None:
+            lock = _LOCKS[model] = threading.RLock()
+        return lock
 
 
 def _model_class(path: str, given: str, local_files_only: bool) -> type[PreTrainedModel]:
@@ -102,6 +121,7 @@ class VLMAccelerator:
             raise PolicyError(f"{self.policy.source}: at most one vision-stage pruner per policy is supported")
         self.policy.vision_attention_layer(self.adapter)  # the pruner and DAMRO must read the same vision layer
         self._grounder = None
+        self._warned_context = False
 
     @property
     def grounder(self):
@@ -172,10 +192,12 @@ class VLMAccelerator:
             from .grounding.pipeline import per_sample_phrases
 
             grounding = per_sample_phrases(ground_phrases, len(prompts), single)
-            self.grounder.prefetch(batch_images)  # SAM's image encoder overlaps the VLM (cfg.overlap)
         elif ground_phrases is not None:
             raise InputError("ground_phrases needs ground=True")
-        outs = self._run(batch_images, prompts, args, grounding=grounding, batch_videos=batch_videos)
+        with model_lock(self.model):
+            if grounding is not None:
+                self.grounder.prefetch(batch_images)  # SAM's image encoder overlaps the VLM (cfg.overlap)
+            outs = self._run(batch_images, prompts, args, grounding=grounding, batch_videos=batch_videos)
         return outs[0] if single else outs
 
     def loglikelihood(self, images=None, prompt: str | Sequence[str] = "", continuation: str | Sequence[str] = "", *,
@@ -190,8 +212,9 @@ class VLMAccelerator:
         forced = [self.processor.tokenizer(c, add_special_tokens=False)["input_ids"] for c in conts]
         if any(not f for f in forced):
             raise InputError("every continuation must contain at least one token")
-        outs = self._run(batch_images, prompts, GenerationArgs(max(len(f) for f in forced)), forced=forced,
-                         batch_videos=batch_videos)
+        with model_lock(self.model):
+            outs = self._run(batch_images, prompts, GenerationArgs(max(len(f) for f in forced)), forced=forced,
+                             batch_videos=batch_videos)
         return outs[0] if single else outs
 
     def _inputs(self, images, prompt, videos):
@@ -235,6 +258,7 @@ class VLMAccelerator:
                          grey=any(p.needs_grey for p in policy.vision_pruners))
             t_vis = now(device)
             t_pre = t_start + enc.prepare_s
+            self._warn_past_context(enc, args.max_new_tokens)
             visual, kept, kept_scores = prune_visual(vp, enc.visual)
             t_score = now(device)
             seq = assemble(model, enc, visual, kept)
@@ -306,6 +330,15 @@ class VLMAccelerator:
             outs.append(GenerateOutput(text=text, token_ids=ids, stats=st, kept=[kept[i] for i in own],
                                        grounding=None if groundings is None else groundings[b]))
         return outs
+
+    def _warn_past_context(self, enc, max_new_tokens: int) -> None:
+        """Once per accelerator: decoding may run past the model's context (the prompt fits, checked in encode)."""
+        limit = context_length(self.adapter)
+        end = int(enc.positions.max()) + 1 + max_new_tokens
+        if limit is not None and end > limit and not self._warned_context:
+            self._warned_context = True
+            log.warning("vlmfast: prompt + max_new_tokens reach position %d, past the language model's %d "
+                        "(max_position_embeddings); the last tokens are generated beyond its context", end, limit)
 
     def _layer_profile(self, req: Request) -> list[list[int]]:
         """Visual tokens present in each decoder layer, per sample."""

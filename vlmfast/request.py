@@ -70,12 +70,23 @@ def encode(adapter: Adapter, processor, batch_images: list[list], prompts: list[
     prepare_s = now(adapter.model.device) - t0
     image_mask = adapter.image_token_mask(inputs)
     positions = adapter.positions(inputs)
+    limit = context_length(adapter)
+    if limit is not None and int(positions.max()) + 1 > limit:
+        raise InputError(f"the prompt needs {int(positions.max()) + 1} positions (its text, the chat template and the "
+                         f"visual tokens) but the language model has {limit} (max_position_embeddings); shorten the "
+                         "prompt or pass fewer or smaller images")
     visual = sequence_order(*adapter.visual_tokens(inputs, attention_layer, grey), batch_images, batch_videos)
     n_feat = sum(v.n_tokens for v in visual)
     if n_feat != int(image_mask.sum()):
         raise InputError(f"the processor produced {int(image_mask.sum())} image placeholders but the vision "
                          f"tower {n_feat} features; check the processor matches the model")
     return Encoded(inputs, image_mask, positions, visual, prepare_s)
+
+
+def context_length(adapter: Adapter) -> int | None:
+    """The language model's context (``max_position_embeddings``), or None when its config does not say."""
+    limit = getattr(adapter.text_config, "max_position_embeddings", None)
+    return int(limit) if isinstance(limit, int) and limit > 0 else None
 
 
 def prune_visual(pruner, visual: list[ImageTokens]) -> tuple[list[ImageTokens], list[torch.Tensor],

@@ -88,3 +88,33 @@ def test_a_missing_folder_and_a_folder_without_config_are_input_errors(tmp_path)
 def test_every_error_above_is_a_vlmfast_error():
     for cls in (PolicyError, InputError, UnsupportedModelError):
         assert issubclass(cls, VlmfastError)
+
+
+def test_a_prompt_longer_than_the_context_is_an_input_error(tiny):
+    model, processor = tiny
+    limit = model.config.get_text_config().max_position_embeddings
+    acc = VLMAccelerator(model, processor, policy=None)
+    with pytest.raises(InputError, match=rf"the prompt needs \d+ positions .* the language model has {limit}"):
+        acc.generate(images=[make_image(1)], prompt="red " * (limit + 100), max_new_tokens=2)
+
+
+def test_decoding_past_the_context_warns_once(tiny, monkeypatch):
+    import logging
+
+    model, processor = tiny
+    monkeypatch.setattr(model.config.get_text_config(), "max_position_embeddings", 120)
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    log = logging.getLogger("vlmfast")
+    log.addHandler(handler)
+    try:
+        acc = VLMAccelerator(model, processor, policy=None)
+        prompt = "red " * 10
+        n = len(acc.generate(prompt=prompt, max_new_tokens=1).token_ids)
+        assert n <= 1 and not seen  # fits
+        for _ in range(2):
+            acc.generate(prompt=prompt, max_new_tokens=200)
+    finally:
+        log.removeHandler(handler)
+    assert len(seen) == 1 and "past the language model's 120" in seen[0]
