@@ -11,26 +11,93 @@ import torch
 from .errors import InputError
 
 
+def to_rgb(image, where: str = "image"):
+    """A PIL image in RGB, 8 bits per channel, with its values scaled by the source's range: 16-bit images
+    (``I;16`` PNGs, ``I``) are divided by 257 (``convert("RGB")`` would clip them to white), palette / grey / CMYK
+    images convert as PIL does, an alpha channel is dropped. Float (``F``) images have no range to read: refused."""
+    import numpy as np
+    from PIL import Image
+
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        arr = np.asarray(image).astype(np.int64)
+        if arr.min() < 0 or arr.max() > 65535:
+            raise InputError(f"{where}: a {image.mode} image with values in [{arr.min()}, {arr.max()}]; expected "
+                             "16-bit values in [0, 65535]")
+        return Image.fromarray(_to_uint8(arr, 65535)).convert("RGB")
+    if image.mode == "F":
+        raise InputError(f"{where}: a floating-point (mode F) image has no known value range; convert it to 8 "
+                         "or 16 bits first, e.g. Image.fromarray((x * 255).round().astype('uint8')) for values in "
+                         "[0, 1]")
+    return image.convert("RGB")
+
+
+def _to_uint8(arr, top: int):
+    """Integers in [0, top] -> uint8 in [0, 255], rounded."""
+    import numpy as np
+
+    return np.rint(arr.astype(np.float64) * (255.0 / top)).astype(np.uint8)
+
+
+def array_to_rgb(x, where: str):
+    """An HxW, HxWx1, HxWx3 or HxWx4 array -> an RGB PIL image, scaled by its dtype's range: uint8 as is, uint16
+    / 257, floats in [0, 1] x 255, bool as 0 / 255; other integer arrays must hold values in [0, 255]. Anything
+    else is refused with what was found (a wrong scale would silently change the answer)."""
+    import numpy as np
+    from PIL import Image
+
+    if x.ndim == 3 and x.shape[2] == 1:
+        x = x[:, :, 0]
+    if not (x.ndim == 2 or (x.ndim == 3 and x.shape[2] in (3, 4))):
+        raise InputError(f"{where}: expected an HxW, HxWx3 or HxWx4 image array, got shape {tuple(x.shape)}")
+    if x.dtype == np.uint8:
+        out = x
+    elif x.dtype == np.bool_:
+        out = x.astype(np.uint8) * 255
+    elif x.dtype == np.uint16:
+        out = _to_uint8(x, 65535)
+    elif np.issubdtype(x.dtype, np.floating):
+        if not np.isfinite(x).all():
+            raise InputError(f"{where}: a {x.dtype} array with NaN or infinite values; float images must be in [0, 1]")
+        lo, hi = float(x.min()), float(x.max())
+        if lo < 0 or hi > 1:
+            raise InputError(f"{where}: a {x.dtype} array with values in [{lo:g}, {hi:g}]; float images must be in "
+                             "[0, 1] (scale it, or pass uint8 values 0-255)")
+        out = np.rint(x.astype(np.float64) * 255).astype(np.uint8)
+    elif np.issubdtype(x.dtype, np.integer):
+        lo, hi = int(x.min()), int(x.max())
+        if lo < 0 or hi > 255:
+            raise InputError(f"{where}: a {x.dtype} array with values in [{lo}, {hi}]; expected uint8 (0-255), "
+                             "uint16 (0-65535) or floats in [0, 1]")
+        out = x.astype(np.uint8)
+    else:
+        raise InputError(f"{where}: an image array of dtype {x.dtype}; expected uint8, uint16, bool or floats in "
+                         "[0, 1]")
+    return Image.fromarray(np.ascontiguousarray(out)).convert("RGB")
+
+
 def load_image(x: Any, where: str):
+    """A request's image as an RGB PIL image: a PIL image, an image file, or an array (:func:`array_to_rgb`)."""
+    import numpy as np
     from PIL import Image
 
     if isinstance(x, Image.Image):
-        return x.convert("RGB") if x.mode != "RGB" else x
+        return to_rgb(x, where)
     if isinstance(x, (str, Path)):
         try:
             with Image.open(x) as im:
-                return im.convert("RGB")
+                im.load()
+                return to_rgb(im, where)
         except (OSError, ValueError) as e:
+            if isinstance(e, InputError):
+                raise
             raise InputError(f"{where}: cannot open image file {str(x)!r}: {e}") from None
-    try:
-        import numpy as np
-
-        if isinstance(x, np.ndarray) and x.ndim == 3 and x.shape[2] in (3, 4):
-            return Image.fromarray(x.astype("uint8")).convert("RGB")
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(x, np.ndarray):
+        return array_to_rgb(x, where)
     raise InputError(
-        f"{where}: expected a PIL image, an HxWx3 uint8 array or an image file path, got {type(x).__name__}"
+        f"{where}: expected a PIL image, an HxWx3 array (uint8, uint16 or floats in [0, 1]) or an image file path, "
+        f"got {type(x).__name__}"
     )
 
 

@@ -19,7 +19,8 @@ CALLS = 12
 
 
 def _job(acc: VLMAccelerator, i: int) -> list[int]:
-    return acc.generate(images=[make_image(i % 5)], prompt=f"what is in the image {i % 3} ?", max_new_tokens=4).token_ids
+    out = acc.generate(images=[make_image(i % 5)], prompt=f"what is in the image {i % 3} ?", max_new_tokens=4)
+    return out.token_ids
 
 
 def test_four_threads_by_twelve_calls_on_one_model_equal_serial_runs(models):

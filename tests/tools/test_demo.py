@@ -186,6 +186,14 @@ def test_engine_answers_like_generate_with_the_models_grid(tiny_engine, tiny):
     assert tiny_engine.accelerator(policy) is tiny_engine.accelerator(Policy([FoPru(keep=0.5)]))  # reused
 
 
+def test_engine_reads_a_16_bit_upload_by_its_range(tiny_engine, tmp_path):
+    path = tmp_path / "g16.png"
+    Image.fromarray(np.full((16, 16), 30000, dtype=np.uint16)).save(path)
+    assert (np.asarray(tiny_engine.open_image(str(path))) == 117).all()  # 30000 / 257, not clipped to white
+    with pytest.raises(InputError, match="mode F"):
+        tiny_engine.open_image(Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32)))
+
+
 def test_engine_errors_are_clear_messages(tiny_engine, tmp_path):
     img = Image.new("RGB", (64, 64), (10, 20, 30))
     none = Policy()

@@ -19,6 +19,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..accelerator import GenerateOutput, VLMAccelerator
 from ..errors import InputError, PolicyError
+from ..inputs import to_rgb
 from ..policy import Policy, default_policy_for, load_policy, shipped_policies
 from ..pruners.base import LayerPruner, VisionPruner
 from ..registry import available, get_method
@@ -322,11 +323,12 @@ class DemoEngine:
             raise InputError("no image: upload one or pick an example")
         if isinstance(image, Image.Image):
             self._check_size(*image.size)
-            return image.convert("RGB")
+            return to_rgb(image)
         try:
             with Image.open(image) as im:
                 self._check_size(*im.size)
-                return im.convert("RGB")
+                im.load()
+                return to_rgb(im)
         except InputError:
             raise
         except Image.DecompressionBombError as e:
