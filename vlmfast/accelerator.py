@@ -46,6 +46,18 @@ class GenerateOutput:
     """with ``ground=True``: one :class:`vlmfast.grounding.Grounding` per grounded phrase (map, points, mask)"""
 
 
+_WARNED_FOREIGN: set[tuple[str, str]] = set()
+
+
+def _warn_foreign_policy(policy, model_name: str) -> None:
+    """Once per (policy, model): the policy's ``models`` name other models (it was tuned for them)."""
+    key = (policy.source, model_name)
+    if policy.is_for(model_name) is False and key not in _WARNED_FOREIGN:
+        _WARNED_FOREIGN.add(key)
+        log.warning("vlmfast: policy %s is for %s, not %s; its layers and budgets may not suit this model",
+                    policy.name or policy.source, ", ".join(policy.models), model_name)
+
+
 _LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
 
@@ -116,6 +128,7 @@ class VLMAccelerator:
         else:
             self.policy = load_policy(policy)
             self.policy_origin = f"given: {self.policy.source}"
+            _warn_foreign_policy(self.policy, name)
         self.policy.check(self.adapter.info())
         if len(self.policy.vision_pruners) > 1:
             raise PolicyError(f"{self.policy.source}: at most one vision-stage pruner per policy is supported")
@@ -190,6 +203,12 @@ class VLMAccelerator:
                              "no video path; pass the frame to ground as images=[frame]")
         if ground:
             from .grounding.pipeline import per_sample_phrases
+
+            bare = [i for i, imgs in enumerate(batch_images) if not imgs]
+            if bare:
+                where = "the request has" if single else f"prompt[{bare[0]}] has"
+                raise InputError(f"ground=True needs an image to ground in, and {where} none; pass images=[...] "
+                                 "(or ground=False)")
 
             grounding = per_sample_phrases(ground_phrases, len(prompts), single)
         elif ground_phrases is not None:

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from contextlib import contextmanager
+from typing import Iterator
 
+from .argtypes import Parser, fail, fraction, nonnegative_float, positive_int
 from .errors import VlmfastError
+
+DEBUG_ENV = "VLMFAST_DEBUG"
 
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
@@ -161,7 +167,10 @@ def _demo(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vlmfast", description="Faster, more trustworthy VLM inference by policy.")
+    p = Parser(prog="vlmfast", description="Faster, more trustworthy VLM inference by policy.")
+    p.add_argument("--debug", action="store_true", help=f"show the traceback of an error (or set {DEBUG_ENV}=1)")
+    p.add_argument("--verbose", action="store_true",
+                   help="vlmfast's info lines and transformers' own progress bars and messages (quiet by default)")
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="answer a prompt about images or videos with a policy, print the answer and "
@@ -173,9 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "models; repeat for several)")
     g.add_argument("--prompt", required=True)
     g.add_argument("--policy", default="auto", help="shipped name, YAML path, 'auto' (default) or 'none'")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--max-new-tokens", type=positive_int, default=64)
+    g.add_argument("--temperature", type=nonnegative_float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=fraction, default=1.0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--local-files-only", action="store_true")
     g.add_argument("--json", action="store_true", help="print a JSON object instead of a table")
@@ -185,35 +194,37 @@ def build_parser() -> argparse.ArgumentParser:
     bsub = b.add_subparsers(dest="bench", required=True)
     bp = bsub.add_parser("prefill", help="full vs. FoPru and FastV prefill on a LLaVA-1.5-shaped proxy")
     bp.add_argument("--json", help="write the rows as JSON to this path")
-    bp.add_argument("--repeats", type=int, default=5)
-    bp.add_argument("--decode-tokens", type=int, default=8)
-    bp.add_argument("--keep", type=float, nargs="+", default=[0.5, 0.25, 0.1])
-    bp.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    bp.add_argument("--repeats", type=positive_int, default=5)
+    bp.add_argument("--decode-tokens", type=positive_int, default=8)
+    bp.add_argument("--keep", type=fraction, nargs="+", default=[0.5, 0.25, 0.1])
+    bp.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's choice)")
     bp.add_argument("--quick", action="store_true", help="a tiny proxy (seconds; for smoke tests only)")
     bp.add_argument("--markdown", action="store_true", help="print a Markdown table")
     bp.set_defaults(func=_bench)
     bs = bsub.add_parser("sparse", help="sparse prefill: kernel vs SDPA/FlexAttention, end-to-end video prefill, "
                                          "attention recall on the embedded model")
     bs.add_argument("--json", help="write the results as JSON to this path")
-    bs.add_argument("--seq-lens", type=int, nargs="*", default=[8192, 16384, 32768], help="kernel sequence lengths")
-    bs.add_argument("--heads", type=int, default=4)
-    bs.add_argument("--head-dim", type=int, default=64)
-    bs.add_argument("--block", type=int, default=128, help="kernel block size in tokens")
-    bs.add_argument("--repeats", type=int, default=3)
-    bs.add_argument("--e2e-lens", type=int, nargs="*", default=[16384], help="video lengths for the end-to-end proxy")
-    bs.add_argument("--e2e-repeats", type=int, default=2)
+    bs.add_argument("--seq-lens", type=positive_int, nargs="*", default=[8192, 16384, 32768],
+                    help="kernel sequence lengths")
+    bs.add_argument("--heads", type=positive_int, default=4)
+    bs.add_argument("--head-dim", type=positive_int, default=64)
+    bs.add_argument("--block", type=positive_int, default=128, help="kernel block size in tokens")
+    bs.add_argument("--repeats", type=positive_int, default=3)
+    bs.add_argument("--e2e-lens", type=positive_int, nargs="*", default=[16384],
+                    help="video lengths for the end-to-end proxy")
+    bs.add_argument("--e2e-repeats", type=positive_int, default=2)
     bs.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compile takes minutes on CPU)")
     bs.add_argument("--no-recall", action="store_true", help="skip the recall measurement on tiny-llava-shapes")
-    bs.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    bs.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's choice)")
     bs.add_argument("--quick", action="store_true", help="tiny sizes (seconds; for smoke tests only)")
     bs.add_argument("--markdown", action="store_true", help="print Markdown tables")
     bs.set_defaults(func=_bench_sparse)
-    bq = bsub.add_parser("prune", help="every pruner at 50/25/10/5%: ShapesWorld accuracy + proxy speed")
+    bq = bsub.add_parser("prune", help="every pruner at 50/25/10/5%%: ShapesWorld accuracy + proxy speed")
     bq.add_argument("--json", help="write the rows as JSON to this path")
     bq.add_argument("--model", default="tiny-llava-shapes", help="model for the accuracy columns")
-    bq.add_argument("--limit", type=int, default=100, help="ShapesWorld test scenes for accuracy")
-    bq.add_argument("--repeats", type=int, default=3)
-    bq.add_argument("--keep", type=float, nargs="+", default=[0.5, 0.25, 0.1, 0.05])
+    bq.add_argument("--limit", type=positive_int, default=100, help="ShapesWorld test scenes for accuracy")
+    bq.add_argument("--repeats", type=positive_int, default=3)
+    bq.add_argument("--keep", type=fraction, nargs="+", default=[0.5, 0.25, 0.1, 0.05])
     bq.add_argument("--policy", action="append", default=[], metavar="NAME_OR_PATH",
                     help="also bench this policy file (repeatable), e.g. tiny-llava-shapes-vflowopt-25")
     bq.add_argument("--markdown", action="store_true")
@@ -222,9 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
                                            "compute ratio of SAM ViT-B/L/H and LLaVA-1.5-7B (random-weight proxies)")
     bg.add_argument("--json", help="write the rows as JSON to this path")
     bg.add_argument("--sam-type", nargs="+", default=["vit_b", "vit_l", "vit_h"], choices=["vit_b", "vit_l", "vit_h"])
-    bg.add_argument("--repeats", type=int, default=5)
-    bg.add_argument("--decode-tokens", type=int, default=8)
-    bg.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    bg.add_argument("--repeats", type=positive_int, default=5)
+    bg.add_argument("--decode-tokens", type=positive_int, default=8)
+    bg.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's choice)")
     bg.add_argument("--quick", action="store_true", help="the tiny VLM proxy (for smoke tests only)")
     bg.add_argument("--markdown", action="store_true", help="print a Markdown table")
     bg.set_defaults(func=_bench_grounding)
@@ -235,11 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--model", default="tiny-llava-shapes")
     es.add_argument("--policy", default="none", help="shipped name, YAML path, 'auto' or 'none' (default)")
     es.add_argument("--split", default="test", choices=["train", "dev", "test"])
-    es.add_argument("--limit", type=int, default=200, help="number of scenes")
+    es.add_argument("--limit", type=positive_int, default=200, help="number of scenes")
     es.add_argument("--task", default="vqa,pope,chair",
                     help="comma-separated subset of vqa,pope,chair,grounding (grounding: referring-expression masks)")
     es.add_argument("--blank", action="store_true", help="replace images by a gray image (chance control)")
-    es.add_argument("--batch-size", type=int, default=16)
+    es.add_argument("--batch-size", type=positive_int, default=16)
     es.add_argument("--json", help="write the metrics as JSON to this path")
     es.set_defaults(func=_eval)
     from .eval.hallucination import add_arguments as hallucination_arguments  # light: no torch import
@@ -264,13 +275,49 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+@contextmanager
+def _noise(verbose: bool) -> Iterator[None]:
+    """Quiet by default: transformers' weight-loading bars and info lines off (unless TRANSFORMERS_VERBOSITY says
+    otherwise); ``--verbose`` keeps them and turns on vlmfast's info lines. Restored after the command (main() is
+    also called in-process, by tests and scripts)."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    own = logging.getLogger("vlmfast")
+    saved = own.level, hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    if verbose:
+        own.setLevel(logging.INFO)
+    elif "TRANSFORMERS_VERBOSITY" not in os.environ:
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
     try:
-        return args.func(args)
+        yield
+    finally:
+        own.setLevel(saved[0])
+        hf_logging.set_verbosity(saved[1])
+        (hf_logging.enable_progress_bar if saved[2] else hf_logging.disable_progress_bar)()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a command. Every error is one ``vlmfast: error: ...`` line and exit code 2: a bad option (argparse), a
+    vlmfast error, or anything else raised while loading a model or running (named by its type); ``--debug`` or
+    ``VLMFAST_DEBUG=1`` shows the traceback instead."""
+    args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
+    try:
+        with _noise(verbose=args.verbose or debug):
+            return args.func(args)
     except VlmfastError as e:
-        print(f"vlmfast: error: {e}", file=sys.stderr)
-        return 2
+        if debug:
+            raise
+        return fail(str(e))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as e:  # noqa: BLE001  (the one place every other error is turned into one line)
+        if debug:
+            raise
+        return fail(f"{type(e).__name__}: {e} (--debug shows the traceback)")
 
 
 if __name__ == "__main__":

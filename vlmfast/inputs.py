@@ -166,6 +166,10 @@ def normalise_request(images, prompt, videos=None) -> tuple[list[list], list[str
     prompts = [prompt] if single else prompt
     if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise InputError(f"prompt must be a string or a non-empty list of strings, got {type(prompt).__name__}")
+    for i, p in enumerate(prompts):
+        if not p.strip():
+            raise InputError(f"prompt{'' if single else f'[{i}]'} is empty; ask something (the demo and the command "
+                             "line refuse it too)")
     out = []
     for i, imgs in enumerate(_per_sample(images, len(prompts), single, "image")):
         if imgs is None:

@@ -136,6 +136,13 @@ class Policy:
             layer = own
         return layer
 
+    def is_for(self, model_name: str) -> bool | None:
+        """Does ``models`` name this model? None when the policy names no models or the model has no name."""
+        if not self.models or not model_name:
+            return None
+        name = model_name.lower()
+        return any(fnmatch.fnmatch(name, pattern.lower()) for pattern in self.models)
+
     @property
     def is_empty(self) -> bool:
         return not self.methods

@@ -500,8 +500,11 @@ def test_ground_phrase_errors(ground_acc):
         ground_acc.generate(images=[img], prompt=PROMPT, max_new_tokens=2, ground=True, ground_phrases=["green star"])
     with pytest.raises(InputError, match="needs ground=True"):
         ground_acc.generate(images=[img], prompt=PROMPT, max_new_tokens=2, ground_phrases=["red circle"])
-    out = ground_acc.generate(images=None, prompt=PROMPT, max_new_tokens=2, ground=True)
-    assert out.grounding == []
+    # nothing to ground in: refused (it returned [] silently), for one request and for a batch's sample
+    with pytest.raises(InputError, match="ground=True needs an image to ground in, and the request has none"):
+        ground_acc.generate(images=None, prompt=PROMPT, max_new_tokens=2, ground=True)
+    with pytest.raises(InputError, match=r"prompt\[1\] has none"):
+        ground_acc.generate(images=[[img], []], prompt=[PROMPT, PROMPT], max_new_tokens=2, ground=True)
 
 
 def test_capture_decode_rows_are_counted(models):

@@ -118,3 +118,34 @@ def test_decoding_past_the_context_warns_once(tiny, monkeypatch):
     finally:
         log.removeHandler(handler)
     assert len(seen) == 1 and "past the language model's 120" in seen[0]
+
+
+@pytest.mark.parametrize("prompt, where", [("", "prompt"), ("   \n", "prompt"), (["fine ?", " "], r"prompt\[1\]")])
+def test_an_empty_prompt_is_refused_as_in_the_demo(tiny, prompt, where):
+    model, processor = tiny
+    acc = VLMAccelerator(model, processor, policy=None)
+    images = [make_image(1)] if isinstance(prompt, str) else [[make_image(1)], [make_image(2)]]
+    with pytest.raises(InputError, match=where + " is empty"):
+        acc.generate(images=images, prompt=prompt, max_new_tokens=2)
+
+
+def test_a_policy_for_other_models_warns_once(tiny, monkeypatch):
+    import logging
+
+    model, processor = tiny
+    name = f"org/{type(model).__name__.lower()}-7b"  # warned once per (policy, model name): one name per family
+    monkeypatch.setattr(model, "name_or_path", name)
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("vlmfast").addHandler(handler)
+    try:
+        foreign = {"name": "for-qwen", "models": ["Qwen/*"], "methods": [{"method": "fopru", "keep": 0.5}]}
+        for _ in range(3):
+            VLMAccelerator(model, processor, policy=foreign)
+        VLMAccelerator(model, processor, policy={**foreign, "models": ["org/*"]})  # names this model: silent
+        VLMAccelerator(model, processor, policy={"methods": [{"method": "fopru", "keep": 0.5}]})  # names none
+    finally:
+        logging.getLogger("vlmfast").removeHandler(handler)
+    assert seen == [f"vlmfast: policy for-qwen is for Qwen/*, not {name}; its layers and budgets may not suit this "
+                    "model"]

@@ -194,6 +194,31 @@ def test_engine_reads_a_16_bit_upload_by_its_range(tiny_engine, tmp_path):
         tiny_engine.open_image(Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32)))
 
 
+def test_uploaded_policies_cannot_probe_server_files(tiny_engine, tmp_path):
+    """The same message whether the named file exists or not, before anything is opened; a trusted demo
+    (--allow-policy-paths) passes the path on."""
+    messages = []
+    for target in ("/etc/hostname", "/no/such/file.pth"):
+        path = tmp_path / "up.yaml"
+        path.write_text(f"description: a/b test\nmodels: [org/model]\ngrounding:\n  sam_type: vit_b\n"
+                        f"  sam_checkpoint: {target}\nmethods:\n  - method: mminference\n    heads: ../x.json\n")
+        with pytest.raises(PolicyError) as err:
+            tiny_engine.resolve_policy(E.UPLOADED, str(path))
+        messages.append(str(err.value))
+    assert messages[0] == messages[1]
+    assert "names a file path (grounding.sam_checkpoint, methods[0].heads)" in messages[0]
+    assert "--allow-policy-paths" in messages[0]
+    tiny_engine.allow_policy_paths = True
+    try:
+        with pytest.raises(PolicyError, match="no such file|not a file|no file|x.json"):
+            tiny_engine.resolve_policy(E.UPLOADED, str(path))
+    finally:
+        tiny_engine.allow_policy_paths = False
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("description: FoPru 25%/layer\nmodels: [llava-hf/*]\nmethods:\n  - method: fopru\n    keep: 0.25\n")
+    assert tiny_engine.resolve_policy(E.UPLOADED, str(ok)).methods[0].keep == 0.25
+
+
 def test_engine_errors_are_clear_messages(tiny_engine, tmp_path):
     img = Image.new("RGB", (64, 64), (10, 20, 30))
     none = Policy()

@@ -16,7 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..errors import VlmfastError
+from ..argtypes import Parser, port, positive_int
+from ..errors import InputError, VlmfastError
 from . import engine as E
 
 log = logging.getLogger("vlmfast")
@@ -231,18 +232,35 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--policy", default="auto",
                    help="policy selected at start: a shipped name, 'none' or 'auto' (the model's shipped policy)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-    p.add_argument("--max-image-pixels", type=int, default=E.MAX_PIXELS, help="larger uploads are refused")
+    p.add_argument("--port", type=port, default=7860, help="port (default 7860)")
+    p.add_argument("--allow-policy-paths", action="store_true",
+                   help="let uploaded policies name files on this machine (SAM checkpoints, head files, matcher "
+                        "folders); off by default, since the errors would tell visitors which files exist")
+    p.add_argument("--max-image-pixels", type=positive_int, default=E.MAX_PIXELS, help="larger uploads are refused")
     p.add_argument("--device", default=None, help="where the model runs: cpu (default), cuda, cuda:1, auto, ...")
     p.add_argument("--local-files-only", action="store_true", help="never contact the hub for --model")
     return p
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a port another server holds before the model loads (Gradio's own error comes after, as a traceback)."""
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise InputError(f"cannot serve on {host}:{port}: {e.strerror or e} (another server, or an earlier "
+                             "demo, holds it; pick another with --port)") from None
+
+
 def run_from_args(a: argparse.Namespace) -> int:
     gr = _gradio()  # fail early, before loading the model, when Gradio is missing
     del gr
+    check_port_free(a.host, a.port)
     eng = E.DemoEngine.load(a.model, local_files_only=a.local_files_only, device_map=a.device,
-                            max_pixels=a.max_image_pixels, default_policy=a.policy)
+                            max_pixels=a.max_image_pixels, default_policy=a.policy,
+                            allow_policy_paths=a.allow_policy_paths)
     demo = build_demo(eng)
     print(f"vlmfast demo: {a.model} on http://{a.host}:{a.port}/  (Ctrl+C to stop)", flush=True)
     launch(demo, a.host, a.port, block=True, quiet=True)
@@ -250,7 +268,7 @@ def run_from_args(a: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vlmfast demo", description=__doc__.splitlines()[0])
+    parser = Parser(prog="vlmfast demo", description=__doc__.splitlines()[0])
     a = add_arguments(parser).parse_args(argv)
     try:
         return run_from_args(a)

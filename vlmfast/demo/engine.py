@@ -258,14 +258,47 @@ def split_phrases(text: str | None) -> list[str]:
     return [p.strip() for p in (text or "").replace(";", ",").split(",") if p.strip()]
 
 
+def refuse_server_paths(yaml_path: Path) -> None:
+    """An uploaded policy may name shipped resources only (zoo names, shipped head files), never a path on the
+    server: the error would tell a visitor whether a file exists. Refused before anything is opened, with the
+    same message whatever the path; ``vlmfast demo --allow-policy-paths`` lifts this for a trusted setting."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(yaml_path.read_text())
+    except (OSError, yaml.YAMLError):
+        return  # load_policy reports it
+    found: list[str] = []
+
+    def walk(x, where: str) -> None:
+        if isinstance(x, dict):
+            for k, v in x.items():
+                if not where and k in ("name", "description", "models"):  # text and model-name patterns
+                    continue
+                walk(v, f"{where}.{k}" if where else str(k))
+        elif isinstance(x, list):
+            for i, v in enumerate(x):
+                walk(v, f"{where}[{i}]")
+        elif isinstance(x, str) and ("/" in x or "\\" in x or x.startswith(("~", "."))):
+            found.append(where)
+
+    walk(data, "")
+    if found:
+        raise PolicyError(f"the uploaded policy names a file path ({', '.join(found)}); an uploaded policy may only "
+                          "name shipped resources (zoo names, shipped head files). Start the demo with "
+                          "--allow-policy-paths to allow server paths")
+
+
 # -- the engine -------------------------------------------------------------------------------------------------
 class DemoEngine:
     """One loaded model, shared by every request; requests are served one at a time (a call installs hooks
     on the model for its duration, so two calls must not overlap)."""
 
     def __init__(self, acc: VLMAccelerator, model_name: str, *, max_pixels: int = MAX_PIXELS,
-                 default_policy: str = "auto", warmup: bool = True):
+                 default_policy: str = "auto", warmup: bool = True, allow_policy_paths: bool = False):
         self.acc = acc
+        self.allow_policy_paths = allow_policy_paths
+        """may an uploaded policy name files on the server (a SAM checkpoint, a head file, a matcher folder)?"""
         self.model_name = model_name
         self.max_pixels = int(max_pixels)
         self.lock = threading.Lock()
@@ -306,6 +339,8 @@ class DemoEngine:
         if choice == UPLOADED:
             if not yaml_path:
                 raise PolicyError("policy 'uploaded YAML' is selected but no YAML file was uploaded")
+            if not self.allow_policy_paths:
+                refuse_server_paths(Path(yaml_path))
             policy = load_policy(Path(yaml_path))
         elif choice == NONE or not choice:
             policy = Policy(source="<none>")

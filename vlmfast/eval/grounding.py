@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..argtypes import positive_int
 from ..datasets.shapes import mask_iou, pointing_accuracy, referring_expressions
 
 PROMPT = "where is {expression} ?"
@@ -225,7 +226,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="tiny-llava-shapes")
     p.add_argument("--policy", default="none", help="shipped name, YAML path or 'none' (default)")
     p.add_argument("--split", default="test", choices=["train", "dev", "test"])
-    p.add_argument("--limit", type=int, default=30, help="scenes (one referring question and one caption each)")
+    p.add_argument("--limit", type=positive_int, default=30,
+                   help="scenes (one referring question and one caption each)")
     p.add_argument("--json", help="write the time section here")
     a = p.parse_args(argv)
     acc = VLMAccelerator.from_pretrained(a.model, policy=a.policy)

@@ -22,6 +22,8 @@ import statistics
 import time
 from pathlib import Path
 
+from ..argtypes import nonnegative_int, positive_int
+
 CONFIGS: tuple[tuple[str, str | None], ...] = (
     ("baseline", None),
     ("VAR", "tiny-llava-shapes-var"),
@@ -37,10 +39,10 @@ FOPRU_ONLY = ("FoPru 25%", "tiny-llava-shapes")  # the reference row for FoPru +
 def add_arguments(p):
     p.add_argument("--model", default="tiny-llava-shapes")
     p.add_argument("--split", default="test", choices=["train", "dev", "test"])
-    p.add_argument("--limit", type=int, default=100, help="scenes per configuration")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--timing-scenes", type=int, default=8, help="scenes for the side-by-side decode timing")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds")
+    p.add_argument("--limit", type=positive_int, default=100, help="scenes per configuration")
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--timing-scenes", type=nonnegative_int, default=8, help="scenes for the side-by-side decode timing")
+    p.add_argument("--repeats", type=positive_int, default=3, help="interleaved timing rounds")
     p.add_argument("--only", default="", help="comma-separated labels to run (default: all)")
     p.add_argument("--no-ablation", dest="ablation", action="store_false", help="skip the forced-sinks VAR row")
     p.add_argument("--no-diagnose", dest="diagnose", action="store_false")

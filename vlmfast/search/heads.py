@@ -236,15 +236,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from ..argtypes import fraction, positive_int
     from ..zoo import resolve
 
     p = argparse.ArgumentParser(prog="python -m vlmfast.search.heads", description=main.__doc__)
     p.add_argument("--model", default="tiny-llava-shapes", help="zoo name, hub id or folder")
     p.add_argument("--out", required=True, help="head-pattern JSON to write")
-    p.add_argument("--prompts", type=int, default=4, help="calibration prompts (ShapesWorld dev split)")
-    p.add_argument("--images", type=int, default=8, help="images per prompt")
-    p.add_argument("--target-recall", type=float, default=0.97)
-    p.add_argument("--block", type=int, default=32)
+    p.add_argument("--prompts", type=positive_int, default=4, help="calibration prompts (ShapesWorld dev split)")
+    p.add_argument("--images", type=positive_int, default=8, help="images per prompt")
+    p.add_argument("--target-recall", type=fraction, default=0.97)
+    p.add_argument("--block", type=positive_int, default=32)
     a = p.parse_args(argv)
     path = resolve(a.model)
     model = AutoModelForImageTextToText.from_pretrained(path).eval()

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..argtypes import fraction, nonnegative_int, positive_int
 from ..errors import InputError
 from ..policy import Policy
 from .data import load_data
@@ -402,27 +403,30 @@ def _per_method(rows: list[dict]) -> dict:
 # -- command line ----------------------------------------------------------------------------------------------
 def add_arguments(p):
     p.add_argument("--model", required=True, help="hub id, local folder, or zoo name (tiny-llava-shapes, ...)")
-    p.add_argument("--budget", type=float, required=True,
+    p.add_argument("--budget", type=fraction, required=True,
                    help="share of visual tokens the LLM may see, averaged over its layers (e.g. 0.25)")
     p.add_argument("--methods", default="fopru,vflowopt,zipvl,fastv",
                    help="comma-separated methods to search over (default: fopru,vflowopt,zipvl,fastv)")
     p.add_argument("--data", default="shapes:dev",
                    help="calibration data: shapes:dev[:N] (default N=32), shapes:train:N, or jsonl:PATH")
-    p.add_argument("--trials", type=int, default=60, help="trials in the study (a resumed study runs the rest)")
+    p.add_argument("--trials", type=positive_int, default=60,
+                   help="trials in the study (a resumed study runs the rest)")
     p.add_argument("--out", required=True, help="policy YAML to write; PATH.trials.csv and PATH.pareto.png beside")
     p.add_argument("--storage", default=None, help="Optuna storage to resume from, e.g. sqlite:///search.db "
                                                    "(default: in memory, not resumable)")
     p.add_argument("--study", default=None, help="study name in the storage (default: from model/budget/methods/data)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=8, help="calibration samples per batch (one pruning check each)")
-    p.add_argument("--max-new-tokens", type=int, default=4, help="answer length for the accuracy column")
+    p.add_argument("--batch-size", type=positive_int, default=8,
+                   help="calibration samples per batch (one pruning check each)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=4, help="answer length for the accuracy column")
     p.add_argument("--sparse", action="store_true",
                    help="also run MMInference's per-head sparse-pattern search on multi-image prompts built from "
                         "--data, write PATH.heads.json and add an mminference entry pointing to it to the policy")
-    p.add_argument("--sparse-images", type=int, default=8, help="images per calibration prompt of --sparse")
-    p.add_argument("--sparse-prompts", type=int, default=4, help="calibration prompts of --sparse")
-    p.add_argument("--sparse-recall", type=float, default=0.95, help="attention recall each head's pattern must reach")
-    p.add_argument("--sparse-min-length", type=int, default=512,
+    p.add_argument("--sparse-images", type=positive_int, default=8, help="images per calibration prompt of --sparse")
+    p.add_argument("--sparse-prompts", type=positive_int, default=4, help="calibration prompts of --sparse")
+    p.add_argument("--sparse-recall", type=fraction, default=0.95,
+                   help="attention recall each head's pattern must reach")
+    p.add_argument("--sparse-min-length", type=nonnegative_int, default=512,
                    help="the policy runs dense attention below this many prefill tokens")
     p.add_argument("--dry-run", action="store_true", help="print the search space for this model and budget, and stop")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cuda, cuda:1, cpu, ...")

@@ -27,6 +27,7 @@ import json
 import sys
 from pathlib import Path
 
+from ...argtypes import positive_int
 from ...datasets.shapes import (
     CAPTION_PROMPT,
     POPE_SPLITS,
@@ -201,7 +202,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The export arguments (``DIR``, ``--split``, ``--limit``), for wiring ``vlmfast eval export-lmms``."""
     p.add_argument("dir", help="output folder (created)")
     p.add_argument("--split", default="test", choices=list(SPLITS))
-    p.add_argument("--limit", type=int, default=200, help="number of scenes (default 200, as vlmfast eval shapes)")
+    p.add_argument("--limit", type=positive_int, default=200,
+                   help="number of scenes (default 200, as vlmfast eval shapes)")
     return p
 
 
