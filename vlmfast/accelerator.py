@@ -343,7 +343,7 @@ class VLMAccelerator:
                 preprocess_s=t_pre - t_start, vision_s=t_vis - t_pre - attn_s, scoring_s=t_score - t_vis + attn_s,
                 llm_prefill_s=t_first - t_llm, prefill_s=t_first - t_pre,
                 decode_ms_per_token=(1000 * t_dec / n_steps) if n_steps else None,
-                new_tokens=len(ids), kv_bytes=kv[b], grounding_s=ground_s,
+                new_tokens=len(ids), kv_bytes=kv[b], grounding_s=ground_s, batch_size=len(prompts),
             )
             text = self.processor.batch_decode([ids], skip_special_tokens=True)[0].strip()
             outs.append(GenerateOutput(text=text, token_ids=ids, stats=st, kept=[kept[i] for i in own],

@@ -31,6 +31,9 @@ class Stats:
     text_tokens: int = 0
     """non-visual prompt tokens (chat template included)"""
     stages: list[dict] = field(default_factory=list)
+    batch_size: int = 1
+    """samples in the call this result came from. The times below (``*_s``, ``decode_ms_per_token``) are the whole
+    call's, shared by its samples: :meth:`share` divides them by ``batch_size``"""
     preprocess_s: float = 0.0
     """processor time (tokenise, resize): not part of prefill"""
     vision_s: float = 0.0
@@ -43,13 +46,18 @@ class Stats:
     decode_ms_per_token: float | None = None
     new_tokens: int = 0
     kv_bytes: int = 0
-    """KV-cache bytes after prefill (this sample's share of the batch)"""
+    """KV-cache bytes after prefill: this sample's share of the call's cache (its total / ``batch_size``, padding
+    included)"""
     grounding_s: float = 0.0
     """``ground=True``: maps, points and SAM after decoding, for the whole batch (the attention capture itself
     runs inside prefill and decode)"""
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def share(self, seconds: float) -> float:
+        """This sample's share of one of the call's times (``stats.share(stats.prefill_s)``)."""
+        return seconds / max(1, self.batch_size)
 
     def table(self) -> str:
         rows = [

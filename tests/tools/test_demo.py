@@ -329,7 +329,7 @@ def test_eight_concurrent_requests_get_their_own_answers(served, shapes_engine):
             assert masks["annotations"], f"no grounding mask for {want_policy!r}"
 
 
-def test_errors_come_back_as_messages_and_the_app_lives_on(served, tmp_path):
+def test_errors_come_back_as_messages_and_the_app_lives_on(served, tmp_path, capfd):
     from gradio_client import Client, handle_file
     from gradio_client.exceptions import AppError
 
@@ -355,6 +355,8 @@ def test_errors_come_back_as_messages_and_the_app_lives_on(served, tmp_path):
         assert "Traceback" not in str(err.value)
     out = client.predict(*_api_args(example, E.EXAMPLES[1][1], ground=False), api_name="/run")
     assert out[0] and out[4]  # still serving
+    server_log = capfd.readouterr().err
+    assert "Traceback" not in server_log  # a visitor's mistake is their message, not a traceback in the server log
 
 
 # -- the page in a real browser ------------------------------------------------------------------------------------

@@ -284,6 +284,8 @@ def test_generate_until_truncates_at_stop_strings_and_attaches_stats(chat_lm):
         assert (st["visual_tokens_in"], st["visual_tokens_kept"]) == (o.stats.visual_tokens_in,
                                                                      o.stats.visual_tokens_kept)
         assert st["visual_tokens_kept"] < st["visual_tokens_in"] and st["prefill_s"] > 0 and st["rank"] == 0
+        # the three requests ran as one batch (batch_size=3): the times are the batch's, the share is a third
+        assert st["batch_size"] == 3 and st["prefill_s_share"] == pytest.approx(st["prefill_s"] / 3)
     k = max(range(3), key=lambda i: len(plain[i][0].split()))  # the longest answer (the caption for a trained model)
     words = plain[k][0].split()
     assert len(words) >= 2, plain
@@ -415,6 +417,8 @@ def test_cli_scores_equal_vlmfast_eval_shapes(single_run, reference):
         for s in rows:
             st = s["token_counts"][0]["vlmfast"]
             assert st["visual_tokens_kept"] < st["visual_tokens_in"] and st["prefill_s"] > 0 and st["rank"] == 0
+        # the three requests ran as one batch (batch_size=3): the times are the batch's, the share is a third
+        assert st["batch_size"] == 3 and st["prefill_s_share"] == pytest.approx(st["prefill_s"] / 3)
     assert results["throughput"]["avg_visual_tokens_kept"] < results["throughput"]["avg_visual_tokens_in"]
 
 

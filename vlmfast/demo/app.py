@@ -97,11 +97,12 @@ def build_demo(engine: E.DemoEngine):
     start = E.knobs_of(start_policy)
 
     def fail(e: Exception):
-        """A message in the page, never a stack trace: vlmfast's own errors as they are, others named."""
+        """A message in the page, never a stack trace: vlmfast's own errors as they are (a visitor's mistake: not
+        logged, no server-side traceback), others named and logged with their traceback."""
         if isinstance(e, gr.Error):
             return e
         if isinstance(e, VlmfastError):
-            return gr.Error(str(e), title="vlmfast")
+            return gr.Error(str(e), title="vlmfast", print_exception=False)
         log.exception("demo: unexpected error")
         return gr.Error(f"{type(e).__name__}: {e}", title="internal error")
 

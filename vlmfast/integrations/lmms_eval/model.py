@@ -360,8 +360,11 @@ class _VlmfastLMM(lmms):
         raise NotImplementedError
 
     def _sample_stats(self, out) -> dict:
+        """``Stats.to_dict()``, the data-parallel rank, and ``prefill_s_share``: the sample's share of its batch's
+        prefill time (``prefill_s`` is the whole batch's, ``batch_size`` samples shared it)."""
         d = out.stats.to_dict()
         d["rank"] = self.rank
+        d["prefill_s_share"] = out.stats.share(out.stats.prefill_s)
         return d
 
     # -- the lmms interface ----------------------------------------------------------------------------------
@@ -390,7 +393,7 @@ class _VlmfastLMM(lmms):
                 vis_in.append(st.visual_tokens_in)
                 vis_kept.append(st.visual_tokens_kept)
                 layer_avg.append(st.layer_avg_visual_tokens)
-                prefill.append(st.prefill_s)
+                prefill.append(st.share(st.prefill_s))  # per sample: a batch of 8 shares one prefill
                 counts = VlmfastTokenCounts(output_tokens=len(out.token_ids), vlmfast=self._sample_stats(out))
                 res.append(GenerationResult(text=text, token_counts=counts))
                 self.cache_hook.add_partial("generate_until", (a[0], gen_of(a)), text)
@@ -413,7 +416,8 @@ class _VlmfastLMM(lmms):
                     avg_speed=n_tokens / elapsed if elapsed > 0 else 0.0,
                     additional_metrics={"total_requests": n_requests, "visual_tokens_in": mean(vis_in),
                                         "visual_tokens_kept": mean(vis_kept),
-                                        "layer_avg_visual_tokens": mean(layer_avg), "prefill_s": mean(prefill)})
+                                        "layer_avg_visual_tokens": mean(layer_avg),
+                                        "prefill_s_per_sample": mean(prefill)})
 
     def loglikelihood(self, requests: list[Instance]) -> list:
         """Mean per-token NLL of each continuation (lmms-eval's built-in convention) and is-greedy."""
