@@ -149,3 +149,16 @@ def test_a_policy_for_other_models_warns_once(tiny, monkeypatch):
         logging.getLogger("vlmfast").removeHandler(handler)
     assert seen == [f"vlmfast: policy for-qwen is for Qwen/*, not {name}; its layers and budgets may not suit this "
                     "model"]
+
+
+def test_a_llava_with_a_pixtral_tower_is_refused_by_name():
+    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, PixtralVisionConfig
+
+    vision = PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                 image_size=64, patch_size=16, head_dim=16)
+    text = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                       num_key_value_heads=2, vocab_size=100)
+    model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_id=99,
+                                                      vision_feature_layer=-1, vision_feature_select_strategy="full"))
+    with pytest.raises(UnsupportedModelError, match="PixtralVisionModel vision tower is not supported.*CLIP"):
+        VLMAccelerator(model, processor=object(), policy=None)

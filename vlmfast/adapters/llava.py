@@ -8,6 +8,7 @@ from typing import Sequence
 
 import torch
 
+from ..errors import UnsupportedModelError
 from .base import Adapter, ImageTokens, head_mean_attention, text_positions, unnormalise_grey
 
 
@@ -15,6 +16,15 @@ class LlavaAdapter(Adapter):
     family = "llava"
     title = "LLaVA"
     model_classes = ("LlavaForConditionalGeneration",)
+
+    def __init__(self, model) -> None:
+        super().__init__(model)
+        tower = model.model.vision_tower
+        if not hasattr(getattr(tower, "vision_model", tower), "encoder"):
+            raise UnsupportedModelError(
+                f"LLaVA with a {type(tower).__name__} vision tower is not supported: vlmfast reads the tower's "
+                "encoder layers, which CLIP- and SigLIP-style towers have (llava-hf/llava-1.5-7b-hf, "
+                "llava-interleave); Pixtral-tower models (mistral-community/pixtral-12b) are not supported yet")
 
     @property
     def vision_layers(self):
