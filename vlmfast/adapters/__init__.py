@@ -5,9 +5,10 @@ from __future__ import annotations
 from ..errors import UnsupportedModelError
 from .base import Adapter, ImageTokens, ModelInfo
 from .llava import LlavaAdapter
+from .qwen2_5_vl import Qwen25VLAdapter
 from .qwen2_vl import Qwen2VLAdapter
 
-ADAPTERS: list[type[Adapter]] = [LlavaAdapter, Qwen2VLAdapter]
+ADAPTERS: list[type[Adapter]] = [LlavaAdapter, Qwen2VLAdapter, Qwen25VLAdapter]
 
 
 def supported_families() -> str:

@@ -16,6 +16,8 @@ from typing import Any, Iterator, cast
 import torch
 from torch import nn
 
+from ..errors import PolicyError
+
 log = logging.getLogger("vlmfast")
 
 
@@ -78,6 +80,24 @@ class ModelInfo:
     num_layers: int
     num_vision_layers: int
     name: str = ""
+    vision_attention_layers: tuple[int, ...] | None = None
+    """the vision layers whose attention spans a whole image (None: all; Qwen2.5-VL: its full-attention blocks,
+    the others attend within windows)"""
+
+    def check_vision_attention_layer(self, method: str, layer: int | None) -> None:
+        """Refuse a vision layer outside the tower, or one whose attention never spans the image (a windowed
+        block), for a method that reads the layer's attention. ``None``: the adapter's default (always valid)."""
+        n = self.num_vision_layers
+        if layer is None:
+            return
+        if not -n <= layer < n:
+            raise PolicyError(f"{method}.layer = {layer} is outside the vision tower, which has {n} layers "
+                              f"(expected -{n} <= layer < {n})")
+        full = self.vision_attention_layers
+        if full is not None and layer % n not in full:
+            raise PolicyError(f"{method}.layer = {layer}: that vision block of this {self.family} tower attends within "
+                              f"windows, so its attention never spans the image; use a full-attention block "
+                              f"({', '.join(map(str, full))}) or layer: null (the last of them)")
 
 
 class Adapter(ABC):

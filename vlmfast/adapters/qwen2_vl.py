@@ -64,7 +64,7 @@ class Qwen2VLAdapter(Adapter):
             with self.capture_inputs(module) as seen, self.capture_outputs(qkv=module.qkv) as out:
                 feats = features(pixel_values, grid_thw).pooler_output
             t0 = time.perf_counter()
-            attn = self._group(self._attention(module, seen, out["qkv"]), grid_thw)
+            attn = self._group(self._attention(module, seen, out["qkv"], self.tower_order(grid_thw)), grid_thw)
             self.last_attention_s = time.perf_counter() - t0
         m = self.merge
         # patches are flattened as (channel, temporal, p, p); 4 consecutive patches make one merged token
@@ -95,9 +95,16 @@ class Qwen2VLAdapter(Adapter):
                 out.append((torch.stack([a for a, _ in parts]), torch.cat([k for _, k in parts])))
         return out
 
+    def tower_order(self, grid_thw) -> torch.Tensor | None:
+        """The order the tower's blocks hold the patches in, as indices into the processor's (raster) order; None
+        when it is that order (Qwen2-VL). Captured attention is mapped back to raster order with it."""
+        return None
+
     @staticmethod
-    def _attention(module, seen: dict, qkv: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Head-mean attention per image / frame group from the layer's own qkv projection and its inputs."""
+    def _attention(module, seen: dict, qkv: torch.Tensor,
+                   order: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Head-mean attention per image / frame group from the layer's own qkv projection and its inputs, in the
+        processor's patch order (``order``: the tower's order, undone before the per-image split)."""
         from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 
         x = seen["hidden_states"]
@@ -107,6 +114,9 @@ class Qwen2VLAdapter(Adapter):
         q, k, _ = qkv.reshape(n, 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
         cos, sin = seen["position_embeddings"]
         q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+        if order is not None:  # back to raster order: every image's (frame group's) patches contiguous again
+            back = torch.argsort(order.to(q.device))
+            q, k = q[back], k[back]
         q, k = q.transpose(0, 1), k.transpose(0, 1)  # (H, N, d)
         bounds = cu.tolist()
         return [head_mean_attention(q[:, s:e], k[:, s:e], module.scaling) for s, e in zip(bounds[:-1], bounds[1:])]
@@ -115,9 +125,13 @@ class Qwen2VLAdapter(Adapter):
         mask = inputs["attention_mask"]
         rope, _ = self.model.model.get_rope_index(
             inputs["input_ids"], inputs["mm_token_type_ids"], inputs.get("image_grid_thw"),
-            inputs.get("video_grid_thw"), attention_mask=mask,
+            inputs.get("video_grid_thw"), attention_mask=mask, **self.rope_inputs(inputs),
         )
         return torch.cat([text_positions(mask)[None], rope], dim=0)
+
+    def rope_inputs(self, inputs) -> dict:
+        """Further processor outputs the family's ``get_rope_index`` reads (none for Qwen2-VL)."""
+        return {}
 
     def model_position_ids(self, positions: torch.Tensor) -> torch.Tensor:
         return positions

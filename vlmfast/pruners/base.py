@@ -85,12 +85,10 @@ class VisionPruner(Method):
 
     def check(self, info: ModelInfo) -> None:
         layer = self.attention_layer()
-        n = info.num_vision_layers
-        if layer is not None and not -n <= layer < n:
-            raise PolicyError(
-                f"{self.method_name}.layer = {layer} is outside the vision tower, which has {n} layers "
-                f"(expected -{n} <= layer < {n})"
-            )
+        if self.needs_attention:
+            info.check_vision_attention_layer(self.method_name, layer)
+        elif layer is not None and not -info.num_vision_layers <= layer < info.num_vision_layers:
+            info.check_vision_attention_layer(self.method_name, layer)  # outside the tower: the same message
 
 
 @method_dataclass

@@ -24,7 +24,6 @@ import torch
 from pydantic import Field
 
 from ..adapters.base import ImageTokens, ModelInfo
-from ..errors import PolicyError
 from ..pruners.base import topk_sorted
 from ..registry import register
 from .base import BranchInputs, BranchMethod, method_dataclass
@@ -74,10 +73,7 @@ class DAMRO(BranchMethod):
         return self.layer
 
     def check(self, info: ModelInfo) -> None:
-        n = info.num_vision_layers
-        if self.layer is not None and not -n <= self.layer < n:
-            raise PolicyError(f"damro.layer = {self.layer} is outside the vision tower, which has {n} layers "
-                              f"(expected -{n} <= layer < {n})")
+        info.check_vision_attention_layer("damro", self.layer)
 
     def main_weight(self) -> float:
         return self.alpha

@@ -122,16 +122,9 @@ def tiny_llava(spec: TinySpec = TinySpec()):
     return model, processor
 
 
-def tiny_qwen2_vl(spec: TinySpec = TinySpec(patch=14, image_size=112)):
-    """A random-weight ``Qwen2VLForConditionalGeneration`` and its ``Qwen2VLProcessor`` (offline)."""
-    from transformers import (
-        PreTrainedTokenizerFast,
-        Qwen2VLConfig,
-        Qwen2VLForConditionalGeneration,
-        Qwen2VLImageProcessor,
-        Qwen2VLProcessor,
-        Qwen2VLVideoProcessor,
-    )
+def _qwen_text(spec: TinySpec):
+    """The word tokenizer, vocabulary, text config and special-token ids every tiny Qwen-VL shares."""
+    from transformers import PreTrainedTokenizerFast
 
     special = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                "<|image_pad|>", "<|video_pad|>"]
@@ -144,36 +137,65 @@ def tiny_qwen2_vl(spec: TinySpec = TinySpec(patch=14, image_size=112)):
     head_dim = spec.hidden // spec.heads
     quarter = head_dim // 2 // 4  # mrope sections must sum to head_dim / 2
     mrope = [head_dim // 2 - 2 * quarter, quarter, quarter]
+    text = dict(
+        vocab_size=len(vocab), hidden_size=spec.hidden, intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
+        max_position_embeddings=4096, pad_token_id=vocab["<|endoftext|>"], eos_token_id=vocab["<|im_end|>"],
+        bos_token_id=None,
+    )
+    ids = dict(image_token_id=vocab["<|image_pad|>"], video_token_id=vocab["<|video_pad|>"],
+               vision_start_token_id=vocab["<|vision_start|>"], vision_end_token_id=vocab["<|vision_end|>"])
+    return tok, vocab, text, ids
+
+
+def _qwen_model_and_processor(model_cls, processor_cls, cfg, spec: TinySpec, tok, vocab):
+    """The random-weight model (seeded) and its processor with Qwen2-VL's image and video processors."""
+    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    torch.manual_seed(spec.seed)
+    model = model_cls(cfg).eval()
+    model.generation_config.eos_token_id = vocab["<|im_end|>"]
+    model.generation_config.pad_token_id = vocab["<|endoftext|>"]
+    pixels = spec.image_size * spec.image_size
+    sizes = dict(patch_size=spec.patch, merge_size=2, temporal_patch_size=2, min_pixels=pixels // 4, max_pixels=pixels)
+    processor = processor_cls(image_processor=Qwen2VLImageProcessor(**sizes), tokenizer=tok,
+                              video_processor=Qwen2VLVideoProcessor(**sizes), chat_template=QWEN_CHAT_TEMPLATE)
+    return model, processor
+
+
+def tiny_qwen2_vl(spec: TinySpec = TinySpec(patch=14, image_size=112)):
+    """A random-weight ``Qwen2VLForConditionalGeneration`` and its ``Qwen2VLProcessor`` (offline)."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+
+    tok, vocab, text, ids = _qwen_text(spec)
     cfg = Qwen2VLConfig(
-        text_config=dict(
-            vocab_size=len(vocab), hidden_size=spec.hidden, intermediate_size=spec.intermediate,
-            num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
-            max_position_embeddings=4096, pad_token_id=vocab["<|endoftext|>"], eos_token_id=vocab["<|im_end|>"],
-            bos_token_id=None,
-        ),
+        text_config=text,
         vision_config=dict(
             depth=spec.vision_layers, embed_dim=spec.vision_hidden, hidden_size=spec.hidden,
             num_heads=spec.vision_heads, mlp_ratio=2, patch_size=spec.patch, spatial_merge_size=2,
             temporal_patch_size=2,
         ),
-        image_token_id=vocab["<|image_pad|>"], video_token_id=vocab["<|video_pad|>"],
-        vision_start_token_id=vocab["<|vision_start|>"], vision_end_token_id=vocab["<|vision_end|>"],
+        **ids,
     )
-    torch.manual_seed(spec.seed)
-    model = Qwen2VLForConditionalGeneration(cfg).eval()
-    model.generation_config.eos_token_id = vocab["<|im_end|>"]
-    model.generation_config.pad_token_id = vocab["<|endoftext|>"]
-    pixels = spec.image_size * spec.image_size
-    image_processor = Qwen2VLImageProcessor(
-        patch_size=spec.patch, merge_size=2, temporal_patch_size=2,
-        min_pixels=pixels // 4, max_pixels=pixels,
+    return _qwen_model_and_processor(Qwen2VLForConditionalGeneration, Qwen2VLProcessor, cfg, spec, tok, vocab)
+
+
+def tiny_qwen2_5_vl(spec: TinySpec = TinySpec(patch=14, image_size=112, vision_layers=4)):
+    """A random-weight ``Qwen2_5_VLForConditionalGeneration`` and its ``Qwen2_5_VLProcessor`` (offline), laid out
+    like Qwen2.5-VL-7B: window attention (windows of 2 x 2 merged tokens here, 4 x 4 at 7B's 112 px window) with
+    every other block global (``fullatt_block_indexes``; 7B: every 8th, the last one included)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+
+    tok, vocab, text, ids = _qwen_text(spec)
+    cfg = Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=dict(
+            depth=spec.vision_layers, hidden_size=spec.vision_hidden, out_hidden_size=spec.hidden,
+            intermediate_size=2 * spec.vision_hidden, num_heads=spec.vision_heads, patch_size=spec.patch,
+            spatial_merge_size=2, temporal_patch_size=2, window_size=4 * spec.patch,
+            fullatt_block_indexes=list(range(1, spec.vision_layers, 2)),
+        ),
+        **ids,
     )
-    video_processor = Qwen2VLVideoProcessor(
-        patch_size=spec.patch, merge_size=2, temporal_patch_size=2, min_pixels=pixels // 4, max_pixels=pixels,
-    )
-    processor = Qwen2VLProcessor(
-        image_processor=image_processor, tokenizer=tok, video_processor=video_processor,
-        chat_template=QWEN_CHAT_TEMPLATE,
-    )
-    return model, processor
+    return _qwen_model_and_processor(Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, cfg, spec, tok, vocab)

@@ -1,0 +1,141 @@
+"""Qwen2.5-VL through transformers' own class: a windowed vision tower (patches reordered into windows, a few
+full-attention blocks), M-RoPE positions with absolute video time. The invariants on a tiny random model laid
+out like Qwen2.5-VL-7B (windows of 2 x 2 merged tokens, every other block global)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from conftest import make_image, reference_generate
+
+from vlmfast import DAMRO, FastV, FoPru, Policy, PolicyError, VisionZip, VLMAccelerator
+from vlmfast.adapters import adapter_for
+from vlmfast.zoo.tiny import tiny_qwen2_5_vl
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from test_video import make_video, reference  # noqa: E402
+
+PROMPT = "what is in the image ?"
+
+
+@pytest.fixture(scope="module")
+def qwen25():
+    return tiny_qwen2_5_vl()
+
+
+def _acc(qwen25, *methods):
+    model, processor = qwen25
+    return VLMAccelerator(model, processor, policy=Policy(list(methods)) if methods else None)
+
+
+def test_the_adapter_and_its_full_attention_blocks(qwen25):
+    model, _ = qwen25
+    adapter = adapter_for(model)
+    assert adapter.family == "qwen2_5_vl" and adapter.info().vision_attention_layers == (1, 3)
+    assert adapter.resolve_vision_layer(None) == 3 and adapter.resolve_vision_layer(-3) == 1
+
+
+def _tower_permutation(model, inputs) -> torch.Tensor:
+    """The tower's patch order found by matching rows: what ``patch_embed`` gives (raster order) against what the
+    first block receives (window order) -- independent of the adapter's window index."""
+    visual = model.model.visual
+    seen = {}
+    h1 = visual.patch_embed.register_forward_hook(lambda m, a, o: seen.__setitem__("raster", o))
+    h2 = visual.blocks[0].register_forward_pre_hook(
+        lambda m, a, k: seen.__setitem__("window", a[0] if a else k["hidden_states"]), with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+    finally:
+        h1.remove()
+        h2.remove()
+    d = torch.cdist(seen["window"].float(), seen["raster"].float())
+    perm = d.argmin(1)  # window row j is raster row perm[j]
+    assert torch.equal(perm.sort().values, torch.arange(len(perm)))
+    assert torch.equal(seen["window"], seen["raster"][perm])  # exactly the same rows, reordered
+    return perm
+
+
+def test_scoring_attention_is_a_full_block_in_raster_order(qwen25):
+    """The adapter's attention == transformers' eager attention of the same (full-attention) block, taken in the
+    tower's window order and put back in raster order with the permutation read off the tower itself."""
+    sys.path.insert(0, __file__.rsplit("/", 1)[0])
+    from test_mechanics import eager_vision_attention
+
+    model, processor = qwen25
+    adapter = adapter_for(model)
+    imgs = [make_image(1), make_image(2, size=112, width=84)]
+    inputs = adapter.prepare(processor, [imgs], [PROMPT])
+    perm = _tower_permutation(model, inputs)
+    assert not torch.equal(perm, torch.arange(len(perm)))  # the tower really reorders
+    layer = adapter.resolve_vision_layer(None)
+    with torch.inference_mode():
+        toks = adapter.image_tokens(inputs, layer)
+    ref = eager_vision_attention(model, "qwen2_5_vl", inputs, layer)  # per image, window order within it
+    assert len(toks) == len(ref) == 2
+    start = 0
+    for t, r in zip(toks, ref):
+        n = r.shape[0]
+        local = perm[start:start + n] - start  # the image's own patches, window order -> raster order
+        back = torch.argsort(local)
+        assert torch.allclose(t.attention, r[back][:, back], atol=1e-5)
+        start += n
+
+
+def test_a_windowed_block_is_refused_for_attention_readers(qwen25):
+    model, processor = qwen25
+    with pytest.raises(PolicyError, match=r"fopru\.layer = 0: .* attends within windows.* \(1, 3\)"):
+        _acc(qwen25, FoPru(keep=0.5, layer=0))
+    with pytest.raises(PolicyError, match=r"damro\.layer = 2: .*windows"):
+        _acc(qwen25, DAMRO(layer=2))
+    for ok in (FoPru(keep=0.5, layer=1), FoPru(keep=0.5, layer=-1), FoPru(keep=0.5)):
+        _acc(qwen25, ok)
+
+
+@pytest.mark.parametrize("n_images", [0, 1, 2])
+def test_identity_with_model_generate(qwen25, n_images):
+    model, processor = qwen25
+    imgs = [make_image(i, size=112, width=84 + 28 * i) for i in range(n_images)]
+    out = _acc(qwen25).generate(images=imgs, prompt=PROMPT, max_new_tokens=6)
+    assert out.token_ids == reference_generate(model, processor, imgs, PROMPT, 6)
+
+
+def test_video_identity_and_absolute_time(qwen25):
+    model, processor = qwen25
+    video = make_video(frames=4, size=112)
+    ref, inputs = reference(model, processor, video)
+    out = _acc(qwen25).generate(videos=[video], prompt=PROMPT, max_new_tokens=6)
+    assert out.token_ids == ref[:6]
+    assert "second_per_grid_ts" in inputs
+    adapter = adapter_for(model)
+    enc = adapter.prepare(processor, [[]], [PROMPT], videos=[[video]])
+    pos = adapter.positions(enc)
+    slow = dict(enc, second_per_grid_ts=enc["second_per_grid_ts"] * 4)  # four times the seconds per group
+    video_tokens = enc["input_ids"] == model.config.video_token_id
+    t_row = pos[1][video_tokens]
+    assert not torch.equal(t_row, adapter.positions(slow)[1][video_tokens])  # time is in the temporal positions
+    assert torch.equal(pos[2:][:, video_tokens], adapter.positions(slow)[2:][:, video_tokens])  # h, w are not
+
+
+def test_keep_all_and_pruned_runs(qwen25):
+    img = make_image(5)
+    plain = _acc(qwen25).generate(images=[img], prompt=PROMPT, max_new_tokens=6)
+    for p in (FoPru(keep=1.0), FastV(layer=1, keep=1.0)):
+        assert _acc(qwen25, p).generate(images=[img], prompt=PROMPT, max_new_tokens=6).token_ids == plain.token_ids
+    for p in (FoPru(keep=0.25), VisionZip(keep=0.25), FastV(layer=1, keep=0.25)):
+        out = _acc(qwen25, p).generate(images=[img], prompt=PROMPT, max_new_tokens=4)
+        assert out.stats.visual_tokens_final == max(1, int(out.stats.visual_tokens_in * 0.25 + 1e-6))
+
+
+@pytest.mark.parametrize("methods", [(), (FoPru(keep=0.5),), (FastV(layer=1, keep=0.5),)])
+def test_batch_with_left_padding_equals_alone(qwen25, methods):
+    acc = _acc(qwen25, *methods)
+    jobs = [([make_image(7)], [], "what is it ?"), ([make_image(8, size=84), make_image(9)], [], PROMPT),
+            ([], [make_video(frames=4, size=112, seed=3)], "what happens in the video ?")]
+    alone = [acc.generate(images=i, videos=v or None, prompt=p, max_new_tokens=5) for i, v, p in jobs]
+    batch = acc.generate(images=[i for i, _, _ in jobs], videos=[v for _, v, _ in jobs],
+                         prompt=[p for _, _, p in jobs], max_new_tokens=5)
+    assert [b.token_ids for b in batch] == [a.token_ids for a in alone]
+    assert [b.stats.visual_tokens_kept for b in batch] == [a.stats.visual_tokens_kept for a in alone]
