@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from vlmfast.zoo.tiny import tiny_llava, tiny_qwen2_vl
+from vlmfast.zoo.tiny import tiny_llava, tiny_qwen2_5_vl, tiny_qwen2_vl
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-BUILDERS = {"llava": tiny_llava, "qwen2_vl": tiny_qwen2_vl}
+BUILDERS = {"llava": tiny_llava, "qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl}
 
 
 @pytest.fixture(scope="session", params=sorted(BUILDERS))

@@ -14,6 +14,27 @@ from vlmfast.adapters import adapter_for
 PROMPT = "what is in the image ?"
 
 
+def tower_permutation(model, inputs) -> torch.Tensor:
+    """A Qwen tower's patch order, read off the tower itself (independent of the adapter): what ``patch_embed``
+    gives (raster order) matched row by row with what the first block receives. Qwen2-VL: the identity;
+    Qwen2.5-VL: window order."""
+    visual = model.model.visual
+    seen = {}
+    h1 = visual.patch_embed.register_forward_hook(lambda m, a, o: seen.__setitem__("raster", o))
+    h2 = visual.blocks[0].register_forward_pre_hook(
+        lambda m, a, k: seen.__setitem__("tower", a[0] if a else k["hidden_states"]), with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+    finally:
+        h1.remove()
+        h2.remove()
+    perm = torch.cdist(seen["tower"].float(), seen["raster"].float()).argmin(1)  # tower row j = raster row perm[j]
+    assert torch.equal(perm.sort().values, torch.arange(len(perm)))
+    assert torch.equal(seen["tower"], seen["raster"][perm])  # exactly the same rows, reordered
+    return perm
+
+
 def eager_vision_attention(model, family, inputs, layer):
     """Head-mean attention of one vision layer from transformers' own eager attention function, recorded
     through a registered attention implementation (independent of the adapter's recomputation)."""
@@ -51,18 +72,23 @@ def test_captured_vision_attention_matches_eager(tiny, family):
     adapter = adapter_for(model)
     imgs = [make_image(1), make_image(2)]
     inputs = adapter.prepare(processor, [imgs], [PROMPT])
-    layer = adapter.default_vision_layer()
+    layer = adapter.resolve_vision_layer(None)  # the layer a pruner scores by default
     with torch.inference_mode():
         toks = adapter.image_tokens(inputs, layer)
     ref = eager_vision_attention(model, family, inputs, layer)
     assert len(ref) == len(toks) == 2
+    perm = None if family == "llava" else tower_permutation(model, inputs)
+    start = 0
     for t, r in zip(toks, ref):
         if family == "llava":  # CLS row/column split off
             assert torch.allclose(t.attention, r[1:, 1:], atol=1e-5)
             assert torch.allclose(t.cls_attention, r[0, 1:], atol=1e-5)
-        else:  # Qwen2-VL runs each image as its own chunk; 4 patches per merged token
-            assert torch.allclose(t.attention, r, atol=1e-5)
+        else:  # Qwen runs each image as its own chunk, in the tower's patch order; 4 patches per merged token
+            n = r.shape[0]
+            back = torch.argsort(perm[start:start + n] - start)  # the tower's order -> the image's raster order
+            assert torch.allclose(t.attention, r[back][:, back], atol=1e-5)
             assert t.patches_per_token == 4 and t.attention.shape[0] == 4 * t.n_tokens
+            start += n
 
 
 def test_llava_tower_skips_only_layers_nobody_reads(models):

@@ -4,18 +4,14 @@ out like Qwen2.5-VL-7B (windows of 2 x 2 merged tokens, every other block global
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 from conftest import make_image, reference_generate
+from test_video import make_video, reference  # tests/model is on sys.path (pytest's rootdir-less import mode)
 
 from vlmfast import DAMRO, FastV, FoPru, Policy, PolicyError, VisionZip, VLMAccelerator
 from vlmfast.adapters import adapter_for
 from vlmfast.zoo.tiny import tiny_qwen2_5_vl
-
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from test_video import make_video, reference  # noqa: E402
 
 PROMPT = "what is in the image ?"
 
@@ -37,51 +33,17 @@ def test_the_adapter_and_its_full_attention_blocks(qwen25):
     assert adapter.resolve_vision_layer(None) == 3 and adapter.resolve_vision_layer(-3) == 1
 
 
-def _tower_permutation(model, inputs) -> torch.Tensor:
-    """The tower's patch order found by matching rows: what ``patch_embed`` gives (raster order) against what the
-    first block receives (window order) -- independent of the adapter's window index."""
-    visual = model.model.visual
-    seen = {}
-    h1 = visual.patch_embed.register_forward_hook(lambda m, a, o: seen.__setitem__("raster", o))
-    h2 = visual.blocks[0].register_forward_pre_hook(
-        lambda m, a, k: seen.__setitem__("window", a[0] if a else k["hidden_states"]), with_kwargs=True)
-    try:
-        with torch.inference_mode():
-            visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
-    finally:
-        h1.remove()
-        h2.remove()
-    d = torch.cdist(seen["window"].float(), seen["raster"].float())
-    perm = d.argmin(1)  # window row j is raster row perm[j]
-    assert torch.equal(perm.sort().values, torch.arange(len(perm)))
-    assert torch.equal(seen["window"], seen["raster"][perm])  # exactly the same rows, reordered
-    return perm
-
-
-def test_scoring_attention_is_a_full_block_in_raster_order(qwen25):
-    """The adapter's attention == transformers' eager attention of the same (full-attention) block, taken in the
-    tower's window order and put back in raster order with the permutation read off the tower itself."""
-    sys.path.insert(0, __file__.rsplit("/", 1)[0])
-    from test_mechanics import eager_vision_attention
+def test_the_tower_really_reorders_and_the_default_layer_is_global(qwen25):
+    """The attention itself is checked against transformers' eager attention, mapped back with the tower's own
+    order, for every family in tests/model/test_mechanics.py::test_captured_vision_attention_matches_eager."""
+    from test_mechanics import tower_permutation
 
     model, processor = qwen25
     adapter = adapter_for(model)
-    imgs = [make_image(1), make_image(2, size=112, width=84)]
-    inputs = adapter.prepare(processor, [imgs], [PROMPT])
-    perm = _tower_permutation(model, inputs)
-    assert not torch.equal(perm, torch.arange(len(perm)))  # the tower really reorders
-    layer = adapter.resolve_vision_layer(None)
-    with torch.inference_mode():
-        toks = adapter.image_tokens(inputs, layer)
-    ref = eager_vision_attention(model, "qwen2_5_vl", inputs, layer)  # per image, window order within it
-    assert len(toks) == len(ref) == 2
-    start = 0
-    for t, r in zip(toks, ref):
-        n = r.shape[0]
-        local = perm[start:start + n] - start  # the image's own patches, window order -> raster order
-        back = torch.argsort(local)
-        assert torch.allclose(t.attention, r[back][:, back], atol=1e-5)
-        start += n
+    inputs = adapter.prepare(processor, [[make_image(1), make_image(2, size=112, width=84)]], [PROMPT])
+    perm = tower_permutation(model, inputs)
+    assert not torch.equal(perm, torch.arange(len(perm)))
+    assert adapter.resolve_vision_layer(None) in adapter.full_attention_layers
 
 
 def test_a_windowed_block_is_refused_for_attention_readers(qwen25):

@@ -351,8 +351,8 @@ def test_policy_errors_for_conflicting_combinations(tiny):
     with pytest.raises(PolicyError, match="once"):
         Policy([AGLA(), AGLA(alpha=1.0)])
     model, processor = tiny
-    with pytest.raises(PolicyError, match="same layer"):
-        VLMAccelerator(model, processor, policy=Policy([FoPru(layer=0), DAMRO(layer=1)]))
+    with pytest.raises(PolicyError, match="same layer"):  # two different full-attention layers in every family
+        VLMAccelerator(model, processor, policy=Policy([FoPru(layer=1), DAMRO(layer=-1)]))
     with pytest.raises(PolicyError, match="first_layer"):
         VLMAccelerator(model, processor, policy=Policy([VAR(first_layer=50)]))
     with pytest.raises(PolicyError, match="alpha"):
