@@ -240,8 +240,9 @@ class VLMAccelerator:
         """Normalised per-sample images, prompts, single flag and videos; videos only where the model takes them
         and the policy can use them."""
         batch_images, prompts, single, batch_videos = normalise_request(images, prompt, videos)
+        placeholders = self.adapter.placeholders(self.processor)
         for i, p in enumerate(prompts):
-            for token in self.adapter.placeholders(self.processor):
+            for token in placeholders:
                 if token in p:
                     raise InputError(f"prompt{'' if single else f'[{i}]'} contains {token!r}, the model's visual "
                                      "placeholder: vlmfast writes the placeholders itself, one set per image or video "
@@ -291,8 +292,8 @@ class VLMAccelerator:
             stage = LayerStage(policy.layer_pruners, seq.image_mask, valid, vision_scores)
             req = Request(model, adapter, self.processor, prompts, batch_images, batch_videos, enc, visual, kept, seq,
                           vp, attn_layer, vision_scores, stage)
-            # 3. prefill: every method's run on one attention session (layer stage, grounding capture, then the
-            # policy's attention methods, reweighters and sparse prefill, in that order)
+            # 3. prefill: on one attention session, the layer stage, the grounding capture, then the runs of the
+            # policy's methods in policy order (vision, layer and decoding methods start none)
             runs = [r for m in policy.methods if (r := m.start(req)) is not None]
             ground = (self.grounder.begin(req, grounding) if grounding is not None and forced is None else None)
             parts: list = [stage] + ([ground] if ground is not None else []) + runs

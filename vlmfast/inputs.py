@@ -89,9 +89,9 @@ def load_image(x: Any, where: str):
             with Image.open(x) as im:
                 im.load()
                 return to_rgb(im, where)
+        except InputError:  # to_rgb's own refusal (a mode F image)
+            raise
         except (OSError, ValueError) as e:
-            if isinstance(e, InputError):
-                raise
             raise InputError(f"{where}: cannot open image file {str(x)!r}: {e}") from None
     if isinstance(x, np.ndarray):
         return array_to_rgb(x, where)

@@ -84,9 +84,9 @@ class ModelInfo:
     """the vision layers whose attention spans a whole image (None: all; Qwen2.5-VL: its full-attention blocks,
     the others attend within windows)"""
 
-    def check_vision_attention_layer(self, method: str, layer: int | None) -> None:
-        """Refuse a vision layer outside the tower, or one whose attention never spans the image (a windowed
-        block), for a method that reads the layer's attention. ``None``: the adapter's default (always valid)."""
+    def check_vision_layer(self, method: str, layer: int | None, reads_attention: bool = True) -> None:
+        """Refuse a vision layer outside the tower, or, for a method that reads the layer's attention, one whose
+        attention never spans the image (a windowed block). ``None``: the adapter's default (always valid)."""
         n = self.num_vision_layers
         if layer is None:
             return
@@ -94,7 +94,7 @@ class ModelInfo:
             raise PolicyError(f"{method}.layer = {layer} is outside the vision tower, which has {n} layers "
                               f"(expected -{n} <= layer < {n})")
         full = self.vision_attention_layers
-        if full is not None and layer % n not in full:
+        if reads_attention and full is not None and layer % n not in full:
             raise PolicyError(f"{method}.layer = {layer}: that vision block of this {self.family} tower attends within "
                               f"windows, so its attention never spans the image; use a full-attention block "
                               f"({', '.join(map(str, full))}) or layer: null (the last of them)")
@@ -132,8 +132,13 @@ class Adapter(ABC):
     def info(self) -> ModelInfo:
         return ModelInfo(
             family=self.family, num_layers=len(self.decoder_layers), num_vision_layers=len(self.vision_layers),
-            name=getattr(self.model, "name_or_path", "") or "",
+            name=getattr(self.model, "name_or_path", "") or "", vision_attention_layers=self.vision_attention_layers,
         )
+
+    @property
+    def vision_attention_layers(self) -> tuple[int, ...] | None:
+        """The vision layers whose attention spans a whole image (None: all of them)."""
+        return None
 
     @property
     @abstractmethod

@@ -17,7 +17,6 @@ import inspect
 
 import torch
 
-from .base import ModelInfo
 from .qwen2_vl import Qwen2VLAdapter
 
 
@@ -31,10 +30,9 @@ class Qwen25VLAdapter(Qwen2VLAdapter):
         """The vision blocks that attend over a whole image (the others attend within windows)."""
         return sorted(int(i) for i in self.model.model.visual.fullatt_block_indexes)
 
-    def info(self) -> ModelInfo:
-        return ModelInfo(family=self.family, num_layers=len(self.decoder_layers),
-                         num_vision_layers=len(self.vision_layers), name=getattr(self.model, "name_or_path", "") or "",
-                         vision_attention_layers=tuple(self.full_attention_layers))
+    @property
+    def vision_attention_layers(self) -> tuple[int, ...]:
+        return tuple(self.full_attention_layers)
 
     def resolve_vision_layer(self, layer: int | None) -> int:
         """``None``: the last full-attention block (the merger reads the last block, which is one of them in every

@@ -84,11 +84,7 @@ class VisionPruner(Method):
                       torch.cat([p.features for p in parts]), scores)
 
     def check(self, info: ModelInfo) -> None:
-        layer = self.attention_layer()
-        if self.needs_attention:
-            info.check_vision_attention_layer(self.method_name, layer)
-        elif layer is not None and not -info.num_vision_layers <= layer < info.num_vision_layers:
-            info.check_vision_attention_layer(self.method_name, layer)  # outside the tower: the same message
+        info.check_vision_layer(self.method_name, self.attention_layer(), reads_attention=self.needs_attention)
 
 
 @method_dataclass

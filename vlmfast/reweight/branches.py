@@ -91,8 +91,7 @@ class Branches:
 
     def report(self, b: int) -> list[dict]:
         rows = []
-        first = sum(len(x) for x in self.request.batch_images[:b])
-        own = range(first, first + len(self.request.batch_images[b]))
+        own = self.request.own(b)  # branches take images only: sample b's visual inputs are its images
         for br in self.branches:
             built = br.built
             row = {"stage": "decoding", "method": br.name, "layer": None, "branch_weight": br.weight,

@@ -73,7 +73,7 @@ class DAMRO(BranchMethod):
         return self.layer
 
     def check(self, info: ModelInfo) -> None:
-        info.check_vision_attention_layer("damro", self.layer)
+        info.check_vision_layer("damro", self.layer)
 
     def main_weight(self) -> float:
         return self.alpha
