@@ -22,7 +22,7 @@ from .errors import InputError, PolicyError, UnsupportedModelError
 from .inputs import normalise_request
 from .layer_stage import LayerStage
 from .policy import default_policy_for, load_policy
-from .request import Request, assemble, context_length, encode, prune_visual
+from .request import Request, assemble, context_length, encode, prefill, prune_visual
 from .reweight.branches import Branches
 from .stats import Stats, now
 
@@ -306,8 +306,7 @@ class VLMAccelerator:
                         part.register(session)
                     stack.enter_context(part.hooks(adapter.decoder_layers))
                 t_llm = now(device)
-                out = model(inputs_embeds=seq.embeds, attention_mask=seq.mask,
-                            position_ids=adapter.model_position_ids(seq.positions), use_cache=True, logits_to_keep=1)
+                out = prefill(model, adapter, seq, stage.columns)
                 cache = cache_of(out)
                 for run in runs:  # 4. cache transforms (ZipVL's mixed-precision or evicted KV)
                     run.transform_cache(cache)

@@ -80,6 +80,12 @@ class LayerStage:
 
         return observe
 
+    def columns(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The prefill columns the output of layer ``layer_idx`` holds: ((B, L') indices into the prefill sequence,
+        False for padding and ghosts), or None when no stage has shortened the sequence by then."""
+        held = [st for st in self.stages if st.layer <= layer_idx]
+        return held[-1].selected() if held else None
+
     def _stage_for(self, layer_idx: int) -> _Stage:
         return [st for st in self.stages if st.layer <= layer_idx][-1]
 

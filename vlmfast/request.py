@@ -44,6 +44,8 @@ class Assembled(NamedTuple):
     mask: torch.Tensor
     positions: torch.Tensor
     image_mask: torch.Tensor
+    deepstack: torch.Tensor | None = None
+    """(levels, V, d): the kept visual tokens' DeepStack rows (Qwen3-VL), one per True of ``image_mask``, row-major"""
 
     @property
     def valid(self) -> torch.Tensor:
@@ -114,8 +116,11 @@ def assemble(model, encoded: Encoded, visual: list[ImageTokens], kept: list[torc
     if visual:
         feats = torch.cat([v.features for v in visual]).to(embeds.dtype)
         embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), feats)
+    deep = [v.deepstack for v in visual if v.deepstack is not None]
+    # the same rows of every level as of the features (visual inputs in sequence order, as the scatter)
+    deepstack = torch.cat([d[:, k] for d, k in zip(deep, kept)], 1) if deep and len(deep) == len(visual) else None
     if all(k.numel() == v.n_tokens for k, v in zip(kept, visual)):
-        return Assembled(embeds, mask, positions, image_mask)
+        return Assembled(embeds, mask, positions, image_mask, deepstack)
     flat = torch.cat([torch.zeros(v.n_tokens, dtype=torch.bool, device=input_ids.device).index_fill_(0, k, True)
                       for v, k in zip(visual, kept)])
     keep = mask.bool() & ~image_mask
@@ -125,7 +130,17 @@ def assemble(model, encoded: Encoded, visual: list[ImageTokens], kept: list[torc
     idx = torch.argsort(keep.to(torch.int8), dim=1, stable=True)[:, -width:]
     new_mask = keep.gather(1, idx)
     positions = torch.stack([gather_seq(p, idx) for p in positions]).masked_fill(~new_mask[None], 0)
-    return Assembled(gather_seq(embeds, idx), new_mask.to(mask.dtype), positions, image_mask.gather(1, idx) & new_mask)
+    return Assembled(gather_seq(embeds, idx), new_mask.to(mask.dtype), positions, image_mask.gather(1, idx) & new_mask,
+                     deepstack)
+
+
+def prefill(model, adapter: Adapter, seq: Assembled, columns=None):
+    """The prefill forward of ``seq`` into a new cache (the last position's logits only), with what the family's
+    own forward adds to the decoder's hidden states (Qwen3-VL's DeepStack; ``columns``: the layer stage's
+    :meth:`~vlmfast.layer_stage.LayerStage.columns`)."""
+    with adapter.prefill_hooks(seq.deepstack, seq.image_mask, columns):
+        return model(inputs_embeds=seq.embeds, attention_mask=seq.mask,
+                     position_ids=adapter.model_position_ids(seq.positions), use_cache=True, logits_to_keep=1)
 
 
 def next_positions(positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

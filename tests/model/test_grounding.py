@@ -389,7 +389,8 @@ def test_capture_equals_the_models_eager_attention(models, family, monkeypatch, 
     req = acc.grounder.last_request
     cap = req.capture
     n_layers, length, steps = cap.n_layers, cap.prefill_len, cap.decode_steps
-    assert steps == 4 and not cap.all_rows and all(len(v) == 1 + steps for v in eager.values())
+    # 4 decode steps unless the random model ends its answer early (tiny Qwen3-VL: after 3 tokens); at least one
+    assert 1 <= steps <= 4 and not cap.all_rows and all(len(v) == 1 + steps for v in eager.values())
     for b, (reqs, ctx) in enumerate(req.samples):
         ref = []  # the eager head-mean attention of sample b, (n, n) per layer
         for layer in range(n_layers):
@@ -416,7 +417,7 @@ def test_capture_equals_the_models_eager_attention(models, family, monkeypatch, 
         assert [g.phrase for g in again] == [g.phrase for g in outs[b].grounding] and len(again) >= 1 + b
         for g, h in zip(outs[b].grounding, again):
             np.testing.assert_allclose(g.heatmap, h.heatmap, atol=1e-5)
-            np.testing.assert_array_equal(g.points, h.points)
+            np.testing.assert_allclose(g.points, h.points, atol=1e-3)  # pixels: weighted centroids of those maps
             np.testing.assert_array_equal(g.mask, h.mask)
 
 

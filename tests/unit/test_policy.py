@@ -12,8 +12,9 @@ from vlmfast.policy import default_policy_for, shipped_policies
 
 
 def test_shipped_policies_load_and_are_fopru_rank_25():
-    assert {"llava-1.5-7b", "qwen2-vl-7b"} <= set(shipped_policies())
-    for name in ("llava-1.5-7b", "qwen2-vl-7b"):
+    shipped = ("llava-1.5-7b", "qwen2-vl-7b", "qwen2.5-vl-7b", "qwen3-vl-8b")
+    assert set(shipped) <= set(shipped_policies())
+    for name in shipped:
         pol = load_policy(name)
         assert pol.methods == [FoPru(keep=0.25, strategy="rank")]
 
@@ -31,6 +32,10 @@ def test_default_policy_matches_hub_ids():
     assert pol.methods == [FoPru(keep=0.25)] and "llava-1.5-7b" in why
     pol, why = default_policy_for("/models/Qwen2-VL-7B-Instruct")
     assert pol.methods and "qwen2-vl-7b" in why
+    for hub_id, stem in (("Qwen/Qwen2.5-VL-7B-Instruct", "'qwen2.5-vl-7b'"), ("Qwen/Qwen3-VL-8B-Instruct",
+                         "'qwen3-vl-8b'"), ("/ckpt/qwen3-vl-8b-thinking", "'qwen3-vl-8b'")):
+        pol, why = default_policy_for(hub_id)
+        assert pol.methods and stem in why, (hub_id, why)
     pol, why = default_policy_for("someone/other-model")
     assert pol.is_empty and "no shipped policy" in why
 

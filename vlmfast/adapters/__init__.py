@@ -7,8 +7,9 @@ from .base import Adapter, ImageTokens, ModelInfo
 from .llava import LlavaAdapter
 from .qwen2_5_vl import Qwen25VLAdapter
 from .qwen2_vl import Qwen2VLAdapter
+from .qwen3_vl import Qwen3VLAdapter
 
-ADAPTERS: list[type[Adapter]] = [LlavaAdapter, Qwen2VLAdapter, Qwen25VLAdapter]
+ADAPTERS: list[type[Adapter]] = [LlavaAdapter, Qwen2VLAdapter, Qwen25VLAdapter, Qwen3VLAdapter]
 
 
 def supported_families() -> str:

@@ -11,7 +11,7 @@ import logging
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, cast
+from typing import Any, Callable, Iterator, cast
 
 import torch
 from torch import nn
@@ -48,6 +48,10 @@ class ImageTokens:
     for (``grey=True``: a vision pruner's ``needs_grey``)"""
     kind: str = "image"
     """"image" or "video" (sparse prefill layouts name the span's kind)"""
+    deepstack: torch.Tensor | None = None
+    """(levels, n, d_model): features the family adds to the hidden states of its first ``levels`` decoder layers at
+    this input's positions (Qwen3-VL's DeepStack), one row per LLM token like ``features``; pruning drops the same
+    rows from every level"""
 
     @property
     def n_tokens(self) -> int:
@@ -283,6 +287,18 @@ class Adapter(ABC):
     @contextmanager
     def preserved_state(self) -> Iterator[None]:
         """Restore per-request model state (e.g. ``rope_deltas``) after a call."""
+        yield
+
+    # -- prefill ---------------------------------------------------------------------------------------------
+    @contextmanager
+    def prefill_hooks(self, deepstack: torch.Tensor | None, image_mask: torch.Tensor,
+                      columns: Callable[[int], tuple[torch.Tensor, torch.Tensor] | None] | None = None
+                      ) -> Iterator[None]:
+        """Around one prefill forward: whatever the family's own forward does to the decoder's hidden states that
+        vlmfast's ``inputs_embeds`` call skips (Qwen3-VL's DeepStack injection). ``deepstack``: (levels, V, d), one
+        row per True of ``image_mask`` (B, L), row-major; ``columns(layer)``: the prefill columns that layer's output
+        holds when a layer pruner shortened the sequence ((B, L') indices into the prefill sequence, their
+        validity), None for all. Default: nothing to do."""
         yield
 
 

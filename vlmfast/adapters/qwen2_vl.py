@@ -8,6 +8,7 @@ from typing import Sequence
 
 import torch
 
+from ..errors import InputError
 from .base import Adapter, ImageTokens, head_mean_attention, text_positions, unnormalise_grey
 
 
@@ -20,7 +21,7 @@ class Qwen2VLAdapter(Adapter):
 
     family = "qwen2_vl"
     title = "Qwen2-VL"
-    model_classes = ("Qwen2VLForConditionalGeneration",)
+    model_classes: tuple[str, ...] = ("Qwen2VLForConditionalGeneration",)
     supports_video = True
 
     @property
@@ -34,6 +35,38 @@ class Qwen2VLAdapter(Adapter):
         vision = ("<|vision_start|><|image_pad|><|vision_end|>" * n_images
                   + "<|vision_start|><|video_pad|><|vision_end|>" * n_videos)
         return f"<|im_start|>user\n{vision}{prompt}<|im_end|>\n<|im_start|>assistant\n"
+
+    def prepare(self, processor, images, prompts, videos=None):
+        self.check_sizes(images, videos or [[] for _ in prompts])
+        return super().prepare(processor, images, prompts, videos)
+
+    def check_sizes(self, images: list[list], videos: list[list]) -> None:
+        """Refuse what the processor would silently blow up: an image (or video frame) smaller than one vision
+        patch, whose tokens would be all interpolation, and a video shorter than one frame group (the tower folds
+        ``temporal_patch_size`` consecutive frames into one step; transformers repeats the frame or fails)."""
+        vc = self.model.config.vision_config
+        patch, group = int(vc.patch_size), int(vc.temporal_patch_size)
+        one = len(images) == 1
+
+        def name(kind: str, b: int, i: int) -> str:
+            return f"{kind}[{i}]" if one else f"{kind}[{b}][{i}]"
+
+        for b, imgs in enumerate(images):
+            for i, im in enumerate(imgs):
+                if min(im.size) < patch:
+                    raise InputError(f"{name('images', b, i)} is {im.size[0]}x{im.size[1]} px, smaller than one "
+                                     f"{self.title} vision patch ({patch} px): it would carry no detail of its own; "
+                                     f"pass an image of at least {patch}x{patch} px")
+        for b, vids in enumerate(videos):
+            for i, v in enumerate(vids):
+                t, h, w = v.shape[:3]
+                if t < group:
+                    raise InputError(f"{name('videos', b, i)} has {t} frame; a {self.title} video needs at least "
+                                     f"{group} (the tower folds {group} consecutive frames into one step): pass a "
+                                     "single frame as an image")
+                if min(h, w) < patch:
+                    raise InputError(f"{name('videos', b, i)} has {w}x{h} px frames, smaller than one {self.title} "
+                                     f"vision patch ({patch} px)")
 
     @property
     def merge(self) -> int:
@@ -57,15 +90,16 @@ class Qwen2VLAdapter(Adapter):
             return []
         attn: Sequence[tuple[torch.Tensor, torch.Tensor] | tuple[None, None]]  # (attention, keys) per image / video
         if attention_layer is None:
-            feats = features(pixel_values, grid_thw).pooler_output
-            attn = [(None, None)] * len(feats)
+            tower = features(pixel_values, grid_thw)
+            attn = [(None, None)] * len(tower.pooler_output)
         else:
             module = self.vision_layers[attention_layer].attn
             with self.capture_inputs(module) as seen, self.capture_outputs(qkv=module.qkv) as out:
-                feats = features(pixel_values, grid_thw).pooler_output
+                tower = features(pixel_values, grid_thw)
             t0 = time.perf_counter()
             attn = self._group(self._attention(module, seen, out["qkv"], self.tower_order(grid_thw)), grid_thw)
             self.last_attention_s = time.perf_counter() - t0
+        feats, deep = tower.pooler_output, self.deepstack(tower)
         m = self.merge
         # patches are flattened as (channel, temporal, p, p); 4 consecutive patches make one merged token
         greys: Sequence[torch.Tensor | None] = [None] * len(feats)
@@ -74,9 +108,15 @@ class Qwen2VLAdapter(Adapter):
             greys = torch.split(g.view(-1, m * m * g.shape[-1]), [f.shape[0] for f in feats])
         return [
             ImageTokens(features=f, grid=(int(t), int(h) // m, int(w) // m), attention=a, patches_per_token=m * m,
-                        keys=None if k is None else k.view(-1, m * m, k.shape[-1]).mean(1), grey=g, kind=kind)
-            for f, (a, k), (t, h, w), g in zip(feats, attn, grid_thw.tolist(), greys)
+                        keys=None if k is None else k.view(-1, m * m, k.shape[-1]).mean(1), grey=g, kind=kind,
+                        deepstack=d)
+            for f, (a, k), (t, h, w), g, d in zip(feats, attn, grid_thw.tolist(), greys, deep)
         ]
+
+    def deepstack(self, tower) -> Sequence[torch.Tensor | None]:
+        """Per image / video, its (levels, n, d) DeepStack features from the tower's output, or None (Qwen2-VL and
+        Qwen2.5-VL have none)."""
+        return [None] * len(tower.pooler_output)
 
     @staticmethod
     def _group(chunks: list[tuple[torch.Tensor, torch.Tensor]], grid_thw) -> list[tuple[torch.Tensor, torch.Tensor]]:

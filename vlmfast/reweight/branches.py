@@ -23,7 +23,7 @@ import torch
 
 from .. import attention
 from .._compat import cache_of
-from ..request import Request, decode_step, next_positions
+from ..request import Request, decode_step, next_positions, prefill
 from .base import BranchInputs, combine
 
 
@@ -70,8 +70,7 @@ class Branches:
                 stack.enter_context(attention.use(model, br.session))
                 if br.var_run is not None:
                     stack.enter_context(br.var_run.hooks(adapter.decoder_layers))
-                out = model(inputs_embeds=seq.embeds, attention_mask=seq.mask,
-                            position_ids=adapter.model_position_ids(seq.positions), use_cache=True, logits_to_keep=1)
+                out = prefill(model, adapter, seq)
             br.cache, br.logits = cache_of(out), out.logits[:, -1].float()
             br.prefill_s = time.perf_counter() - t0
             self.branches.append(br)

@@ -55,17 +55,22 @@ class Layout:
     def from_counts(n: int, visual: torch.Tensor, grids: list[tuple[int, int, int]],
                     offsets: list[torch.Tensor], kinds: list[str] | None = None) -> "Layout":
         """``visual``: (n,) bool, True at visual tokens; the i-th visual input owns the next
-        ``len(offsets[i])`` visual positions (inputs in order, tokens in order)."""
+        ``len(offsets[i])`` visual positions (inputs in order, tokens in order). An input whose tokens are several
+        runs in the sequence (a Qwen3-VL video: one run per frame group, each after its text timestamp) becomes one
+        span per run, each with the input's grid and its own tokens' offsets."""
         pos = visual.nonzero().squeeze(1).tolist()
         spans, at = [], 0
         for i, (g, off) in enumerate(zip(grids, offsets)):
             m = int(off.numel())
             if m == 0:
                 continue
-            if at + m > len(pos) or pos[at + m - 1] - pos[at] != m - 1:
-                raise ValueError(f"visual input {i} ({m} tokens) is not one contiguous run in the sequence")
+            if at + m > len(pos):
+                raise ValueError(f"visual input {i} has {m} tokens but only {len(pos) - at} visual positions are left")
             t, h, w = (int(x) for x in g)
-            spans.append(Span(pos[at], (t, h, w), off.long().cpu(), kinds[i] if kinds else "image"))
+            mine = torch.tensor(pos[at:at + m])
+            breaks = ((mine[1:] - mine[:-1]) != 1).nonzero().squeeze(1).add(1).tolist()
+            for s, e in zip([0, *breaks], [*breaks, m]):
+                spans.append(Span(int(mine[s]), (t, h, w), off[s:e].long().cpu(), kinds[i] if kinds else "image"))
             at += m
         if at != len(pos):
             raise ValueError(f"{len(pos)} visual positions but the inputs account for {at}")

@@ -122,13 +122,13 @@ def tiny_llava(spec: TinySpec = TinySpec()):
     return model, processor
 
 
-def _qwen_text(spec: TinySpec):
+def _qwen_text(spec: TinySpec, extra_words: tuple[str, ...] = ()):
     """The word tokenizer, vocabulary, text config and special-token ids every tiny Qwen-VL shares."""
     from transformers import PreTrainedTokenizerFast
 
     special = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                "<|image_pad|>", "<|video_pad|>"]
-    tk, vocab = _word_tokenizer(special)
+    tk, vocab = _word_tokenizer(special, extra_words)
     tok = PreTrainedTokenizerFast(
         tokenizer_object=tk, unk_token="<unk>", eos_token="<|im_end|>", pad_token="<|endoftext|>",
         extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
@@ -149,8 +149,9 @@ def _qwen_text(spec: TinySpec):
     return tok, vocab, text, ids
 
 
-def _qwen_model_and_processor(model_cls, processor_cls, cfg, spec: TinySpec, tok, vocab):
-    """The random-weight model (seeded) and its processor with Qwen2-VL's image and video processors."""
+def _qwen_model_and_processor(model_cls, processor_cls, cfg, spec: TinySpec, tok, vocab, video_processor=None):
+    """The random-weight model (seeded) and its processor with Qwen2-VL's image processor and
+    ``video_processor`` (a class; Qwen2-VL's by default)."""
     from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
     torch.manual_seed(spec.seed)
@@ -159,8 +160,14 @@ def _qwen_model_and_processor(model_cls, processor_cls, cfg, spec: TinySpec, tok
     model.generation_config.pad_token_id = vocab["<|endoftext|>"]
     pixels = spec.image_size * spec.image_size
     sizes = dict(patch_size=spec.patch, merge_size=2, temporal_patch_size=2, min_pixels=pixels // 4, max_pixels=pixels)
+    if video_processor is None:
+        videos = Qwen2VLVideoProcessor(**sizes)
+    else:  # Qwen3-VL's: sizes as pixel budgets; every frame kept (vlmfast passes frames, not a clip to sample)
+        videos = video_processor(patch_size=spec.patch, merge_size=2, temporal_patch_size=2, do_sample_frames=False,
+                                 cap_pixels_per_frame=True,
+                                 size={"shortest_edge": pixels // 4, "longest_edge": 16 * pixels})
     processor = processor_cls(image_processor=Qwen2VLImageProcessor(**sizes), tokenizer=tok,
-                              video_processor=Qwen2VLVideoProcessor(**sizes), chat_template=QWEN_CHAT_TEMPLATE)
+                              video_processor=videos, chat_template=QWEN_CHAT_TEMPLATE)
     return model, processor
 
 
@@ -199,3 +206,28 @@ def tiny_qwen2_5_vl(spec: TinySpec = TinySpec(patch=14, image_size=112, vision_l
         **ids,
     )
     return _qwen_model_and_processor(Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, cfg, spec, tok, vocab)
+
+
+def tiny_qwen3_vl(spec: TinySpec = TinySpec(patch=16, image_size=128)):
+    """A random-weight ``Qwen3VLForConditionalGeneration`` and its ``Qwen3VLProcessor`` (offline), laid out like
+    Qwen3-VL-8B: DeepStack (the outputs of vision blocks 0 and 1, each through its own merger, added to the hidden
+    states of decoder layers 0 and 1 at the visual positions; 8B: blocks 8 / 16 / 24 into layers 0-2), interleaved
+    M-RoPE, patch 16 with a learned position grid resampled per image, and videos as one span per frame group, each
+    after its text timestamp (``<0.0 seconds>``)."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+    tok, vocab, text, ids = _qwen_text(spec, extra_words=("seconds", "<", ">", ".", *"0123456789"))
+    text["rope_parameters"]["mrope_interleaved"] = True
+    text["head_dim"] = spec.hidden // spec.heads
+    cfg = Qwen3VLConfig(
+        text_config=text,
+        vision_config=dict(
+            depth=spec.vision_layers, hidden_size=spec.vision_hidden, out_hidden_size=spec.hidden,
+            intermediate_size=2 * spec.vision_hidden, num_heads=spec.vision_heads, patch_size=spec.patch,
+            spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=(spec.image_size // spec.patch) ** 2,
+            deepstack_visual_indexes=list(range(spec.vision_layers - 1)),
+        ),
+        **ids,
+    )
+    return _qwen_model_and_processor(Qwen3VLForConditionalGeneration, Qwen3VLProcessor, cfg, spec, tok, vocab,
+                                     video_processor=Qwen3VLVideoProcessor)
