@@ -196,3 +196,35 @@ def test_family_specific_bad_inputs_are_named(models, family):
         acc.generate(images=[make_image(0, size=40, width=8)], prompt=PROMPT)
     with pytest.raises(InputError, match=r"images\[1\]\[0\] is 5x5 px"):
         acc.generate(images=[[make_image(0)], [make_image(1, size=5)]], prompt=[PROMPT, PROMPT])
+
+
+@pytest.fixture(scope="module")
+def qwen3_moe():
+    from vlmfast.zoo.tiny import tiny_qwen3_vl
+
+    return tiny_qwen3_vl(moe=True)
+
+
+def test_the_moe_variant_shares_the_path(qwen3_moe, monkeypatch):
+    """``Qwen3VLMoeForConditionalGeneration`` (4 experts, 2 per token): the same adapter; the first answer token's
+    log-probability equals transformers' own (its random weights answer most prompts with EOS, so this compares
+    scores, not tokens); a pruned run equals transformers' own DeepStack path on the pruned sequence; video identity."""
+    model, processor = qwen3_moe
+    assert type(adapter_for(model)).__name__ == "Qwen3VLAdapter"
+    img = [make_image(5)]
+    red = processor.tokenizer("red", add_special_tokens=False)["input_ids"][0]
+    content = [{"type": "image"}, {"type": "text", "text": PROMPT}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    inputs = processor(images=img, text=[text], return_tensors="pt")
+    with torch.inference_mode():
+        ref = model(**inputs).logits[0, -1].float().log_softmax(-1)[red]
+    got, _ = _acc(qwen3_moe).loglikelihood(images=img, prompt=PROMPT, continuation="red")
+    assert got == pytest.approx(float(ref), abs=1e-5)
+    kept: list[torch.Tensor] = []
+    original = FoPru.prune_visual
+    monkeypatch.setattr(FoPru, "prune_visual", lambda self, v: (r := original(self, v), kept.append(r.keep))[0])
+    got, _ = _acc(qwen3_moe, FoPru(keep=0.25)).loglikelihood(images=img, prompt=PROMPT, continuation="red")
+    assert got == pytest.approx(_manual_logprob(model, processor, img, kept[0], red), abs=1e-5)
+    video = make_video(frames=4, size=128)
+    assert _acc(qwen3_moe).generate(videos=[video], prompt=PROMPT, max_new_tokens=6).token_ids == \
+        reference(model, processor, video)[0][:6]

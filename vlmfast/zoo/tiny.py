@@ -208,18 +208,24 @@ def tiny_qwen2_5_vl(spec: TinySpec = TinySpec(patch=14, image_size=112, vision_l
     return _qwen_model_and_processor(Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, cfg, spec, tok, vocab)
 
 
-def tiny_qwen3_vl(spec: TinySpec = TinySpec(patch=16, image_size=128)):
-    """A random-weight ``Qwen3VLForConditionalGeneration`` and its ``Qwen3VLProcessor`` (offline), laid out like
-    Qwen3-VL-8B: DeepStack (the outputs of vision blocks 0 and 1, each through its own merger, added to the hidden
-    states of decoder layers 0 and 1 at the visual positions; 8B: blocks 8 / 16 / 24 into layers 0-2), interleaved
-    M-RoPE, patch 16 with a learned position grid resampled per image, and videos as one span per frame group, each
-    after its text timestamp (``<0.0 seconds>``)."""
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor, Qwen3VLVideoProcessor
+def tiny_qwen3_vl(spec: TinySpec = TinySpec(patch=16, image_size=128), moe: bool = False):
+    """A random-weight ``Qwen3VLForConditionalGeneration`` (``moe``: ``Qwen3VLMoeForConditionalGeneration``, 4
+    experts, 2 per token) and its ``Qwen3VLProcessor`` (offline), laid out like Qwen3-VL-8B: DeepStack (the outputs
+    of vision blocks 0 and 1, each through its own merger, added to the hidden states of decoder layers 0 and 1 at
+    the visual positions; 8B: blocks 8 / 16 / 24 into layers 0-2), interleaved M-RoPE, patch 16 with a learned
+    position grid resampled per image, and videos as one span per frame group, each after its text timestamp
+    (``<0.0 seconds>``)."""
+    import transformers
+    from transformers import Qwen3VLProcessor, Qwen3VLVideoProcessor
 
     tok, vocab, text, ids = _qwen_text(spec, extra_words=("seconds", "<", ">", ".", *"0123456789"))
     text["rope_parameters"]["mrope_interleaved"] = True
     text["head_dim"] = spec.hidden // spec.heads
-    cfg = Qwen3VLConfig(
+    if moe:
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=spec.intermediate // 2,
+                    decoder_sparse_step=1)
+    kind = "Qwen3VLMoe" if moe else "Qwen3VL"
+    cfg = getattr(transformers, f"{kind}Config")(
         text_config=text,
         vision_config=dict(
             depth=spec.vision_layers, hidden_size=spec.vision_hidden, out_hidden_size=spec.hidden,
@@ -229,5 +235,5 @@ def tiny_qwen3_vl(spec: TinySpec = TinySpec(patch=16, image_size=128)):
         ),
         **ids,
     )
-    return _qwen_model_and_processor(Qwen3VLForConditionalGeneration, Qwen3VLProcessor, cfg, spec, tok, vocab,
-                                     video_processor=Qwen3VLVideoProcessor)
+    return _qwen_model_and_processor(getattr(transformers, f"{kind}ForConditionalGeneration"), Qwen3VLProcessor, cfg,
+                                     spec, tok, vocab, video_processor=Qwen3VLVideoProcessor)
