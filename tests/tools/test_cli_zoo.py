@@ -17,7 +17,8 @@ from vlmfast.zoo import resolve
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("name", ["tiny-random-llava", "tiny-random-qwen2-vl"])
+@pytest.mark.parametrize("name", ["tiny-random-llava", "tiny-random-qwen2-vl", "tiny-random-qwen2.5-vl",
+                                  "tiny-random-qwen3-vl"])
 def test_from_pretrained_zoo_name_and_local_folder(name):
     acc = VLMAccelerator.from_pretrained(name, policy=None)
     out = acc.generate(images=[make_image(0)], prompt="what is in the image ?", max_new_tokens=4)
@@ -28,6 +29,22 @@ def test_from_pretrained_zoo_name_and_local_folder(name):
     assert "no shipped policy" in acc3.policy_origin
     assert acc3.generate(images=[make_image(0)], prompt="what is in the image ?", max_new_tokens=4).token_ids \
         == out.token_ids
+
+
+@pytest.mark.parametrize("name, folder, policy", [("tiny-random-qwen2.5-vl", "Qwen2.5-VL-7B-Instruct", "qwen2.5-vl-7b"),
+                                                  ("tiny-random-qwen3-vl", "Qwen3-VL-8B-Instruct", "qwen3-vl-8b")])
+def test_cli_generate_on_a_folder_picks_the_shipped_policy_by_name(name, folder, policy, tmp_path, capsys):
+    """A folder named like the hub checkpoint (a copy of the tiny model) gets that checkpoint's shipped policy
+    (FoPru keeping 25%) from ``--policy auto``, through the CLI."""
+    import shutil
+
+    path = tmp_path / folder
+    shutil.copytree(resolve(name), path)
+    rc = main(["generate", "--model", str(path), "--image", str(ROOT / "examples" / "shapes.png"),
+               "--prompt", "what objects do you see ?", "--max-new-tokens", "3", "--local-files-only", "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert rc == 0 and data["policy"]["name"] == policy and data["policy"]["methods"][0]["method"] == "fopru"
+    assert data["stats"]["visual_tokens_kept"] == data["stats"]["visual_tokens_in"] // 4
 
 
 def test_from_pretrained_missing_model_is_a_clear_error():

@@ -299,6 +299,25 @@ def test_generate_until_truncates_at_stop_strings_and_attaches_stats(chat_lm):
     assert texts[0] == words[0]
 
 
+@pytest.mark.parametrize("name, policy", [("tiny-random-qwen2.5-vl", "qwen2.5-vl-7b"),
+                                          ("tiny-random-qwen3-vl", "qwen3-vl-8b")])
+def test_the_newer_qwen_families_and_their_shipped_policies(name, policy, patched):
+    """Qwen2.5-VL and Qwen3-VL through the plugin, batched, with their shipped policies: the answers of the
+    model class equal the accelerator's, and the stats show FoPru's 25%."""
+    from vlmfast.integrations.lmms_eval.model import VlmfastChat
+
+    lm = VlmfastChat(pretrained=name, policy=policy, batch_size=3, device="cpu")
+    docs = _docs()
+    lm.task_dict = {"t": {"test": docs}}
+    got = [unwrap_generation_output(r) for r in
+           lm.generate_until([_chat_req(i, {"max_new_tokens": 4, "temperature": 0}) for i in range(3)])]
+    direct = lm.acc.generate(images=[[d["image"]] for d in docs], prompt=[d["q"] for d in docs], max_new_tokens=4)
+    assert lm.policy_name == policy and [t for t, _ in got] == [o.text for o in direct]
+    for _, counts in got:
+        st = counts.to_dict()["vlmfast"]
+        assert st["visual_tokens_kept"] == st["visual_tokens_in"] // 4 > 0
+
+
 def test_num_beams_warns_and_decodes_greedily(chat_lm):
     chat_lm.task_dict = {"t": {"test": _docs()}}
     seen: list[str] = []
