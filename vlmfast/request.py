@@ -34,6 +34,8 @@ class Encoded(NamedTuple):
     """one per visual input, in sequence order (per sample: its images, then its videos)"""
     prepare_s: float = 0.0
     """seconds the processor took (the rest of :func:`encode` is the vision tower)"""
+    fixed_mask: torch.Tensor | None = None
+    """(B, L) True at placeholders of never-pruned visual tokens (``ImageTokens.fixed``), or None"""
 
 
 class Assembled(NamedTuple):
@@ -78,11 +80,13 @@ def encode(adapter: Adapter, processor, batch_images: list[list], prompts: list[
                          f"visual tokens) but the language model has {limit} (max_position_embeddings); shorten the "
                          "prompt or pass fewer or smaller images")
     visual = sequence_order(*adapter.visual_tokens(inputs, attention_layer, grey), batch_images, batch_videos)
-    n_feat = sum(v.n_tokens for v in visual)
-    if n_feat != int(image_mask.sum()):
-        raise InputError(f"the processor produced {int(image_mask.sum())} image placeholders but the vision "
+    fixed_mask = adapter.fixed_token_mask(inputs)
+    n_feat = sum(v.n_tokens for v in visual) + sum(0 if v.fixed is None else v.fixed.shape[0] for v in visual)
+    n_slots = int(image_mask.sum()) + (0 if fixed_mask is None else int(fixed_mask.sum()))
+    if n_feat != n_slots:
+        raise InputError(f"the processor produced {n_slots} image placeholders but the vision "
                          f"tower {n_feat} features; check the processor matches the model")
-    return Encoded(inputs, image_mask, positions, visual, prepare_s)
+    return Encoded(inputs, image_mask, positions, visual, prepare_s, fixed_mask)
 
 
 def context_length(adapter: Adapter) -> int | None:
@@ -116,6 +120,9 @@ def assemble(model, encoded: Encoded, visual: list[ImageTokens], kept: list[torc
     if visual:
         feats = torch.cat([v.features for v in visual]).to(embeds.dtype)
         embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), feats)
+    fixed = [v.fixed for v in visual if v.fixed is not None]
+    if encoded.fixed_mask is not None and fixed:  # never-pruned visual tokens: kept like text, at their positions
+        embeds = embeds.masked_scatter(encoded.fixed_mask.unsqueeze(-1), torch.cat(fixed).to(embeds.dtype))
     deep = [v.deepstack for v in visual if v.deepstack is not None]
     # the same rows of every level as of the features (visual inputs in sequence order, as the scatter)
     deepstack = torch.cat([d[:, k] for d, k in zip(deep, kept)], 1) if deep and len(deep) == len(visual) else None

@@ -162,3 +162,21 @@ def test_a_llava_with_a_pixtral_tower_is_refused_by_name():
                                                       vision_feature_layer=-1, vision_feature_select_strategy="full"))
     with pytest.raises(UnsupportedModelError, match="PixtralVisionModel vision tower is not supported.*CLIP"):
         VLMAccelerator(model, processor=object(), policy=None)
+
+
+def test_damro_reading_the_cls_of_a_tower_without_one_is_refused_when_the_policy_is_set(models, family):
+    """criterion='cls' failed at the first request with a RuntimeError on a tower without [CLS]; it is a
+    PolicyError when the accelerator is built, and 'norm' (no attention read) is accepted even on a windowed
+    Qwen2.5-VL block."""
+    from vlmfast import DAMRO
+
+    model, processor = models[family]
+    if family == "llava":
+        VLMAccelerator(model, processor, policy=Policy([DAMRO(criterion="cls")]))
+        return
+    with pytest.raises(PolicyError, match=r"damro.criterion = 'cls' needs a vision tower with a \[CLS\] token"):
+        VLMAccelerator(model, processor, policy=Policy([DAMRO(criterion="cls")]))
+    if family == "qwen2_5_vl":
+        VLMAccelerator(model, processor, policy=Policy([DAMRO(criterion="norm", layer=0)]))
+        with pytest.raises(PolicyError, match="windows"):
+            VLMAccelerator(model, processor, policy=Policy([DAMRO(criterion="received", layer=0)]))

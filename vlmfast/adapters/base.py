@@ -2,7 +2,7 @@
 
 An adapter knows, for one family, how to build inputs with the model's own processor, where the image
 (and video) tokens are, how the vision tower is run and how one of its layers' attention is read, what the grid
-of each image or video is, and how positions are laid out (1-D for LLaVA, 4-row M-RoPE for Qwen2-VL).
+of each image or video is, and how positions are laid out (1-D for LLaVA, 4-row M-RoPE for the Qwen families).
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ class ImageTokens:
 
     ``features``: (n, d_model) projected features, one row per LLM image token, in raster order.
     ``grid``: (t, h, w) of those tokens (n == t*h*w); t > 1 only for videos, one step per *frame group* (the
-    frames the tower folds into one token: Qwen2-VL's ``temporal_patch_size`` = 2).
+    frames the tower folds into one token: the Qwen towers' ``temporal_patch_size`` = 2).
     ``attention``: (N, N) head-averaged self-attention of the scoring vision layer over the image's patches
     (CLS row/column removed), or None when no pruner asked for it. ``patches_per_token`` patches (consecutive
-    in that matrix) make one LLM token (4 for Qwen2-VL's 2x2 merger, 1 for LLaVA). For a video whose tower
-    attends within each frame group only (Qwen2-VL), ``attention`` is (t, N/t, N/t): one block per frame group.
+    in that matrix) make one LLM token (4 for the Qwen towers' 2x2 merger, 1 for LLaVA). For a video whose tower
+    attends within each frame group only (the Qwen towers), ``attention`` is (t, N/t, N/t): one block per frame group.
     ``cls_attention``: (N,) attention the CLS token pays to each patch, when the tower has a CLS token.
     ``keys``: (n, d) keys of the scoring layer averaged over heads, one row per LLM token (patch keys
     averaged within a merged token), when attention was captured.
@@ -48,6 +48,10 @@ class ImageTokens:
     for (``grey=True``: a vision pruner's ``needs_grey``)"""
     kind: str = "image"
     """"image" or "video" (sparse prefill layouts name the span's kind)"""
+    fixed: torch.Tensor | None = None
+    """(m, d_model): features of tokens the language model receives with this input that no method prunes, scores
+    or counts as visual (LLaVA's CLS token under ``vision_feature_select_strategy="full"``); they fill the
+    adapter's ``fixed_token_mask`` positions and keep them"""
     deepstack: torch.Tensor | None = None
     """(levels, n, d_model): features the family adds to the hidden states of its first ``levels`` decoder layers at
     this input's positions (Qwen3-VL's DeepStack), one row per LLM token like ``features``; pruning drops the same
@@ -58,8 +62,8 @@ class ImageTokens:
         return self.features.shape[0]
 
     def frame_groups(self) -> list["ImageTokens"]:
-        """One ImageTokens of grid (1, h, w) per frame group, each with its own features, attention block, keys
-        and grey values (an image is its own single group). Vision pruners see a video this way."""
+        """One ImageTokens of grid (1, h, w) per frame group, each with its own features, attention block, keys,
+        grey values and DeepStack rows (an image is its own single group). Vision pruners see a video this way."""
         t, h, w = self.grid
         if t == 1:
             return [self]
@@ -72,7 +76,8 @@ class ImageTokens:
                 attention=None if att is None else att[g] if att.dim() == 3 else att[pp, pp],
                 cls_attention=None if self.cls_attention is None else self.cls_attention[pp],
                 keys=None if self.keys is None else self.keys[tok],
-                grey=None if self.grey is None else self.grey[tok], kind=self.kind))
+                grey=None if self.grey is None else self.grey[tok], kind=self.kind,
+                deepstack=None if self.deepstack is None else self.deepstack[:, tok]))
         return out
 
 
@@ -87,6 +92,8 @@ class ModelInfo:
     vision_attention_layers: tuple[int, ...] | None = None
     """the vision layers whose attention spans a whole image (None: all; Qwen2.5-VL: its full-attention blocks,
     the others attend within windows)"""
+    cls_token: bool = False
+    """does the vision tower have a [CLS] token (CLIP) whose attention methods can read"""
 
     def check_vision_layer(self, method: str, layer: int | None, reads_attention: bool = True) -> None:
         """Refuse a vision layer outside the tower, or, for a method that reads the layer's attention, one whose
@@ -137,7 +144,13 @@ class Adapter(ABC):
         return ModelInfo(
             family=self.family, num_layers=len(self.decoder_layers), num_vision_layers=len(self.vision_layers),
             name=getattr(self.model, "name_or_path", "") or "", vision_attention_layers=self.vision_attention_layers,
+            cls_token=self.tower_has_cls,
         )
+
+    @property
+    def tower_has_cls(self) -> bool:
+        """Does the vision tower prepend a [CLS] token (LLaVA's CLIP; not SigLIP, not the Qwen towers)."""
+        return False
 
     @property
     def vision_attention_layers(self) -> tuple[int, ...] | None:
@@ -213,10 +226,15 @@ class Adapter(ABC):
         them): the tokens vision features are scattered into and pruners choose from."""
         return inputs["input_ids"] == self.image_token_id
 
+    def fixed_token_mask(self, inputs) -> torch.Tensor | None:
+        """(B, L) True at placeholders that receive an input's ``ImageTokens.fixed`` features (never pruned; not in
+        ``image_token_mask``), or None when the family has none."""
+        return None
+
     def grid_region(self, processor, size: tuple[int, int]) -> tuple[float, float, float, float]:
         """The box (x0, y0, x1, y1), in pixels of the original image of ``size`` (W, H), that an image's token
         grid covers once the processor has laid it out (it may extend past the image when the processor pads).
-        Default: the whole image (Qwen2-VL resizes the whole image to its grid)."""
+        Default: the whole image (the Qwen processors resize the whole image to its grid)."""
         return 0.0, 0.0, float(size[0]), float(size[1])
 
     # -- vision ----------------------------------------------------------------------------------------------
@@ -280,7 +298,7 @@ class Adapter(ABC):
         """Turn (R, B, L) positions into what the model's forward takes as ``position_ids``."""
 
     def set_decode_state(self, positions: torch.Tensor, valid: torch.Tensor) -> None:
-        """Store whatever the model keeps between steps (Qwen2-VL's ``rope_deltas``). An optional hook: the
+        """Store whatever the model keeps between steps (the Qwen families' ``rope_deltas``). An optional hook: the
         default stores nothing."""
         return None
 

@@ -47,8 +47,7 @@ class LlavaAdapter(Adapter):
         pixel_values = inputs.get("pixel_values")
         if pixel_values is None:
             return []
-        cfg = self.model.config
-        has_cls = cfg.vision_feature_select_strategy == "default"
+        has_cls = self.tower_has_cls
         kwargs = {}
         attn: Sequence[tuple[torch.Tensor, torch.Tensor] | tuple[None, None]]  # (attention, keys) per image
         if "image_sizes" in inputs:
@@ -69,9 +68,15 @@ class LlavaAdapter(Adapter):
         patch = self.model.config.vision_config.patch_size
         out = []
         for f, (a, keys), g in zip(feats, attn, greys):  # g: (H, W) or None
+            fixed = None
+            if self.keeps_cls:  # the CLS feature enters the LLM first; it is kept, never pruned or scored
+                fixed, f = f[:1], f[1:]
             side = int(round(f.shape[0] ** 0.5))
             if side * side != f.shape[0]:
-                raise ValueError(f"LLaVA image has {f.shape[0]} tokens, which is not a square grid")
+                raise UnsupportedModelError(
+                    f"LLaVA image has {f.shape[0]} patch tokens, which is not a square grid (vision_feature_select_"
+                    f"strategy={self.model.config.vision_feature_select_strategy!r}); vlmfast supports one square "
+                    "grid per image (CLIP / SigLIP towers, 'default' or 'full')")
             cls_row = None
             if a is not None and has_cls:
                 assert keys is not None  # captured with the attention
@@ -80,8 +85,40 @@ class LlavaAdapter(Adapter):
                 g = g[: side * patch, : side * patch].reshape(side, patch, side, patch).permute(0, 2, 1, 3)
                 g = g.reshape(side * side, patch * patch)
             out.append(ImageTokens(features=f, grid=(1, side, side), attention=a, cls_attention=cls_row, keys=keys,
-                                   grey=g))
+                                   grey=g, fixed=fixed))
         return out
+
+    @property
+    def tower_has_cls(self) -> bool:
+        """CLIP-style towers prepend a CLS token (``class_embedding``); SigLIP's do not."""
+        tower = self.model.model.vision_tower
+        return hasattr(getattr(getattr(tower, "vision_model", tower), "embeddings", None), "class_embedding")
+
+    @property
+    def keeps_cls(self) -> bool:
+        """``vision_feature_select_strategy="full"`` on a CLS tower: the LLM receives the CLS feature before the
+        patches (17 tokens for a 4 x 4 grid)."""
+        return self.tower_has_cls and self.model.config.vision_feature_select_strategy == "full"
+
+    def image_token_mask(self, inputs) -> torch.Tensor:
+        mask = super().image_token_mask(inputs)
+        fixed = self.fixed_token_mask(inputs)
+        return mask if fixed is None else mask & ~fixed
+
+    def fixed_token_mask(self, inputs) -> torch.Tensor | None:
+        """With the CLS kept ("full"): the first placeholder of each image's run (each run of ``<image>`` tokens
+        holds whole images of n_patches + 1 tokens)."""
+        if not self.keeps_cls:
+            return None
+        ids = inputs["input_ids"]
+        image = ids == self.image_token_id
+        vc = self.model.config.vision_config
+        per = (vc.image_size // vc.patch_size) ** 2 + 1
+        run_start = image & ~torch.cat([torch.zeros_like(image[:, :1]), image[:, :-1]], 1)
+        # offset of each placeholder inside its run: position - position of the run's start
+        pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        start = torch.where(run_start, pos, torch.zeros_like(pos)).cummax(1).values
+        return image & ((pos - start) % per == 0)
 
     def layers_run(self, attention_layer: int | None) -> int:
         """How many of the tower's layers run: up to the last one LLaVA feeds or a pruner scores."""

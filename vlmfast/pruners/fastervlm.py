@@ -1,8 +1,8 @@
 """FasterVLM (arXiv 2412.01818): keep the tokens the vision tower's [CLS] attends to most, before the LLM.
 
 Score = attention of the [CLS] query to each patch in the feature layer (head mean); keep the top
-floor(N * keep) in raster order. Qwen2-VL has no [CLS]: there the score falls back to the attention each
-token *receives* (column mean of the patch attention, summed per merged token) — documented in
+floor(N * keep) in raster order. The Qwen towers (and SigLIP) have no [CLS]: there the score falls back to the
+attention each token *receives* (column mean of the patch attention, summed per merged token) — documented in
 docs/methods/fastervlm.md.
 """
 

@@ -5,7 +5,7 @@ among the non-dominant tokens, each absorbing the remaining tokens whose (head-m
 similar to its own. vlmfast places each contextual token at its anchor's position (so positions keep their
 meaning) and carries the mean of the merged features. Differences from the reference (which merges
 pre-projector hidden states as anchor + mean and appends them after the dominant tokens) are in
-docs/methods/visionzip.md. Without a [CLS] token (Qwen2-VL) dominance falls back to received attention.
+docs/methods/visionzip.md. Without a [CLS] token (the Qwen towers, SigLIP) dominance falls back to received attention.
 """
 
 from __future__ import annotations

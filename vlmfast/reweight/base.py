@@ -57,7 +57,8 @@ class BranchMethod(Method):
     """A decoding method with one extra branch. Subclasses define ``alpha``, ``beta`` and build the branch."""
 
     stage: ClassVar[str] = "decoding"
-    #: does the method read the vision tower's attention ([CLS] row) to build its branch (DAMRO)
+    #: does the method read the vision tower's attention (the [CLS] row, or the attention patches receive) to build
+    #: its branch (DAMRO)
     needs_vision_attention: ClassVar[bool] = False
     #: does the branch see the image the main branch sees (VAR applies there too) or a negative view (it does not)
     positive_branch: ClassVar[bool] = True

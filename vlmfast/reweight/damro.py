@@ -9,8 +9,8 @@ the other tokens are dropped, so the branch's sequence is short and cheap), with
 
     z = (1 + alpha) z_full - alpha z_outliers;   z[v] = -inf where z_full[v] < log(beta) + max z_full
 
-Towers without a [CLS] token (Qwen2-VL) need a substitute criterion (``criterion``): ``received`` — the mean
-attention each token *receives* from all patches in the scoring layer (summed over the 2x2 patches merged into
+Towers without a [CLS] token (the Qwen towers, SigLIP) need a substitute criterion (``criterion``): ``received`` —
+the mean attention each token *receives* from all patches in the scoring layer (summed over the 2x2 patches merged into
 one LLM token), the column-mean analogue of [CLS] attention (the default there, as for FasterVLM); or
 ``norm`` — the L2 norm of the projected token features (high-norm outliers, as in "ViTs need registers").
 Neither is validated by the paper.
@@ -24,6 +24,7 @@ import torch
 from pydantic import Field
 
 from ..adapters.base import ImageTokens, ModelInfo
+from ..errors import PolicyError
 from ..pruners.base import topk_sorted
 from ..registry import register
 from .base import BranchInputs, BranchMethod, method_dataclass
@@ -73,7 +74,11 @@ class DAMRO(BranchMethod):
         return self.layer
 
     def check(self, info: ModelInfo) -> None:
-        info.check_vision_layer("damro", self.layer)
+        if self.criterion == "cls" and not info.cls_token:
+            raise PolicyError(f"damro.criterion = 'cls' needs a vision tower with a [CLS] token, and this "
+                              f"{info.family} tower has none; use 'auto' (attention received instead), 'received' "
+                              "or 'norm'")
+        info.check_vision_layer("damro", self.layer, reads_attention=self.criterion != "norm")
 
     def main_weight(self) -> float:
         return self.alpha

@@ -8,6 +8,7 @@ Their weights are random: they exercise mechanics (shapes, positions, hooks), no
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -71,8 +72,9 @@ class TinySpec:
     seed: int = 0
 
 
-def tiny_llava(spec: TinySpec = TinySpec()):
-    """A random-weight ``LlavaForConditionalGeneration`` and its ``LlavaProcessor`` (offline)."""
+def tiny_llava(spec: TinySpec = TinySpec(), strategy: Literal["default", "full"] = "default"):
+    """A random-weight ``LlavaForConditionalGeneration`` and its ``LlavaProcessor`` (offline). ``strategy``: the
+    ``vision_feature_select_strategy`` ("full" keeps the CLS feature: grid**2 + 1 tokens per image)."""
     from transformers import (
         CLIPImageProcessor,
         CLIPVisionConfig,
@@ -103,8 +105,8 @@ def tiny_llava(spec: TinySpec = TinySpec()):
             pad_token_id=vocab["<pad>"], bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"],
             max_position_embeddings=4096,
         ),
-        image_token_index=vocab["<image>"], image_seq_length=n_side * n_side,
-        vision_feature_layer=-2, vision_feature_select_strategy="default",
+        image_token_index=vocab["<image>"], image_seq_length=n_side * n_side + (strategy == "full"),
+        vision_feature_layer=-2, vision_feature_select_strategy=strategy,
         pad_token_id=vocab["<pad>"],
     )
     torch.manual_seed(spec.seed)
@@ -116,7 +118,7 @@ def tiny_llava(spec: TinySpec = TinySpec()):
     )
     processor = LlavaProcessor(
         image_processor=image_processor, tokenizer=tok, patch_size=spec.patch,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1, image_token="<image>",
+        vision_feature_select_strategy=strategy, num_additional_image_tokens=1, image_token="<image>",
         chat_template=LLAVA_CHAT_TEMPLATE,
     )
     return model, processor
