@@ -60,10 +60,10 @@ def _generate(a) -> int:
 def _bench(a) -> int:
     from .bench import prefill as bench_prefill
 
-    spec = bench_prefill.QUICK if a.quick else bench_prefill.PROXY
-    rows = bench_prefill.run(a.json, spec=spec, repeats=a.repeats, decode_tokens=a.decode_tokens,
-                             keeps=tuple(a.keep), threads=a.threads)
-    print(bench_prefill.table(rows, markdown=a.markdown))
+    proxy = bench_prefill.PROXIES[a.family]
+    rows = bench_prefill.run(a.json, family=a.family, spec=proxy.quick if a.quick else proxy.spec,
+                             repeats=a.repeats, decode_tokens=a.decode_tokens, keeps=tuple(a.keep), threads=a.threads)
+    print(bench_prefill.table(rows, markdown=a.markdown, columns=proxy.columns))
     if a.json:
         print(f"\nwrote {a.json}")
     return 0
@@ -192,7 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks (speed ratios measured side by side in one run)")
     bsub = b.add_subparsers(dest="bench", required=True)
-    bp = bsub.add_parser("prefill", help="full vs. FoPru and FastV prefill on a LLaVA-1.5-shaped proxy")
+    bp = bsub.add_parser("prefill", help="full vs. pruned prefill (FoPru, FastV; DivPrune on qwen2.5-vl) on a "
+                                         "random-weight proxy of LLaVA-1.5's or Qwen2.5-VL-7B's layout")
+    bp.add_argument("--family", choices=["llava", "qwen2.5-vl"], default="llava",
+                    help="the proxy's layout: llava (LLaVA-1.5, 576 visual tokens) or qwen2.5-vl (Qwen2.5-VL-7B's "
+                         "windowed tower, one 1,008 px image: 1,296 visual tokens)")
     bp.add_argument("--json", help="write the rows as JSON to this path")
     bp.add_argument("--repeats", type=positive_int, default=5)
     bp.add_argument("--decode-tokens", type=positive_int, default=8)
