@@ -16,6 +16,7 @@ import torch
 
 from ._compat import CACHE_KW
 from .adapters.base import Adapter, ImageTokens
+from .budget import split_budget
 from .errors import InputError
 from .layer_stage import gather_seq
 from .stats import now
@@ -36,6 +37,11 @@ class Encoded(NamedTuple):
     """seconds the processor took (the rest of :func:`encode` is the vision tower)"""
     fixed_mask: torch.Tensor | None = None
     """(B, L) True at placeholders of never-pruned visual tokens (``ImageTokens.fixed``), or None"""
+    owner: tuple[int, ...] = ()
+    """per visual input, its sample"""
+    source: tuple[int, ...] = ()
+    """per visual input, the index of its image (or video: after the sample's images) in its sample; the views of
+    one image share it"""
 
 
 class Assembled(NamedTuple):
@@ -54,13 +60,36 @@ class Assembled(NamedTuple):
         return self.mask.bool()
 
 
-def sequence_order(images: list, videos: list, batch_images: list[list], batch_videos: list[list]) -> list:
-    """The adapter's images and videos (each in request order) interleaved in sequence order: per sample its
-    images, then its videos (the order ``prepare`` puts them in the prompt)."""
-    it_i, it_v, out = iter(images), iter(videos), []
-    for imgs, vids in zip(batch_images, batch_videos):
-        out += [next(it_i) for _ in imgs] + [next(it_v) for _ in vids]
-    return out
+def sequence_order(images: list, videos: list, batch_images: list[list],
+                   batch_videos: list[list]) -> tuple[list, tuple[int, ...], tuple[int, ...]]:
+    """The adapter's images and videos (each in request order; an image's further views right after its first)
+    interleaved in sequence order: per sample its images, then its videos (the order ``prepare`` puts them in the
+    prompt). Returns (the visual inputs, the sample of each, the index of each one's image or video in its sample:
+    images first, then videos)."""
+    groups: list[list] = []
+    current: list | None = None
+    for v in images:  # an image = its view 0 and the views after it
+        if v.view == 0 or current is None:
+            current = []
+            groups.append(current)
+        current.append(v)
+    if len(groups) != sum(len(i) for i in batch_images):
+        raise RuntimeError(f"the adapter gave {len(groups)} images for {sum(len(i) for i in batch_images)} passed")
+    it_i, it_v = iter(groups), iter(videos)
+    out: list = []
+    owner: list[int] = []
+    source: list[int] = []
+    for b, (imgs, vids) in enumerate(zip(batch_images, batch_videos)):
+        for j in range(len(imgs)):
+            views = next(it_i)
+            out += views
+            owner += [b] * len(views)
+            source += [j] * len(views)
+        for j in range(len(vids)):
+            out.append(next(it_v))
+            owner.append(b)
+            source.append(len(imgs) + j)
+    return out, tuple(owner), tuple(source)
 
 
 def encode(adapter: Adapter, processor, batch_images: list[list], prompts: list[str],
@@ -79,14 +108,15 @@ def encode(adapter: Adapter, processor, batch_images: list[list], prompts: list[
         raise InputError(f"the prompt needs {int(positions.max()) + 1} positions (its text, the chat template and the "
                          f"visual tokens) but the language model has {limit} (max_position_embeddings); shorten the "
                          "prompt or pass fewer or smaller images")
-    visual = sequence_order(*adapter.visual_tokens(inputs, attention_layer, grey), batch_images, batch_videos)
+    visual, owner, source = sequence_order(*adapter.visual_tokens(inputs, attention_layer, grey), batch_images,
+                                           batch_videos)
     fixed_mask = adapter.fixed_token_mask(inputs)
     n_feat = sum(v.n_tokens for v in visual) + sum(0 if v.fixed is None else v.fixed.shape[0] for v in visual)
     n_slots = int(image_mask.sum()) + (0 if fixed_mask is None else int(fixed_mask.sum()))
     if n_feat != n_slots:
         raise InputError(f"the processor produced {n_slots} image placeholders but the vision "
                          f"tower {n_feat} features; check the processor matches the model")
-    return Encoded(inputs, image_mask, positions, visual, prepare_s, fixed_mask)
+    return Encoded(inputs, image_mask, positions, visual, prepare_s, fixed_mask, owner, source)
 
 
 def context_length(adapter: Adapter) -> int | None:
@@ -103,12 +133,29 @@ def prune_visual(pruner, visual: list[ImageTokens]) -> tuple[list[ImageTokens], 
     if pruner is None:
         return list(visual), [torch.arange(v.n_tokens, device=v.features.device) for v in visual], [None] * len(visual)
     out, kept, scores = [], [], []
-    for v in visual:
-        res = pruner.prune_visual(v)  # a video: per frame group
+    per_view = _view_pruners(pruner, visual)
+    for v, p in zip(visual, per_view):
+        res = p.prune_visual(v)  # a video: per frame group
         out.append(replace(v, features=v.features.index_copy(0, res.keep, res.features.to(v.features.dtype))))
         kept.append(res.keep)
         scores.append(res.scores)
     return out, kept, scores
+
+
+def _view_pruners(pruner, visual: list[ImageTokens]) -> list:
+    """The pruner for each visual input: itself, except for the views of a multi-view image, which get copies whose
+    ``keep`` gives each view its share of the image's budget (:func:`~vlmfast.budget.split_budget`)."""
+    out = [pruner] * len(visual)
+    keep = getattr(pruner, "keep", None)
+    if not isinstance(keep, float) or keep >= 1.0:
+        return out
+    starts = [i for i, v in enumerate(visual) if v.view == 0] + [len(visual)]
+    for a, b in zip(starts[:-1], starts[1:]):
+        if b - a > 1:
+            sizes = [visual[i].n_tokens for i in range(a, b)]
+            for i, k in zip(range(a, b), split_budget(sizes, keep)):
+                out[i] = replace(pruner, keep=k / sizes[i - a])
+    return out
 
 
 def assemble(model, encoded: Encoded, visual: list[ImageTokens], kept: list[torch.Tensor]) -> Assembled:
@@ -214,8 +261,9 @@ class Request:
 
     @property
     def counts(self) -> list[int]:
-        """visual inputs per sample"""
-        return [len(i) + len(v) for i, v in zip(self.batch_images, self.batch_videos)]
+        """visual inputs per sample (an image with several views counts each)"""
+        owner = self.encoded.owner
+        return [sum(1 for o in owner if o == b) for b in range(len(self.prompts))]
 
     @property
     def n_layers(self) -> int:

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2] / "vlmfast"
 #: lowest first. The library is everything up to the package root; datasets and the tools sit above it.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("vlmfast.errors", "vlmfast._compat", "vlmfast._logging", "vlmfast.hooks", "vlmfast.stats",
-              "vlmfast.kv_quant", "vlmfast.argtypes")),
+              "vlmfast.kv_quant", "vlmfast.argtypes", "vlmfast.budget")),
     ("adapters", ("vlmfast.adapters",)),
     ("contract", ("vlmfast.method", "vlmfast.registry")),
     ("core", ("vlmfast.attention", "vlmfast.layer_stage", "vlmfast.request", "vlmfast.decoding", "vlmfast.inputs")),

@@ -70,10 +70,10 @@ def test_order_and_exact_counts(tiny, name, keep):
         assert [s["visual_tokens_kept"] for s in out.stats.stages][-1] == left and len(out.stats.stages) == 3
     else:
         assert out.stats.visual_tokens_final == n_keep(n, keep)
-    if method.stage == "vision":
-        kept = out.kept[0]
-        assert kept.tolist() == sorted(set(kept.tolist()))
-        assert out.stats.visual_tokens_kept == kept.numel()
+    if method.stage == "vision":  # one kept list per visual input (per view of a multi-view image)
+        for kept in out.kept:
+            assert kept.tolist() == sorted(set(kept.tolist()))
+        assert out.stats.visual_tokens_kept == sum(k.numel() for k in out.kept)
 
 
 def test_batch_equals_alone(tiny, family, name):

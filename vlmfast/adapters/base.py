@@ -48,6 +48,11 @@ class ImageTokens:
     for (``grey=True``: a vision pruner's ``needs_grey``)"""
     kind: str = "image"
     """"image" or "video" (sparse prefill layouts name the span's kind)"""
+    view: int = 0
+    """0: an image's first (or only) view; k > 0: its further views, right after it in the sequence (LLaVA-NeXT's
+    high-resolution grid after the base view). Each view has its own grid; pruners prune each view on its own"""
+    region: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)
+    """the part of the image's grid region (``Adapter.grid_region``) this view covers, as fractions (x0, y0, x1, y1)"""
     fixed: torch.Tensor | None = None
     """(m, d_model): features of tokens the language model receives with this input that no method prunes, scores
     or counts as visual (LLaVA's CLS token under ``vision_feature_select_strategy="full"``); they fill the

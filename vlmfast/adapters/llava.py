@@ -15,7 +15,7 @@ from .base import Adapter, ImageTokens, head_mean_attention, text_positions, unn
 class LlavaAdapter(Adapter):
     family = "llava"
     title = "LLaVA"
-    model_classes = ("LlavaForConditionalGeneration",)
+    model_classes: tuple[str, ...] = ("LlavaForConditionalGeneration",)
 
     def __init__(self, model) -> None:
         super().__init__(model)

@@ -92,6 +92,10 @@ class SampleContext:
     kept: list[torch.Tensor]
     pil_images: list
     regions: list[tuple[float, float, float, float]]
+    """per image (not per view): the box its grids cover"""
+    source: list[int] | None = None
+    """per visual input of ``images``, the index of its image in ``pil_images`` (views of one image share it;
+    None: one visual input per image)"""
 
 
 def _layer_ids(cfg: GroundingConfig, n_layers: int) -> list[int]:
@@ -138,17 +142,34 @@ def phrase_maps(capture: AttentionCapture, cfg: GroundingConfig, requests: list[
     if cfg.remove_sinks:
         phi = {k: v[b].cpu() for k, v in capture.phi.items()}
         sinks = maps.sink_tokens(phi, image_full[:length], cfg.sink_tau, cfg.sink_from_layer)[cols]
+    source = torch.tensor(ctx.source if ctx.source is not None else range(len(ctx.kept)), dtype=torch.long)
     out = []
     for start in starts:
         rel = maps.propagate(mats, start, cfg.flow, valid_full)
         vals = rel[cols].masked_fill(sinks, 0.0)
         mass = torch.zeros(len(ctx.kept)).index_add_(0, owner, vals)
-        i = int(mass.argmax())
-        own = owner == i
-        grid = maps.grid_map(vals[own], cells[own], ctx.images[i].grid)
-        heat = maps.normalise(maps.grid_to_pixels(maps.normalise(grid), ctx.regions[i], ctx.pil_images[i].size))
-        out.append((i, heat))
+        i = int(torch.zeros(len(ctx.pil_images)).index_add_(0, source, mass).argmax())  # the image holding most
+        views = [v for v in range(len(ctx.kept)) if int(source[v]) == i]
+        if len(views) == 1:
+            own = owner == views[0]
+            grid = maps.grid_map(vals[own], cells[own], ctx.images[views[0]].grid)
+            heat = maps.grid_to_pixels(maps.normalise(grid), ctx.regions[i], ctx.pil_images[i].size)
+        else:  # several views of one image: each view's attention as a density over its part of the image, summed
+            heat = torch.stack([_view_density(ctx, v, i, vals[owner == v], cells[owner == v]) for v in views]).sum(0)
+        out.append((i, maps.normalise(heat)))
     return out
+
+
+def _view_density(ctx: SampleContext, v: int, i: int, vals: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+    """View ``v`` of image ``i``: its tokens' attention spread over the pixels its grid covers (per token's area,
+    so views of different resolutions add up as densities)."""
+    view = ctx.images[v]
+    _, h, w = view.grid
+    x0, y0, x1, y1 = ctx.regions[i]
+    f0, g0, f1, g1 = view.region
+    box = (x0 + f0 * (x1 - x0), y0 + g0 * (y1 - y0), x0 + f1 * (x1 - x0), y0 + g1 * (y1 - y0))
+    area = max(1e-6, (box[2] - box[0]) * (box[3] - box[1]))
+    return maps.grid_to_pixels(maps.grid_map(vals, cells, view.grid) * (h * w / area), box, ctx.pil_images[i].size)
 
 
 def ground_sample(capture: AttentionCapture, cfg: GroundingConfig, requests: list[PhraseRows], ctx: SampleContext,
@@ -278,7 +299,8 @@ class GroundingRun(Run):
                                    self.phrases[b], tokens[b], self.capture.decode_steps)
                 ctx = SampleContext(b, request.image_mask, request.valid, [request.visual[i] for i in own],
                                     [request.kept[i] for i in own], imgs,
-                                    [adapter.grid_region(processor, im.size) for im in imgs])
+                                    [adapter.grid_region(processor, im.size) for im in imgs],
+                                    [request.encoded.source[i] for i in own])
                 self.samples.append((reqs, ctx))
                 if not reqs or not imgs:
                     out.append([])

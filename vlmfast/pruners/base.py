@@ -18,18 +18,12 @@ from typing import TYPE_CHECKING, ClassVar, NamedTuple
 import torch
 
 from ..adapters.base import ImageTokens, ModelInfo
+from ..budget import n_keep, split_budget  # noqa: F401  (re-exported: pruners count with them)
 from ..errors import PolicyError
 from ..method import Method, Run, method_dataclass
 
 if TYPE_CHECKING:
     from ..request import Request
-
-
-def n_keep(n: int, ratio: float) -> int:
-    """floor(n * ratio), at least 1 (for n > 0); the epsilon absorbs float error (0.1 * 570 = 56.99...)."""
-    if n <= 0:
-        return 0
-    return max(1, min(n, int(n * ratio + 1e-6)))
 
 
 def topk_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:

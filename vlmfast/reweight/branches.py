@@ -97,9 +97,11 @@ class Branches:
                    "main_weight": self.main_weight, "beta": self.beta,
                    "branch_visual_tokens": sum(int(built.kept[i].numel()) for i in own) if built.kept else 0,
                    "branch_prefill_s": round(br.prefill_s, 4)}
-            if built.similarity is not None and built.kept_fraction is not None:
-                row["similarity"] = [round(built.similarity[i], 4) for i in own]
-                row["kept_fraction"] = [round(built.kept_fraction[i], 4) for i in own]
+            if built.similarity is not None and built.kept_fraction is not None:  # per image (not per view)
+                first = sum(len(x) for x in self.request.batch_images[:b])
+                mine = range(first, first + len(self.request.batch_images[b]))
+                row["similarity"] = [round(built.similarity[i], 4) for i in mine]
+                row["kept_fraction"] = [round(built.kept_fraction[i], 4) for i in mine]
             row["summary"] = (f"branch x{br.weight:+g} (main x{self.main_weight:g}, beta {self.beta:g}): "
                               f"{row['branch_visual_tokens']} visual tokens; {built.info}; "
                               f"branch prefill {br.prefill_s:.3f} s")

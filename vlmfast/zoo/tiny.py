@@ -124,6 +124,56 @@ def tiny_llava(spec: TinySpec = TinySpec(), strategy: Literal["default", "full"]
     return model, processor
 
 
+def tiny_llava_next(spec: TinySpec = TinySpec()):
+    """A random-weight ``LlavaNextForConditionalGeneration`` and its ``LlavaNextProcessor`` (offline): CLIP crops of
+    ``image_size`` px, grid pinpoints of 1 x 2, 2 x 1 and 2 x 2 crops (LLaVA-v1.6: 336 px crops, up to 2 x 2 and
+    1 x 4 / 4 x 1), an ``image_newline`` after each row of the stitched high-resolution grid."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+        PreTrainedTokenizerFast,
+    )
+
+    special = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+    tk, vocab = _word_tokenizer(special)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    tok.padding_side = "left"
+    s = spec.image_size
+    pinpoints = [[s, 2 * s], [2 * s, s], [2 * s, 2 * s]]
+    cfg = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(
+            image_size=s, patch_size=spec.patch, hidden_size=spec.vision_hidden,
+            intermediate_size=2 * spec.vision_hidden, num_hidden_layers=spec.vision_layers,
+            num_attention_heads=spec.vision_heads, projection_dim=spec.vision_hidden,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=len(vocab), hidden_size=spec.hidden, intermediate_size=spec.intermediate,
+            num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
+            pad_token_id=vocab["<pad>"], bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"],
+            max_position_embeddings=4096,
+        ),
+        image_token_index=vocab["<image>"], image_grid_pinpoints=pinpoints, vision_feature_layer=-2,
+        vision_feature_select_strategy="default", image_seq_length=(s // spec.patch) ** 2,
+    )
+    torch.manual_seed(spec.seed)
+    model = LlavaNextForConditionalGeneration(cfg).eval()
+    model.generation_config.eos_token_id = vocab["</s>"]
+    model.generation_config.pad_token_id = vocab["<pad>"]
+    image_processor = LlavaNextImageProcessor(size={"shortest_edge": s}, crop_size={"height": s, "width": s},
+                                              image_grid_pinpoints=pinpoints)
+    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tok, patch_size=spec.patch,
+                                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                   image_token="<image>", chat_template=LLAVA_CHAT_TEMPLATE)
+    return model, processor
+
+
 def _qwen_text(spec: TinySpec, extra_words: tuple[str, ...] = ()):
     """The word tokenizer, vocabulary, text config and special-token ids every tiny Qwen-VL shares."""
     from transformers import PreTrainedTokenizerFast
