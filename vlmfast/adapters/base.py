@@ -346,12 +346,15 @@ def text_positions(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def head_mean_attention(q: torch.Tensor, k: torch.Tensor, scaling: float,
-                        chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(q k^T * scaling) averaged over heads, (N, N), computed in query chunks; and the head-mean
-    keys (N, d). q, k: (H, N, d)."""
-    out = torch.empty(q.shape[1], k.shape[1], dtype=torch.float32, device=q.device)
-    kt = k.float().transpose(-1, -2)
-    for s in range(0, q.shape[1], chunk):
-        logits = torch.matmul(q[:, s : s + chunk].float(), kt) * scaling
-        out[s : s + chunk] = logits.softmax(-1).mean(0)
+                        chunk_elements: int = 2**21) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T * scaling) averaged over heads, (N, N), computed in query chunks of about ``chunk_elements``
+    logits (so the temporaries stay cache-sized whatever the head count and length); and the head-mean keys
+    (N, d). q, k: (H, N, d). q is scaled once, k transposed once (contiguous)."""
+    h, n = q.shape[0], k.shape[1]
+    out = torch.empty(q.shape[1], n, dtype=torch.float32, device=q.device)
+    qs = (q.float() * scaling).contiguous()
+    kt = k.float().transpose(-1, -2).contiguous()
+    rows = max(1, chunk_elements // max(1, h * n))
+    for s in range(0, q.shape[1], rows):
+        out[s : s + rows] = torch.matmul(qs[:, s : s + rows], kt).softmax(-1).mean(0)
     return out, k.float().mean(0)
