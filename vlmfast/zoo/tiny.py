@@ -72,18 +72,10 @@ class TinySpec:
     seed: int = 0
 
 
-def tiny_llava(spec: TinySpec = TinySpec(), strategy: Literal["default", "full"] = "default"):
-    """A random-weight ``LlavaForConditionalGeneration`` and its ``LlavaProcessor`` (offline). ``strategy``: the
-    ``vision_feature_select_strategy`` ("full" keeps the CLS feature: grid**2 + 1 tokens per image)."""
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-        PreTrainedTokenizerFast,
-    )
+def _llava_parts(spec: TinySpec):
+    """The word tokenizer (left padding), its vocabulary, and the CLIP vision / Llama text configs every tiny LLaVA
+    shares."""
+    from transformers import CLIPVisionConfig, LlamaConfig, PreTrainedTokenizerFast
 
     special = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
     tk, vocab = _word_tokenizer(special)
@@ -92,19 +84,29 @@ def tiny_llava(spec: TinySpec = TinySpec(), strategy: Literal["default", "full"]
         extra_special_tokens={"image_token": "<image>"},
     )
     tok.padding_side = "left"
+    vision = CLIPVisionConfig(
+        image_size=spec.image_size, patch_size=spec.patch, hidden_size=spec.vision_hidden,
+        intermediate_size=2 * spec.vision_hidden, num_hidden_layers=spec.vision_layers,
+        num_attention_heads=spec.vision_heads, projection_dim=spec.vision_hidden,
+    )
+    text = LlamaConfig(
+        vocab_size=len(vocab), hidden_size=spec.hidden, intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
+        pad_token_id=vocab["<pad>"], bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"],
+        max_position_embeddings=4096,
+    )
+    return tok, vocab, vision, text
+
+
+def tiny_llava(spec: TinySpec = TinySpec(), strategy: Literal["default", "full"] = "default"):
+    """A random-weight ``LlavaForConditionalGeneration`` and its ``LlavaProcessor`` (offline). ``strategy``: the
+    ``vision_feature_select_strategy`` ("full" keeps the CLS feature: grid**2 + 1 tokens per image)."""
+    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    tok, vocab, vision, text = _llava_parts(spec)
     n_side = spec.image_size // spec.patch
     cfg = LlavaConfig(  # type: ignore[call-arg]  # pad_token_id: an extra key, taken at runtime, not in its fields
-        vision_config=CLIPVisionConfig(
-            image_size=spec.image_size, patch_size=spec.patch, hidden_size=spec.vision_hidden,
-            intermediate_size=2 * spec.vision_hidden, num_hidden_layers=spec.vision_layers,
-            num_attention_heads=spec.vision_heads, projection_dim=spec.vision_hidden,
-        ),
-        text_config=LlamaConfig(
-            vocab_size=len(vocab), hidden_size=spec.hidden, intermediate_size=spec.intermediate,
-            num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
-            pad_token_id=vocab["<pad>"], bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"],
-            max_position_embeddings=4096,
-        ),
+        vision_config=vision, text_config=text,
         image_token_index=vocab["<image>"], image_seq_length=n_side * n_side + (strategy == "full"),
         vision_feature_layer=-2, vision_feature_select_strategy=strategy,
         pad_token_id=vocab["<pad>"],
@@ -129,36 +131,17 @@ def tiny_llava_next(spec: TinySpec = TinySpec()):
     ``image_size`` px, grid pinpoints of 1 x 2, 2 x 1 and 2 x 2 crops (LLaVA-v1.6: 336 px crops, up to 2 x 2 and
     1 x 4 / 4 x 1), an ``image_newline`` after each row of the stitched high-resolution grid."""
     from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
         LlavaNextConfig,
         LlavaNextForConditionalGeneration,
         LlavaNextImageProcessor,
         LlavaNextProcessor,
-        PreTrainedTokenizerFast,
     )
 
-    special = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
-    tk, vocab = _word_tokenizer(special)
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},
-    )
-    tok.padding_side = "left"
+    tok, vocab, vision, text = _llava_parts(spec)
     s = spec.image_size
     pinpoints = [[s, 2 * s], [2 * s, s], [2 * s, 2 * s]]
     cfg = LlavaNextConfig(
-        vision_config=CLIPVisionConfig(
-            image_size=s, patch_size=spec.patch, hidden_size=spec.vision_hidden,
-            intermediate_size=2 * spec.vision_hidden, num_hidden_layers=spec.vision_layers,
-            num_attention_heads=spec.vision_heads, projection_dim=spec.vision_hidden,
-        ),
-        text_config=LlamaConfig(
-            vocab_size=len(vocab), hidden_size=spec.hidden, intermediate_size=spec.intermediate,
-            num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
-            pad_token_id=vocab["<pad>"], bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"],
-            max_position_embeddings=4096,
-        ),
+        vision_config=vision, text_config=text,
         image_token_index=vocab["<image>"], image_grid_pinpoints=pinpoints, vision_feature_layer=-2,
         vision_feature_select_strategy="default", image_seq_length=(s // spec.patch) ** 2,
     )
