@@ -9,12 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from vlmfast.zoo.tiny import tiny_llava, tiny_qwen2_5_vl, tiny_qwen2_vl, tiny_qwen3_vl
+from vlmfast.zoo.tiny import tiny_llava, tiny_llava_next, tiny_qwen2_5_vl, tiny_qwen2_vl, tiny_qwen3_vl
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-BUILDERS = {"llava": tiny_llava, "qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl, "qwen3_vl": tiny_qwen3_vl}
+BUILDERS = {"llava": tiny_llava, "llava_next": tiny_llava_next, "qwen2_vl": tiny_qwen2_vl,
+            "qwen2_5_vl": tiny_qwen2_5_vl, "qwen3_vl": tiny_qwen3_vl}
 
 
 @pytest.fixture(scope="session", params=sorted(BUILDERS))

@@ -71,7 +71,10 @@ def test_positions_kept_tokens_keep_original_positions(tiny, method):
         out = acc.generate(images=[img], prompt=PROMPT, max_new_tokens=4)
     finally:
         handle.remove()
-    kept = out.kept[0]
+    with torch.inference_mode():  # one kept list per view (LLaVA-NeXT: two), offsets into the image's tokens
+        sizes = [v.n_tokens for v in acc.adapter.visual_tokens(inputs, None)[0]]
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    kept = torch.cat([k.cpu() + s for k, s in zip(out.kept, starts)])
     img_pos = image_mask.nonzero().squeeze(1)
     expected_cols = torch.cat([(~image_mask).nonzero().squeeze(1), img_pos[kept]]).sort().values
     prefill = calls[0]

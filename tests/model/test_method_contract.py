@@ -84,8 +84,10 @@ def test_a_run_starts_from_the_request_and_takes_part_in_every_step(tiny):
     req = SEEN["request"]
     assert SEEN["registered"] and SEEN["hooks_in"] and SEEN["hooks_out"]
     assert SEEN["cache_len"] == req.valid.shape[1]  # after prefill, before decoding
-    assert req.counts == [1, 1] and list(req.own(1)) == [1]
-    assert [int(k.numel()) for k in req.kept] == [o.stats.visual_tokens_kept for o in outs]
+    views = len(req.kept) // 2  # visual inputs per image (LLaVA-NeXT: two views)
+    assert req.counts == [views, views] and list(req.own(1)) == list(range(views, 2 * views))
+    assert [sum(int(req.kept[i].numel()) for i in req.own(b)) for b in range(2)] == \
+        [o.stats.visual_tokens_kept for o in outs]
     assert (req.image_mask & req.valid).sum(1).tolist() == [o.stats.visual_tokens_kept for o in outs]
     assert [o.stats.stages[-1] for o in outs] == [{"stage": "attention", "method": "test-record", "row": b}
                                                   for b in range(2)]
@@ -105,12 +107,16 @@ def test_the_public_assembly_api_rebuilds_the_request(tiny):
         one = req.assemble([torch.tensor([2]) for _ in enc.visual])
     assert full.mask.shape == enc.inputs["attention_mask"].shape and torch.equal(full.positions, enc.positions)
     first = int(enc.image_mask[0].nonzero()[0])
-    assert int((one.image_mask & one.valid).sum()) == 1
-    assert int(one.positions[0, 0][one.image_mask[0]].item()) == int(enc.positions[0, 0, first + 2])
+    assert int((one.image_mask & one.valid).sum()) == len(enc.visual)  # one per view
+    assert int(one.positions[0, 0][one.image_mask[0]][0].item()) == int(enc.positions[0, 0, first + 2])
     with torch.inference_mode():
         again = encode(acc.adapter, processor, [[make_image(6)]], ["what is it ?"])
         visual, kept, _ = prune_visual(None, again.visual)
         seq = assemble(model, again, visual, kept)
         ref = model.get_input_embeddings()(again.inputs["input_ids"])
-    assert torch.equal(seq.embeds[~again.image_mask], ref[~again.image_mask])
+    fixed = again.fixed_mask if again.fixed_mask is not None else torch.zeros_like(again.image_mask)
+    text = ~again.image_mask & ~fixed  # never-pruned visual tokens (LLaVA-NeXT's newlines) carry their features
+    assert torch.equal(seq.embeds[text], ref[text])
+    if fixed.any():
+        assert torch.equal(seq.embeds[fixed], torch.cat([v.fixed for v in again.visual if v.fixed is not None]))
     assert torch.equal(seq.embeds[again.image_mask], torch.cat([v.features for v in again.visual]).to(ref.dtype))

@@ -169,9 +169,10 @@ def test_damro_reading_the_cls_of_a_tower_without_one_is_refused_when_the_policy
     PolicyError when the accelerator is built, and 'norm' (no attention read) is accepted even on a windowed
     Qwen2.5-VL block."""
     from vlmfast import DAMRO
+    from vlmfast.adapters import adapter_for
 
     model, processor = models[family]
-    if family == "llava":
+    if adapter_for(model).tower_has_cls:  # the LLaVA families' CLIP towers
         VLMAccelerator(model, processor, policy=Policy([DAMRO(criterion="cls")]))
         return
     with pytest.raises(PolicyError, match=r"damro.criterion = 'cls' needs a vision tower with a \[CLS\] token"):
