@@ -83,11 +83,15 @@ class LayerStage:
     def columns(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The prefill columns the output of layer ``layer_idx`` holds: ((B, L') indices into the prefill sequence,
         False for padding and ghosts), or None when no stage has shortened the sequence by then."""
-        held = [st for st in self.stages if st.layer <= layer_idx]
+        held = self._started(layer_idx)
         return held[-1].selected() if held else None
 
+    def _started(self, layer_idx: int) -> list[_Stage]:
+        """The stages that start at or before ``layer_idx``, in layer order."""
+        return [st for st in self.stages if st.layer <= layer_idx]
+
     def _stage_for(self, layer_idx: int) -> _Stage:
-        return [st for st in self.stages if st.layer <= layer_idx][-1]
+        return self._started(layer_idx)[-1]
 
     def _select(self, st: _Stage) -> torch.Tensor:
         """Ask the pruner; return the indices (into the previous stage's columns) that stay."""

@@ -60,19 +60,19 @@ class Assembled(NamedTuple):
         return self.mask.bool()
 
 
+def view_groups(visual: list[ImageTokens]) -> list[range]:
+    """The index range of each image (or video) in ``visual``: a view 0 and the further views right after it."""
+    starts = [i for i, v in enumerate(visual) if v.view == 0 or i == 0] + [len(visual)]
+    return [range(a, b) for a, b in zip(starts[:-1], starts[1:])]
+
+
 def sequence_order(images: list, videos: list, batch_images: list[list],
                    batch_videos: list[list]) -> tuple[list, tuple[int, ...], tuple[int, ...]]:
     """The adapter's images and videos (each in request order; an image's further views right after its first)
     interleaved in sequence order: per sample its images, then its videos (the order ``prepare`` puts them in the
     prompt). Returns (the visual inputs, the sample of each, the index of each one's image or video in its sample:
     images first, then videos)."""
-    groups: list[list] = []
-    current: list | None = None
-    for v in images:  # an image = its view 0 and the views after it
-        if v.view == 0 or current is None:
-            current = []
-            groups.append(current)
-        current.append(v)
+    groups = [images[r.start:r.stop] for r in view_groups(images)]
     if len(groups) != sum(len(i) for i in batch_images):
         raise RuntimeError(f"the adapter gave {len(groups)} images for {sum(len(i) for i in batch_images)} passed")
     it_i, it_v = iter(groups), iter(videos)
@@ -149,12 +149,11 @@ def _view_pruners(pruner, visual: list[ImageTokens]) -> list:
     keep = getattr(pruner, "keep", None)
     if not isinstance(keep, float) or keep >= 1.0:
         return out
-    starts = [i for i, v in enumerate(visual) if v.view == 0] + [len(visual)]
-    for a, b in zip(starts[:-1], starts[1:]):
-        if b - a > 1:
-            sizes = [visual[i].n_tokens for i in range(a, b)]
-            for i, k in zip(range(a, b), split_budget(sizes, keep)):
-                out[i] = replace(pruner, keep=k / sizes[i - a])
+    for group in view_groups(visual):
+        if len(group) > 1:
+            sizes = [visual[i].n_tokens for i in group]
+            for i, n, k in zip(group, sizes, split_budget(sizes, keep)):
+                out[i] = replace(pruner, keep=k / n)
     return out
 
 

@@ -82,8 +82,7 @@ class LlavaAdapter(Adapter):
                 assert keys is not None  # captured with the attention
                 cls_row, a, keys = a[0, 1:], a[1:, 1:], keys[1:]
             if g is not None:
-                g = g[: side * patch, : side * patch].reshape(side, patch, side, patch).permute(0, 2, 1, 3)
-                g = g.reshape(side * side, patch * patch)
+                g = patch_greys(g, side, patch)
             out.append(ImageTokens(features=f, grid=(1, side, side), attention=a, cls_attention=cls_row, keys=keys,
                                    grey=g, fixed=fixed))
         return out
@@ -189,3 +188,11 @@ class LlavaAdapter(Adapter):
 
 def _identity(hidden_states, *args, **kwargs):
     return hidden_states
+
+
+def patch_greys(g: torch.Tensor, side: int, patch: int) -> torch.Tensor:
+    """(..., H, W) grey values -> (..., side * side, patch * patch): the pixels under each patch of a ``side`` x
+    ``side`` grid, patches in raster order (pixels past the grid are dropped)."""
+    lead = g.shape[:-2]
+    g = g[..., : side * patch, : side * patch].reshape(*lead, side, patch, side, patch).transpose(-3, -2)
+    return g.reshape(*lead, side * side, patch * patch)

@@ -23,7 +23,7 @@ import torch
 
 from ..errors import UnsupportedModelError
 from .base import Adapter, ImageTokens, unnormalise_grey
-from .llava import LlavaAdapter
+from .llava import LlavaAdapter, patch_greys
 
 
 class LlavaNextAdapter(LlavaAdapter):
@@ -100,13 +100,10 @@ class LlavaNextAdapter(LlavaAdapter):
             t0 = time.perf_counter()
             att = self._attention(module, seen["q"], seen["k"])  # per crop, all images' crops in order
             self.last_attention_s = time.perf_counter() - t0
-        crops = self._crops(pixel_values, sizes)
         greys = None
-        if grey:
-            patch = self.model.config.vision_config.patch_size
-            g = unnormalise_grey(crops, self.pixel_norm, channel_dim=1)  # (C, S, S)
-            s = self.side
-            greys = g.view(-1, s, patch, s, patch).permute(0, 1, 3, 2, 4).reshape(g.shape[0], s * s, patch * patch)
+        if grey:  # (crops, side * side, patch * patch)
+            g = unnormalise_grey(self._crops(pixel_values, sizes), self.pixel_norm, channel_dim=1)
+            greys = patch_greys(g, self.side, self.model.config.vision_config.patch_size)
         out, at = [], 0
         for f, size in zip(packed, self._sizes(inputs)):
             npw, rows, cols, index = self.layout(size)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, ClassVar, NamedTuple
 import torch
 
 from ..adapters.base import ImageTokens, ModelInfo
-from ..budget import n_keep, split_budget  # noqa: F401  (re-exported: pruners count with them)
+from ..budget import n_keep  # noqa: F401  (re-exported: the pruners count with it)
 from ..errors import PolicyError
 from ..method import Method, Run, method_dataclass
 
