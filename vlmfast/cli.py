@@ -192,11 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks (speed ratios measured side by side in one run)")
     bsub = b.add_subparsers(dest="bench", required=True)
-    bp = bsub.add_parser("prefill", help="full vs. pruned prefill (FoPru, FastV; DivPrune on qwen2.5-vl) on a "
-                                         "random-weight proxy of LLaVA-1.5's or Qwen2.5-VL-7B's layout")
-    bp.add_argument("--family", choices=["llava", "qwen2.5-vl"], default="llava",
-                    help="the proxy's layout: llava (LLaVA-1.5, 576 visual tokens) or qwen2.5-vl (Qwen2.5-VL-7B's "
-                         "windowed tower, one 1,008 px image: 1,296 visual tokens)")
+    bp = bsub.add_parser("prefill", help="full vs. pruned prefill (FoPru, FastV; DivPrune on the multi-family "
+                                         "proxies) on a random-weight proxy of a real model's layout")
+    bp.add_argument("--family", choices=["llava", "qwen2.5-vl", "qwen3-vl", "llava-next"], default="llava",
+                    help="the proxy's layout: llava (LLaVA-1.5, 576 visual tokens), qwen2.5-vl (Qwen2.5-VL-7B's "
+                         "windowed tower, one 1,008 px image: 1,296 visual tokens), qwen3-vl (Qwen3-VL-8B, DeepStack, "
+                         "one 1,024 px image: 1,024 visual tokens) or llava-next (LLaVA-v1.6-7B's anyres, one 672 px "
+                         "image: 2,880 visual tokens)")
     bp.add_argument("--json", help="write the rows as JSON to this path")
     bp.add_argument("--repeats", type=positive_int, default=5)
     bp.add_argument("--decode-tokens", type=positive_int, default=8)

@@ -136,6 +136,14 @@ class Policy:
             layer = own
         return layer
 
+    @property
+    def reads_attention_means_only(self) -> bool:
+        """Does every method that reads the vision attention need only its column and row means (so adapters may
+        skip the (N, N) matrix)?"""
+        readers = [p.reads_attention_means for p in self.vision_pruners if p.needs_attention]
+        readers += [m.reads_attention_means for m in self.branch_methods if m.needs_vision_attention]
+        return bool(readers) and all(readers)
+
     def is_for(self, model_name: str) -> bool | None:
         """Does ``models`` name this model? None when the policy names no models or the model has no name."""
         if not self.models or not model_name:

@@ -94,9 +94,9 @@ def sequence_order(images: list, videos: list, batch_images: list[list],
 
 def encode(adapter: Adapter, processor, batch_images: list[list], prompts: list[str],
            batch_videos: list[list] | None = None, attention_layer: int | None = None,
-           grey: bool = False) -> Encoded:
+           grey: bool = False, means_only: bool = False) -> Encoded:
     """Tokenise with the model's own processor and run the vision tower once (reading ``attention_layer``'s
-    attention and the pixels' grey values when asked)."""
+    attention, only its column and row means with ``means_only``, and the pixels' grey values when asked)."""
     batch_videos = batch_videos or [[] for _ in prompts]
     t0 = now(adapter.model.device)
     inputs = adapter.prepare(processor, batch_images, prompts, videos=batch_videos if any(batch_videos) else None)
@@ -108,8 +108,8 @@ def encode(adapter: Adapter, processor, batch_images: list[list], prompts: list[
         raise InputError(f"the prompt needs {int(positions.max()) + 1} positions (its text, the chat template and the "
                          f"visual tokens) but the language model has {limit} (max_position_embeddings); shorten the "
                          "prompt or pass fewer or smaller images")
-    visual, owner, source = sequence_order(*adapter.visual_tokens(inputs, attention_layer, grey), batch_images,
-                                           batch_videos)
+    visual, owner, source = sequence_order(*adapter.visual_tokens(inputs, attention_layer, grey, means_only),
+                                           batch_images, batch_videos)
     fixed_mask = adapter.fixed_token_mask(inputs)
     n_feat = sum(v.n_tokens for v in visual) + sum(0 if v.fixed is None else v.fixed.shape[0] for v in visual)
     n_slots = int(image_mask.sum()) + (0 if fixed_mask is None else int(fixed_mask.sum()))
@@ -284,8 +284,10 @@ class Request:
         adapter = self.adapter
         saved = adapter.last_attention_s  # the main request's scoring time stays what it was
         try:
+            vp = self.vision_pruner
             enc = encode(adapter, self.processor, batch_images, self.prompts, attention_layer=self.attention_layer,
-                         grey=bool(getattr(self.vision_pruner, "needs_grey", False)))
+                         grey=bool(getattr(vp, "needs_grey", False)),
+                         means_only=bool(getattr(vp, "reads_attention_means", False)))
         finally:
             adapter.last_attention_s = saved
         visual, kept, _ = prune_visual(self.vision_pruner, enc.visual)

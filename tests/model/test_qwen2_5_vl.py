@@ -101,3 +101,38 @@ def test_batch_with_left_padding_equals_alone(qwen25, methods):
                          prompt=[p for _, _, p in jobs], max_new_tokens=5)
     assert [b.token_ids for b in batch] == [a.token_ids for a in alone]
     assert [b.stats.visual_tokens_kept for b in batch] == [a.stats.visual_tokens_kept for a in alone]
+
+
+def test_means_only_reads_the_same_attention_without_the_matrix(qwen25):
+    """FoPru (and FasterVLM / VisionZip / DAMRO's received-attention fallbacks) need only the scoring layer's column
+    and row means; with ``means_only`` the adapter reduces the query chunks as it goes, never holding the (N, N)
+    matrix. The means equal the matrix's, on an image and on a video (one block per frame group), and FoPru keeps the
+    same tokens either way."""
+    model, processor = qwen25
+    adapter = adapter_for(model)
+    image, wide = make_image(0), make_image(1, size=112, width=168)
+    inputs = adapter.prepare(processor, [[image, wide]], ["<image><image>" + PROMPT],
+                             videos=[[make_video(4)]])
+    layer = adapter.resolve_vision_layer(None)
+    with torch.inference_mode():
+        full = adapter.visual_tokens(inputs, layer)
+        means = adapter.visual_tokens(inputs, layer, means_only=True)
+    pruner = FoPru(keep=0.25)
+    for a, b in zip(full[0] + full[1], means[0] + means[1]):
+        assert a.attention is not None and b.attention is None and b.received is not None
+        ra, ga = a.attention_means()
+        torch.testing.assert_close(b.received, ra, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(b.given, ga, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(b.keys, a.keys)
+        assert torch.equal(pruner.prune_visual(a).keep, pruner.prune_visual(b).keep)
+    assert full[1][0].attention.dim() == 3  # the video really is block-diagonal
+
+
+def test_the_policy_asks_for_means_only_when_every_reader_needs_only_them():
+    from vlmfast import VFlowOpt
+
+    assert Policy([FoPru(keep=0.25)]).reads_attention_means_only
+    assert Policy([VisionZip(keep=0.25), DAMRO()]).reads_attention_means_only
+    assert not Policy([VFlowOpt(keep=0.25)]).reads_attention_means_only  # reads the global tokens' rows
+    assert not Policy([FastV(keep=0.5)]).reads_attention_means_only  # reads no vision attention at all
+    assert not Policy([]).reads_attention_means_only

@@ -92,4 +92,66 @@ def test_cli_family_choices_are_the_proxies():
     for family in bench_prefill.PROXIES:
         assert parser.parse_args(["bench", "prefill", "--family", family]).family == family
     with pytest.raises(SystemExit):
-        parser.parse_args(["bench", "prefill", "--family", "qwen3-vl"])
+        parser.parse_args(["bench", "prefill", "--family", "internvl"])
+
+
+def test_qwen3_tower_flops_equal_torch_count():
+    """Every block attends over the whole image; the merger and one DeepStack merger per level (eager attention,
+    so torch's counter sees the attention matmuls)."""
+    spec = TinySpec(hidden=16, layers=2, heads=2, kv_heads=1, intermediate=32, vision_hidden=8, vision_layers=4,
+                    vision_heads=2, image_size=128, patch=16)
+    model, processor = bench_prefill.qwen3_vl_proxy(spec)
+    vc = model.config.vision_config
+    assert vc.deepstack_visual_indexes == [0, 2, 3] and vc.intermediate_size == 30  # 8 * 4304 / 1152
+    image = Image.fromarray((np.random.default_rng(0).random((64, 128, 3)) * 255).astype("uint8"))
+    inputs = processor.image_processor(images=[image], return_tensors="pt")
+    grid = bench_prefill.image_grid(model, processor, image)
+    assert grid == (1, 4, 8)
+    model.set_attn_implementation("eager")
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+    assert bench_prefill.vision_flops(model, None, grid) == counter.get_total_flops()
+
+
+def test_qwen3_proxy_tower_share_matches_qwen3_vl_8b():
+    eight = bench_prefill.qwen2_5_vl_tower_share(NS(**bench_prefill.QWEN3_VL_8B["vision"]),
+                                                 NS(**bench_prefill.QWEN3_VL_8B["text"]), grid=(1, 64, 64),
+                                                 tower_flops=bench_prefill.qwen3_vl_tower_flops)
+    cfg = bench_prefill.qwen3_vl_proxy(bench_prefill.QWEN3_VL_PROXY)[0].config
+    proxy = bench_prefill.qwen2_5_vl_tower_share(cfg.vision_config, cfg.text_config, grid=(1, 64, 64),
+                                                 tower_flops=bench_prefill.qwen3_vl_tower_flops)
+    assert 0.2 < eight < 0.35
+    assert proxy == pytest.approx(eight, abs=0.015)
+    assert cfg.vision_config.deepstack_visual_indexes == [2, 5, 8]
+
+
+def test_llava_next_tower_flops_count_every_crop():
+    """The tower runs once per crop (the base one and each tile): the count equals torch's over the model's own
+    ``get_image_features`` on a 2 x 2-tile image (eager attention)."""
+    model, processor = bench_prefill.llava_next_proxy(bench_prefill.LLAVA_NEXT_QUICK)
+    side = bench_prefill.LLAVA_NEXT_QUICK.image_size
+    image = Image.fromarray((np.random.default_rng(0).random((2 * side, 2 * side, 3)) * 255).astype("uint8"))
+    grid = bench_prefill.image_grid(model, processor, image)
+    assert grid == (5, side // 14, side // 14)
+    inputs = processor.image_processor(images=[image], return_tensors="pt")
+    model.set_attn_implementation("eager")
+    layers = bench_prefill.adapter_for(model).layers_run(None)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"])
+    per_crop = bench_prefill.tower_flops(model.config.vision_config, model.config.text_config.hidden_size,
+                                         model.config.vision_config.num_hidden_layers)
+    assert counter.get_total_flops() == 5 * per_crop  # transformers runs every layer; vlmfast skips the unused last
+    assert bench_prefill.vision_flops(model, None, grid) == 5 * bench_prefill.tower_flops(
+        model.config.vision_config, model.config.text_config.hidden_size, layers)
+
+
+@pytest.mark.parametrize("family", ["qwen3-vl", "llava-next"])
+def test_bench_prefill_quick_rows_of_the_new_families(family):
+    proxy = bench_prefill.PROXIES[family]
+    rows = bench_prefill.run(None, family=family, spec=proxy.quick, repeats=1, decode_tokens=2, progress=False)
+    assert [(r["method"], r["keep"]) for r in rows] == [("full", 1.0)] + [
+        (m, k) for m in ("fopru", "divprune", "fastv") for k in (0.5, 0.25, 0.1)]
+    n = rows[0]["visual_tokens_in"]
+    assert n == {"qwen3-vl": 64, "llava-next": 5 * 8 * 8}[family]  # 256 px / 16 / 2; 5 crops of 112 px / 14
+    for r in rows[1:]:
+        assert r["ideal_speedup"] > 1 and r["visual_tokens_kept"] < n

@@ -32,6 +32,11 @@ class ImageTokens:
     (CLS row/column removed), or None when no pruner asked for it. ``patches_per_token`` patches (consecutive
     in that matrix) make one LLM token (4 for the Qwen towers' 2x2 merger, 1 for LLaVA). For a video whose tower
     attends within each frame group only (the Qwen towers), ``attention`` is (t, N/t, N/t): one block per frame group.
+    ``received`` / ``given``: (N,) the column and row means of that matrix (the attention each patch receives from
+    the image's patches / pays to them, averaged over heads); for a block-diagonal video, per block. An adapter may
+    fill only these, without the (N, N) matrix, when every method that reads the attention needs only them
+    (``means_only``: FoPru, FasterVLM's and DAMRO's received-attention fallbacks); read them with
+    :meth:`attention_means`, which derives them from the matrix otherwise.
     ``cls_attention``: (N,) attention the CLS token pays to each patch, when the tower has a CLS token.
     ``keys``: (n, d) keys of the scoring layer averaged over heads, one row per LLM token (patch keys
     averaged within a merged token), when attention was captured.
@@ -57,6 +62,8 @@ class ImageTokens:
     """(m, d_model): features of tokens the language model receives with this input that no method prunes, scores
     or counts as visual (LLaVA's CLS token under ``vision_feature_select_strategy="full"``); they fill the
     adapter's ``fixed_token_mask`` positions and keep them"""
+    received: torch.Tensor | None = None
+    given: torch.Tensor | None = None
     deepstack: torch.Tensor | None = None
     """(levels, n, d_model): features the family adds to the hidden states of its first ``levels`` decoder layers at
     this input's positions (Qwen3-VL's DeepStack), one row per LLM token like ``features``; pruning drops the same
@@ -65,6 +72,16 @@ class ImageTokens:
     @property
     def n_tokens(self) -> int:
         return self.features.shape[0]
+
+    def attention_means(self, method: str = "this method") -> tuple[torch.Tensor, torch.Tensor]:
+        """(received, given): the column and row means of the scoring layer's (N, N) attention over the patches
+        (per frame-group block for a (t, N/t, N/t) video), from ``received`` / ``given`` or from the matrix."""
+        if self.received is not None and self.given is not None:
+            return self.received, self.given
+        if self.attention is None:
+            raise RuntimeError(f"{method} needs the vision layer's attention; the adapter did not capture it")
+        a = self.attention.float()
+        return a.mean(-2).reshape(-1), a.mean(-1).reshape(-1)
 
     def frame_groups(self) -> list["ImageTokens"]:
         """One ImageTokens of grid (1, h, w) per frame group, each with its own features, attention block, keys,
@@ -80,6 +97,8 @@ class ImageTokens:
                 features=self.features[tok], grid=(1, h, w), patches_per_token=self.patches_per_token,
                 attention=None if att is None else att[g] if att.dim() == 3 else att[pp, pp],
                 cls_attention=None if self.cls_attention is None else self.cls_attention[pp],
+                received=None if self.received is None else self.received[pp],
+                given=None if self.given is None else self.given[pp],
                 keys=None if self.keys is None else self.keys[tok],
                 grey=None if self.grey is None else self.grey[tok], kind=self.kind,
                 deepstack=None if self.deepstack is None else self.deepstack[:, tok]))
@@ -244,21 +263,24 @@ class Adapter(ABC):
 
     # -- vision ----------------------------------------------------------------------------------------------
     @abstractmethod
-    def image_tokens(self, inputs, attention_layer: int | None, grey: bool = False) -> list[ImageTokens]:
+    def image_tokens(self, inputs, attention_layer: int | None, grey: bool = False,
+                     means_only: bool = False) -> list[ImageTokens]:
         """Run the vision tower once; return each image's features (and the chosen layer's attention; and the
-        pixels' grey values under each token when ``grey``)."""
+        pixels' grey values under each token when ``grey``). ``means_only``: the methods need only the attention's
+        column and row means (``ImageTokens.received`` / ``given``); an adapter may then skip the (N, N) matrix."""
 
-    def video_tokens(self, inputs, attention_layer: int | None, grey: bool = False) -> list[ImageTokens]:
+    def video_tokens(self, inputs, attention_layer: int | None, grey: bool = False,
+                     means_only: bool = False) -> list[ImageTokens]:
         """Like ``image_tokens`` for the request's videos (grid t = frame groups); none for image-only families."""
         return []
 
-    def visual_tokens(self, inputs, attention_layer: int | None,
-                      grey: bool = False) -> tuple[list[ImageTokens], list[ImageTokens]]:
+    def visual_tokens(self, inputs, attention_layer: int | None, grey: bool = False,
+                      means_only: bool = False) -> tuple[list[ImageTokens], list[ImageTokens]]:
         """(images, videos), each in request order; ``last_attention_s`` is the attention-reading time of both."""
         self.last_attention_s = 0.0
-        images = self.image_tokens(inputs, attention_layer, grey)
+        images = self.image_tokens(inputs, attention_layer, grey, means_only)
         spent, self.last_attention_s = self.last_attention_s, 0.0
-        videos = self.video_tokens(inputs, attention_layer, grey) if self.supports_video else []
+        videos = self.video_tokens(inputs, attention_layer, grey, means_only) if self.supports_video else []
         self.last_attention_s += spent
         return images, videos
 
@@ -358,3 +380,20 @@ def head_mean_attention(q: torch.Tensor, k: torch.Tensor, scaling: float,
     for s in range(0, q.shape[1], rows):
         out[s : s + rows] = torch.matmul(qs[:, s : s + rows], kt).softmax(-1).mean(0)
     return out, k.float().mean(0)
+
+
+def head_mean_attention_means(q: torch.Tensor, k: torch.Tensor, scaling: float,
+                              chunk_elements: int = 2**21) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The column and row means of :func:`head_mean_attention`'s (N, N) matrix, (N,) each, and the head-mean keys,
+    without building the matrix: the same query chunks, reduced as they go (memory O(N) instead of O(N^2))."""
+    h, n = q.shape[0], k.shape[1]
+    col = torch.zeros(n, dtype=torch.float32, device=q.device)
+    row = torch.empty(q.shape[1], dtype=torch.float32, device=q.device)
+    qs = (q.float() * scaling).contiguous()
+    kt = k.float().transpose(-1, -2).contiguous()
+    rows = max(1, chunk_elements // max(1, h * n))
+    for s in range(0, q.shape[1], rows):
+        p = torch.matmul(qs[:, s : s + rows], kt).softmax(-1).sum(0)  # (rows, N), summed over heads
+        col += p.sum(0)
+        row[s : s + rows] = p.sum(1)
+    return col / (h * q.shape[1]), row / (h * n), k.float().mean(0)

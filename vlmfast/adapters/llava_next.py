@@ -82,7 +82,9 @@ class LlavaNextAdapter(LlavaAdapter):
             out[image] = marks
         return out
 
-    def image_tokens(self, inputs, attention_layer: int | None, grey: bool = False) -> list[ImageTokens]:
+    def image_tokens(self, inputs, attention_layer: int | None, grey: bool = False,
+                     means_only: bool = False) -> list[ImageTokens]:
+        # means_only is a hint: the matrix of a CLIP / SigLIP crop (577 x 577 at 336 px) is small, so it is always built
         pixel_values = inputs.get("pixel_values")
         if pixel_values is None:
             return []

@@ -4,12 +4,25 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 from ..errors import InputError
-from .base import Adapter, ImageTokens, head_mean_attention, text_positions, unnormalise_grey
+from .base import Adapter, ImageTokens, head_mean_attention, head_mean_attention_means, text_positions, unnormalise_grey
+
+
+@dataclass(frozen=True)
+class Scored:
+    """What was read off the scoring layer for one image / frame group (all None when nothing was)."""
+
+    attention: torch.Tensor | None = None
+    received: torch.Tensor | None = None
+    given: torch.Tensor | None = None
+    keys: torch.Tensor | None = None
+    n: int = 0
+    """patches covered"""
 
 
 class Qwen2VLAdapter(Adapter):
@@ -76,28 +89,33 @@ class Qwen2VLAdapter(Adapter):
         ids = inputs["input_ids"]
         return (ids == self.image_token_id) | (ids == int(self.model.config.video_token_id))
 
-    def image_tokens(self, inputs, attention_layer: int | None, grey: bool = False) -> list[ImageTokens]:
+    def image_tokens(self, inputs, attention_layer: int | None, grey: bool = False,
+                     means_only: bool = False) -> list[ImageTokens]:
         return self._tokens(inputs.get("pixel_values"), inputs.get("image_grid_thw"),
-                            self.model.model.get_image_features, attention_layer, "image", self.pixel_norm, grey)
+                            self.model.model.get_image_features, attention_layer, "image", self.pixel_norm, grey,
+                            means_only)
 
-    def video_tokens(self, inputs, attention_layer: int | None, grey: bool = False) -> list[ImageTokens]:
+    def video_tokens(self, inputs, attention_layer: int | None, grey: bool = False,
+                     means_only: bool = False) -> list[ImageTokens]:
         return self._tokens(inputs.get("pixel_values_videos"), inputs.get("video_grid_thw"),
-                            self.model.model.get_video_features, attention_layer, "video", self.video_norm, grey)
+                            self.model.model.get_video_features, attention_layer, "video", self.video_norm, grey,
+                            means_only)
 
     def _tokens(self, pixel_values, grid_thw, features, attention_layer, kind, norm,
-                grey: bool) -> list[ImageTokens]:
+                grey: bool, means_only: bool) -> list[ImageTokens]:
         if pixel_values is None:
             return []
-        attn: Sequence[tuple[torch.Tensor, torch.Tensor] | tuple[None, None]]  # (attention, keys) per image / video
+        attn: Sequence[Scored]
         if attention_layer is None:
             tower = features(pixel_values, grid_thw)
-            attn = [(None, None)] * len(tower.pooler_output)
+            attn = [Scored()] * len(tower.pooler_output)
         else:
             module = self.vision_layers[attention_layer].attn
             with self.capture_inputs(module) as seen, self.capture_outputs(qkv=module.qkv) as out:
                 tower = features(pixel_values, grid_thw)
             t0 = time.perf_counter()
-            attn = self._group(self._attention(module, seen, out["qkv"], self.tower_order(grid_thw)), grid_thw)
+            attn = self._group(self._attention(module, seen, out["qkv"], self.tower_order(grid_thw), means_only),
+                               grid_thw)
             self.last_attention_s = time.perf_counter() - t0
         feats, deep = tower.pooler_output, self.deepstack(tower)
         m = self.merge
@@ -107,10 +125,11 @@ class Qwen2VLAdapter(Adapter):
             g = unnormalise_grey(pixel_values.view(pixel_values.shape[0], 3, -1), norm, channel_dim=1)
             greys = torch.split(g.view(-1, m * m * g.shape[-1]), [f.shape[0] for f in feats])
         return [
-            ImageTokens(features=f, grid=(int(t), int(h) // m, int(w) // m), attention=a, patches_per_token=m * m,
-                        keys=None if k is None else k.view(-1, m * m, k.shape[-1]).mean(1), grey=g, kind=kind,
-                        deepstack=d)
-            for f, (a, k), (t, h, w), g, d in zip(feats, attn, grid_thw.tolist(), greys, deep)
+            ImageTokens(features=f, grid=(int(t), int(h) // m, int(w) // m), attention=a.attention,
+                        received=a.received, given=a.given, patches_per_token=m * m,
+                        keys=None if a.keys is None else a.keys.view(-1, m * m, a.keys.shape[-1]).mean(1), grey=g,
+                        kind=kind, deepstack=d)
+            for f, a, (t, h, w), g, d in zip(feats, attn, grid_thw.tolist(), greys, deep)
         ]
 
     def deepstack(self, tower) -> Sequence[torch.Tensor | None]:
@@ -119,20 +138,25 @@ class Qwen2VLAdapter(Adapter):
         return [None] * len(tower.pooler_output)
 
     @staticmethod
-    def _group(chunks: list[tuple[torch.Tensor, torch.Tensor]], grid_thw) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The tower's attention chunks (one per frame group) -> one (attention, keys) per image / video: an image's
-        (N, N) matrix; a video's (t, N/t, N/t) blocks (or its one (N, N) matrix if the tower attended across groups)."""
+    def _group(chunks: list[Scored], grid_thw) -> list[Scored]:
+        """The tower's attention chunks (one per frame group) -> one per image / video: an image's (N, N) matrix; a
+        video's (t, N/t, N/t) blocks (or its one (N, N) matrix if the tower attended across groups); the means and
+        keys concatenated."""
         out, at = [], 0
         for t, h, w in grid_thw.tolist():
             n = t * h * w
-            parts: list[tuple[torch.Tensor, torch.Tensor]] = []
-            while sum(a.shape[0] for a, _ in parts) < n:
+            parts: list[Scored] = []
+            while sum(p.n for p in parts) < n:
                 parts.append(chunks[at])
                 at += 1
             if len(parts) == 1:
                 out.append(parts[0])
-            else:
-                out.append((torch.stack([a for a, _ in parts]), torch.cat([k for _, k in parts])))
+                continue
+            def join(name: str, fn=torch.cat) -> torch.Tensor | None:
+                values = [getattr(p, name) for p in parts]
+                return None if values[0] is None else fn(values)
+
+            out.append(Scored(join("attention", torch.stack), join("received"), join("given"), join("keys"), n))
         return out
 
     def tower_order(self, grid_thw) -> torch.Tensor | None:
@@ -141,10 +165,12 @@ class Qwen2VLAdapter(Adapter):
         return None
 
     @staticmethod
-    def _attention(module, seen: dict, qkv: torch.Tensor,
-                   order: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _attention(module, seen: dict, qkv: torch.Tensor, order: torch.Tensor | None = None,
+                   means_only: bool = False) -> list[Scored]:
         """Head-mean attention per image / frame group from the layer's own qkv projection and its inputs, in the
-        processor's patch order (``order``: the tower's order, undone before the per-image split)."""
+        processor's patch order (``order``: the tower's order, undone before the per-image split); with
+        ``means_only``, its column and row means only (no (N, N) matrix: a 1,008 px image is 5,184 patches, a
+        100 MB matrix; the largest Qwen2.5-VL image, 16,384 tokens, would need 17 GB)."""
         from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 
         x = seen["hidden_states"]
@@ -159,7 +185,15 @@ class Qwen2VLAdapter(Adapter):
             q, k = q[back], k[back]
         q, k = q.transpose(0, 1), k.transpose(0, 1)  # (H, N, d)
         bounds = cu.tolist()
-        return [head_mean_attention(q[:, s:e], k[:, s:e], module.scaling) for s, e in zip(bounds[:-1], bounds[1:])]
+        out = []
+        for s, e in zip(bounds[:-1], bounds[1:]):
+            if means_only:
+                received, given, keys = head_mean_attention_means(q[:, s:e], k[:, s:e], module.scaling)
+                out.append(Scored(None, received, given, keys, e - s))
+            else:
+                a, keys = head_mean_attention(q[:, s:e], k[:, s:e], module.scaling)
+                out.append(Scored(a, a.mean(0), a.mean(1), keys, e - s))
+        return out
 
     def positions(self, inputs) -> torch.Tensor:
         mask = inputs["attention_mask"]

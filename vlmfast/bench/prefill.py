@@ -6,6 +6,11 @@ real model's layout (``--family``: one proxy per model family, :data:`PROXIES`).
 * ``qwen2.5-vl``: Qwen2.5-VL-7B's layout (a windowed tower with a few full-attention blocks, the 2x2 merger, a
   Qwen2 decoder with grouped-query attention) on one 1,008 px image (1,296 LLM tokens), full vs. FoPru, DivPrune
   and FastV. See :func:`qwen2_5_vl_proxy`.
+* ``qwen3-vl``: Qwen3-VL-8B's layout (a tower with full attention in every block, DeepStack mergers feeding the
+  first decoder layers, a Qwen3 decoder with grouped-query attention) on one 1,024 px image (1,024 LLM tokens).
+  See :func:`qwen3_vl_proxy`.
+* ``llava-next``: LLaVA-v1.6-7B's layout (anyres: a 336 px base crop and 2 x 2 tiles of a 672 px image through a CLIP
+  tower, 2,880 visual tokens + 48 newlines, a Llama decoder). See :func:`llava_next_proxy`.
 
 Each proxy has the real model's layout at a width and depth that make one prefill take a second or two on 2 CPU
 cores, with the tower's share of the prefill FLOPs kept at the real model's (that fixed cost bounds every pre-LLM
@@ -37,7 +42,7 @@ from ..accelerator import VLMAccelerator
 from ..adapters import adapter_for
 from ..policy import Policy
 from ..pruners import DivPrune, FastV, FoPru
-from ..zoo.tiny import TinySpec, _qwen_model_and_processor, _qwen_text, tiny_llava
+from ..zoo.tiny import TinySpec, _qwen_model_and_processor, _qwen_text, tiny_llava, tiny_llava_next, tiny_qwen3_vl
 
 PROMPT = (
     "describe this picture in detail : what objects do you see , what colour and shape is each object , "
@@ -118,15 +123,64 @@ def qwen2_5_vl_proxy(spec: TinySpec = QWEN2_5_VL_PROXY, full_every: int = 8):
     return _qwen_model_and_processor(Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, cfg, spec, tok, vocab)
 
 
+#: Qwen3-VL-8B (its config.json): the tower (DeepStack from blocks 8, 16, 24) and the Qwen3-8B decoder
+QWEN3_VL_8B: dict[str, dict[str, Any]] = dict(
+    vision=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, in_channels=3, patch_size=16,
+                temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=4096,
+                deepstack_visual_indexes=[8, 16, 24]),
+    text=dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+              num_key_value_heads=8, head_dim=128),
+)
+#: Qwen3-VL-8B's layout at CPU-sized width/depth (see :func:`qwen3_vl_proxy` for the numbers)
+QWEN3_VL_PROXY = TinySpec(hidden=1024, layers=9, heads=8, kv_heads=2, intermediate=3072,
+                          vision_hidden=128, vision_layers=9, vision_heads=2, image_size=1024, patch=16, seed=0)
+QWEN3_VL_QUICK = TinySpec(hidden=64, layers=4, heads=4, kv_heads=2, intermediate=128,
+                          vision_hidden=32, vision_layers=3, vision_heads=2, image_size=256, patch=16, seed=0)
+
+
+def qwen3_vl_proxy(spec: TinySpec = QWEN3_VL_PROXY):
+    """A random-weight ``Qwen3VLForConditionalGeneration`` and its processor with Qwen3-VL-8B's layout: patch 16,
+    temporal patch 2, 2x2 merger, a GELU MLP at 8B's ratio (4304 / 1152), full attention in every block, DeepStack
+    from a third of the way, two thirds and the last block (8B: 8, 16, 24 of 27) into decoder layers 0-2.
+
+    :data:`QWEN3_VL_PROXY`, on one 1,024 x 1,024 image (Qwen3-VL's processor makes a 1,008 px image 1,024 px, a
+    multiple of 32: 64 x 64 = 4,096 patches -> 1,024 LLM tokens) and :data:`PROMPT`: 9 blocks of width 128 (2 heads
+    of 64, MLP 478; DeepStack from blocks 2, 5, 8); a Qwen3 decoder at a quarter of Qwen3-8B's width (1024, 8
+    heads / 2 KV heads of 128, MLP 3072) and 9 layers. Its tower's FLOP share is within 1.5 points of 8B's
+    (``tests/tools/test_bench_prefill.py``); as for Qwen2.5-VL, the N^2 terms weigh far more at this width (every
+    block attends over 4,096 patches), so the tower's attention is most of its FLOPs here and FoPru's scoring is a
+    larger share than at 8B."""
+    side = QWEN3_VL_8B["vision"]
+    depth = spec.vision_layers
+    levels = [round(depth * i / 3) - 1 for i in (1, 2, 3)] if depth >= 3 else list(range(depth))
+    return tiny_qwen3_vl(spec, vision_intermediate=round(spec.vision_hidden * side["intermediate_size"]
+                                                         / side["hidden_size"]), deepstack=levels)
+
+
+#: LLaVA-v1.6 (LLaVA-NeXT) layout at the LLaVA-1.5 proxy's sizes: CLIP crops of 336 px, pinpoints up to 2 x 2
+LLAVA_NEXT_PROXY = PROXY
+LLAVA_NEXT_QUICK = QUICK
+
+
+def llava_next_proxy(spec: TinySpec = LLAVA_NEXT_PROXY):
+    """A random-weight ``LlavaNextForConditionalGeneration`` and its processor with LLaVA-v1.6-7B's layout at the
+    LLaVA-1.5 proxy's sizes (:data:`PROXY`: CLIP width 384, 5 layers; Llama width 1536, 8 layers). Benched on a
+    672 x 672 image: the 336 px base crop and the 2 x 2 tiles, 5 x 576 = 2,880 visual tokens and 48
+    ``image_newline`` tokens (never pruned). The tower runs once per crop, so its FLOP share (~4.5% at 7B: 5 CLIP-L
+    passes against Vicuna-7B on ~2,990 tokens) stays near LLaVA-1.5's."""
+    return tiny_llava_next(spec)
+
+
 # -- FLOPs (multiply-add = 2) -------------------------------------------------------------------------------
 def tower_flops(vc, text_hidden: int, layers: int) -> float:
-    """``layers`` CLIP layers over the patches + CLS of vision config ``vc``, and the 2-layer projector into a
-    decoder of width ``text_hidden``."""
+    """The patch embedding and ``layers`` CLIP layers over the patches + CLS of vision config ``vc``, and the
+    2-layer projector into a decoder of width ``text_hidden``."""
     n = (vc.image_size // vc.patch_size) ** 2 + 1
     d, ff = vc.hidden_size, vc.intermediate_size
+    embed = 2 * (n - 1) * (vc.num_channels * vc.patch_size ** 2) * d
     per_layer = 2 * n * (4 * d * d + 2 * d * ff) + 4 * n * n * d
     projector = 2 * (n - 1) * (d * text_hidden + text_hidden * text_hidden)
-    return layers * per_layer + projector
+    return embed + layers * per_layer + projector
 
 
 def windows(grid: Grid, vc) -> list[int]:
@@ -161,6 +215,19 @@ def qwen2_5_vl_tower_flops(vc, grid: Grid) -> float:
     return embed + blocks + merger
 
 
+def qwen3_vl_tower_flops(vc, grid: Grid) -> float:
+    """A Qwen3-VL tower (config ``vc``) over one image: patch embedding, ``depth`` blocks (qkv and output
+    projections, a two-layer GELU MLP, attention over the whole frame group in every block), and the merger plus one
+    DeepStack merger per level (each Linear(4d, 4d), GELU, Linear(4d, out) over each 2x2 group)."""
+    t, h, w = grid
+    n, d, ff = t * h * w, vc.hidden_size, vc.intermediate_size
+    m2 = vc.spatial_merge_size ** 2
+    embed = 2 * n * (vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2) * d
+    block = 2 * n * (4 * d * d + 2 * d * ff) + 4 * t * (h * w) ** 2 * d
+    mergers = (1 + len(vc.deepstack_visual_indexes)) * 2 * (n // m2) * ((m2 * d) ** 2 + m2 * d * vc.out_hidden_size)
+    return embed + vc.depth * block + mergers
+
+
 def qwen2_5_vl_scoring_flops(vc, grid: Grid) -> float:
     """Reading one full-attention block's attention: softmax(q k^T) over each frame group's patches (q, k come
     from the tower)."""
@@ -182,6 +249,15 @@ def _llava_grid(model, processor, image) -> Grid:
     vc = model.config.vision_config
     side = vc.image_size // vc.patch_size
     return (1, side, side)
+
+
+def _llava_next_grid(model, processor, image) -> Grid:
+    """(crops, side, side): the tower runs once per crop (the base one and the tiles), each attending on its own."""
+    if processor is None or image is None:
+        raise ValueError("LLaVA-NeXT's crops depend on the image: pass the image's grid")
+    crops = processor.image_processor(images=[image], return_tensors="pt")["pixel_values"].shape[1]
+    _, side, _ = _llava_grid(model, processor, image)
+    return (int(crops), side, side)
 
 
 def _processor_grid(model, processor, image) -> Grid:
@@ -207,9 +283,15 @@ class TowerCount:
 #: by the adapter's ``family``
 TOWERS: dict[str, TowerCount] = {
     "llava": TowerCount(_llava_grid, _llava_tower, _llava_scoring),
+    "llava_next": TowerCount(_llava_next_grid,
+                             lambda model, grid, layer: grid[0] * _llava_tower(model, (1, *grid[1:]), layer),
+                             lambda model, grid: grid[0] * _llava_scoring(model, (1, *grid[1:]))),
     "qwen2_5_vl": TowerCount(_processor_grid,
                              lambda model, grid, layer: qwen2_5_vl_tower_flops(model.config.vision_config, grid),
                              lambda model, grid: qwen2_5_vl_scoring_flops(model.config.vision_config, grid)),
+    "qwen3_vl": TowerCount(_processor_grid,
+                           lambda model, grid, layer: qwen3_vl_tower_flops(model.config.vision_config, grid),
+                           lambda model, grid: qwen2_5_vl_scoring_flops(model.config.vision_config, grid)),
 }
 
 
@@ -276,11 +358,13 @@ def attention_flops(model, n: float) -> float:
     return 2 * n * n * tc.num_attention_heads * (tc.hidden_size // tc.num_attention_heads)
 
 
-def qwen2_5_vl_tower_share(vc, tc, grid: Grid = (1, 72, 72), text_tokens: int = 64) -> float:
+def qwen2_5_vl_tower_share(vc, tc, grid: Grid = (1, 72, 72), text_tokens: int = 64,
+                           tower_flops: Callable[[Any, Grid], float] = qwen2_5_vl_tower_flops) -> float:
     """The tower's share of a Qwen2.5-VL's full prefill FLOPs (vision config ``vc``, text config ``tc``) on one image
     of ``grid`` patches (default: the 1,008 px image, 1,296 LLM tokens) and ``text_tokens``
-    (``qwen2_5_vl_tower_share(NS(**QWEN2_5_VL_7B["vision"]), NS(**QWEN2_5_VL_7B["text"]))``: the 7B's)."""
-    tower = qwen2_5_vl_tower_flops(vc, grid)
+    (``qwen2_5_vl_tower_share(NS(**QWEN2_5_VL_7B["vision"]), NS(**QWEN2_5_VL_7B["text"]))``: the 7B's). Qwen3-VL:
+    ``tower_flops=qwen3_vl_tower_flops``, ``grid=(1, 64, 64)``."""
+    tower = tower_flops(vc, grid)
     n = text_tokens + grid[0] * grid[1] * grid[2] // vc.spatial_merge_size ** 2
     llm = tc.num_hidden_layers * llm_layer_flops(NS(config=NS(text_config=tc)), n)
     return tower / (tower + llm)
@@ -320,6 +404,8 @@ class Proxy:
     """a tiny one, for smoke tests (``--quick``)"""
     methods: tuple[str, ...] = ("fopru", "fastv")
     columns: list[tuple[str, str]] = field(default_factory=lambda: COLUMNS)
+    image_scale: int = 1
+    """the benched image's side, in multiples of ``spec.image_size`` (LLaVA-NeXT: 2 x 2 tiles of a 336 px crop)"""
 
 
 #: ``--family`` -> proxy
@@ -327,6 +413,9 @@ PROXIES: dict[str, Proxy] = {
     "llava": Proxy(tiny_llava, PROXY, QUICK),
     "qwen2.5-vl": Proxy(qwen2_5_vl_proxy, QWEN2_5_VL_PROXY, QWEN2_5_VL_QUICK, ("fopru", "divprune", "fastv"),
                         COLUMNS_SCORING),
+    "qwen3-vl": Proxy(qwen3_vl_proxy, QWEN3_VL_PROXY, QWEN3_VL_QUICK, ("fopru", "divprune", "fastv"), COLUMNS_SCORING),
+    "llava-next": Proxy(llava_next_proxy, LLAVA_NEXT_PROXY, LLAVA_NEXT_QUICK, ("fopru", "divprune", "fastv"),
+                        COLUMNS_SCORING, image_scale=2),
 }
 
 
@@ -407,7 +496,8 @@ def run(json_path: str | Path | None = None, *, family: str = "llava", spec: Tin
     proxy = PROXIES[family]
     spec = spec or proxy.spec
     model, processor = build_proxy(spec, family)
-    rows = time_configs(model, processor, random_image(spec.image_size), configs(keeps, methods=proxy.methods),
+    image = random_image(spec.image_size * proxy.image_scale)
+    rows = time_configs(model, processor, image, configs(keeps, methods=proxy.methods),
                         repeats, decode_tokens, progress, desc=f"bench prefill ({family})")
     write_json(rows, json_path)
     return rows

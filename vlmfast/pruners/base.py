@@ -47,6 +47,9 @@ class VisionPruner(Method):
     stage: ClassVar[str] = "vision"
     #: set by the method: does it need the vision layer's attention, and which layer (None = feature layer)
     needs_attention: ClassVar[bool] = True
+    #: does it read only the attention's column and row means (``ImageTokens.attention_means``)? When every
+    #: method that reads the vision attention does, adapters may skip the (N, N) matrix
+    reads_attention_means: ClassVar[bool] = False
     #: does it read ``ImageTokens.grey`` (pixel grey values per token)? The adapters compute them only then
     #: (0.4 s for a 16k-token video)
     needs_grey: ClassVar[bool] = False

@@ -8,7 +8,7 @@ docs/methods/fastervlm.md.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 import torch
 from pydantic import Field
@@ -22,14 +22,13 @@ def cls_scores(image: ImageTokens) -> torch.Tensor:
     """[CLS] attention per token, or the received-attention substitute for towers without [CLS]."""
     if image.cls_attention is not None:
         return image.cls_attention
-    if image.attention is None:
-        raise RuntimeError("needs the vision layer's attention; the adapter did not capture it")
-    return image.attention.mean(0).view(-1, image.patches_per_token).sum(1)
+    return image.attention_means("FasterVLM")[0].view(-1, image.patches_per_token).sum(1)
 
 
 @register("fastervlm")
 @method_dataclass
 class FasterVLM(VisionPruner):
+    reads_attention_means: ClassVar[bool] = True
     keep: Annotated[float, Field(gt=0, le=1)] = 0.25
     layer: int | None = None
     """vision layer whose [CLS] attention scores tokens; None = the layer that feeds the LLM"""

@@ -8,7 +8,7 @@ Kept tokens stay in raster order. Spec: shared/reference/pruning.md section 2; d
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -18,9 +18,12 @@ from ..registry import register
 from .base import VisionPruner, method_dataclass, n_keep, topk_sorted
 
 
-def significance(attention: torch.Tensor, patches_per_token: int = 1) -> torch.Tensor:
-    """Per-token significance from an (N, N) patch attention matrix; patches are summed into tokens."""
-    col, row = attention.mean(0), attention.mean(1)
+def significance(attention: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+                 patches_per_token: int = 1) -> torch.Tensor:
+    """Per-token significance from an (N, N) patch attention matrix or its (column, row) means; patches are summed
+    into tokens. (On a tower without CLS the rows of a softmax sum to 1, so the row means are constant and the
+    column means win.)"""
+    col, row = (attention.mean(0), attention.mean(1)) if isinstance(attention, torch.Tensor) else attention
     sig = col if col.var() > row.var() else row
     if patches_per_token > 1:
         sig = sig.view(-1, patches_per_token).sum(1)
@@ -38,6 +41,7 @@ def select_rows(sig: torch.Tensor, grid: tuple[int, int, int], keep: float) -> t
 @register("fopru")
 @method_dataclass
 class FoPru(VisionPruner):
+    reads_attention_means: ClassVar[bool] = True
     keep: Annotated[float, Field(gt=0, le=1)] = 0.25
     """fraction of each image's visual tokens to keep"""
     strategy: Literal["rank", "row"] = "rank"
@@ -46,9 +50,7 @@ class FoPru(VisionPruner):
     """vision layer whose attention scores tokens; None = the layer that feeds the LLM (LLaVA: -2)"""
 
     def score(self, image: ImageTokens) -> torch.Tensor:
-        if image.attention is None:
-            raise RuntimeError("FoPru needs the vision layer's attention; the adapter did not capture it")
-        return significance(image.attention, image.patches_per_token)
+        return significance(image.attention_means("FoPru"), image.patches_per_token)
 
     def select(self, image: ImageTokens) -> torch.Tensor:
         sig = self.score(image)

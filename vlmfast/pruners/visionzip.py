@@ -10,7 +10,7 @@ docs/methods/visionzip.md. Without a [CLS] token (the Qwen towers, SigLIP) domin
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 import torch
 from pydantic import Field
@@ -24,6 +24,7 @@ from .fastervlm import cls_scores
 @register("visionzip")
 @method_dataclass
 class VisionZip(VisionPruner):
+    reads_attention_means: ClassVar[bool] = True  # [CLS] attention or received attention, and the keys
     keep: Annotated[float, Field(gt=0, le=1)] = 0.25
     contextual: Annotated[float, Field(ge=0, lt=1)] = 0.16
     """share of the budget spent on contextual (merged) tokens; the paper's 54+10 of 64 is ~0.16"""

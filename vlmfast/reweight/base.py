@@ -60,6 +60,8 @@ class BranchMethod(Method):
     #: does the method read the vision tower's attention (the [CLS] row, or the attention patches receive) to build
     #: its branch (DAMRO)
     needs_vision_attention: ClassVar[bool] = False
+    #: does it read only the vision attention's column and row means (see ``VisionPruner``)?
+    reads_attention_means: ClassVar[bool] = False
     #: does the branch see the image the main branch sees (VAR applies there too) or a negative view (it does not)
     positive_branch: ClassVar[bool] = True
 

@@ -42,9 +42,7 @@ def outlier_scores(image: ImageTokens, criterion: str = "auto") -> torch.Tensor:
     if criterion == "cls":
         raise RuntimeError("damro.criterion = 'cls' needs a vision tower with a [CLS] token (this one has none); "
                            "use 'received' or 'norm' (or 'auto')")
-    if image.attention is None:
-        raise RuntimeError("DAMRO needs the vision layer's attention; the adapter did not capture it")
-    return image.attention.float().mean(0).view(-1, image.patches_per_token).sum(1)
+    return image.attention_means("DAMRO")[0].view(-1, image.patches_per_token).sum(1)
 
 
 def select_outliers(image: ImageTokens, k: int, criterion: str = "auto") -> torch.Tensor:
@@ -68,6 +66,7 @@ class DAMRO(BranchMethod):
     """vision layer whose attention is read; None = the layer that feeds the LLM (LLaVA: -2)"""
 
     needs_vision_attention: ClassVar[bool] = True
+    reads_attention_means: ClassVar[bool] = True
     positive_branch: ClassVar[bool] = False
 
     def attention_layer(self) -> int | None:

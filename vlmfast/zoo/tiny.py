@@ -243,13 +243,15 @@ def tiny_qwen2_5_vl(spec: TinySpec = TinySpec(patch=14, image_size=112, vision_l
     return _qwen_model_and_processor(Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, cfg, spec, tok, vocab)
 
 
-def tiny_qwen3_vl(spec: TinySpec = TinySpec(patch=16, image_size=128), moe: bool = False):
+def tiny_qwen3_vl(spec: TinySpec = TinySpec(patch=16, image_size=128), moe: bool = False,
+                  vision_intermediate: int | None = None, deepstack: list[int] | None = None):
     """A random-weight ``Qwen3VLForConditionalGeneration`` (``moe``: ``Qwen3VLMoeForConditionalGeneration``, 4
     experts, 2 per token) and its ``Qwen3VLProcessor`` (offline), laid out like Qwen3-VL-8B: DeepStack (the outputs
     of vision blocks 0 and 1, each through its own merger, added to the hidden states of decoder layers 0 and 1 at
     the visual positions; 8B: blocks 8 / 16 / 24 into layers 0-2), interleaved M-RoPE, patch 16 with a learned
     position grid resampled per image, and videos as one span per frame group, each after its text timestamp
-    (``<0.0 seconds>``)."""
+    (``<0.0 seconds>``). ``vision_intermediate`` (default 2 x the tower's width) and ``deepstack`` (the blocks whose
+    outputs are injected; default all but the last) size the tower otherwise (``bench prefill``'s proxy)."""
     import transformers
     from transformers import Qwen3VLProcessor, Qwen3VLVideoProcessor
 
@@ -264,9 +266,10 @@ def tiny_qwen3_vl(spec: TinySpec = TinySpec(patch=16, image_size=128), moe: bool
         text_config=text,
         vision_config=dict(
             depth=spec.vision_layers, hidden_size=spec.vision_hidden, out_hidden_size=spec.hidden,
-            intermediate_size=2 * spec.vision_hidden, num_heads=spec.vision_heads, patch_size=spec.patch,
-            spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=(spec.image_size // spec.patch) ** 2,
-            deepstack_visual_indexes=list(range(spec.vision_layers - 1)),
+            intermediate_size=vision_intermediate or 2 * spec.vision_hidden, num_heads=spec.vision_heads,
+            patch_size=spec.patch, spatial_merge_size=2, temporal_patch_size=2,
+            num_position_embeddings=(spec.image_size // spec.patch) ** 2,
+            deepstack_visual_indexes=list(range(spec.vision_layers - 1)) if deepstack is None else deepstack,
         ),
         **ids,
     )
