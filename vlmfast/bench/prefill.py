@@ -278,6 +278,8 @@ class TowerCount:
     """(model, grid, scored vision layer or None) -> FLOPs"""
     scoring: Callable[[Any, Grid], float]
     """(model, grid) -> FLOPs"""
+    views: Callable[[int, Grid], list[int]] = lambda n, grid: [n]
+    """(LLM visual tokens, grid) -> the tokens of each view (pruners select within each view)"""
 
 
 #: by the adapter's ``family``
@@ -285,7 +287,8 @@ TOWERS: dict[str, TowerCount] = {
     "llava": TowerCount(_llava_grid, _llava_tower, _llava_scoring),
     "llava_next": TowerCount(_llava_next_grid,
                              lambda model, grid, layer: grid[0] * _llava_tower(model, (1, *grid[1:]), layer),
-                             lambda model, grid: grid[0] * _llava_scoring(model, (1, *grid[1:]))),
+                             lambda model, grid: grid[0] * _llava_scoring(model, (1, *grid[1:])),
+                             lambda n, grid: [grid[1] * grid[2], n - grid[1] * grid[2]]),  # base, high-res
     "qwen2_5_vl": TowerCount(_processor_grid,
                              lambda model, grid, layer: qwen2_5_vl_tower_flops(model.config.vision_config, grid),
                              lambda model, grid: qwen2_5_vl_scoring_flops(model.config.vision_config, grid)),
@@ -319,10 +322,12 @@ def scoring_flops(model, grid: Grid | None = None) -> float:
     return count.scoring(model, grid or count.grid(model, None, None))
 
 
-def similarity_flops(model, n: int) -> float:
-    """DivPrune's pairwise cosine similarity of ``n`` LLM-input visual tokens (its greedy selection is O(k n)
-    comparisons, not counted)."""
-    return 2 * n * n * model.config.text_config.hidden_size
+def similarity_flops(model, n: int, grid: Grid | None = None) -> float:
+    """DivPrune's pairwise cosine similarity of ``n`` LLM-input visual tokens, within each view (its greedy
+    selection is O(k n) comparisons, not counted)."""
+    count = tower_count(model)
+    views = count.views(n, grid or count.grid(model, None, None))
+    return sum(2 * v * v * model.config.text_config.hidden_size for v in views)
 
 
 def llm_layer_flops(model, n: int) -> float:
@@ -345,7 +350,7 @@ def prefill_flops(model, stats, policy: Policy, grid: Grid | None = None) -> flo
     if scored:
         flops += scoring_flops(model, grid)
     elif vp and isinstance(vp[0], DivPrune):
-        flops += similarity_flops(model, stats.visual_tokens_in)
+        flops += similarity_flops(model, stats.visual_tokens_in, grid)
     share = next((st["important_share"] for st in stats.stages if "important_share" in st), 1.0)
     for v in stats.visual_tokens_per_layer:  # ZipVL: all tokens through the linear layers, attention among
         n = stats.text_tokens + v               # its important share only (share = 1 otherwise)
