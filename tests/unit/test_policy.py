@@ -136,3 +136,19 @@ def test_multi_stage_layers_validated(models):
         VLMAccelerator(model, processor, policy=Policy([PyramidDrop(layers=[2, 1])]))
     with pytest.raises(PolicyError, match="same layer"):
         Policy([PyramidDrop(layers=[1, 2]), FastV(layer=2)])
+
+
+def test_pyramiddrop_default_layers_warn_on_another_depth(caplog):
+    """LLaVA-1.5's 8 / 16 / 24 are accepted on any deeper model, but on a 28-layer Qwen2-7B they are not a quarter,
+    half and three quarters of the way: a warning says so, with the layers that would be."""
+    from vlmfast.adapters import ModelInfo
+    from vlmfast.pruners import PyramidDrop
+
+    with caplog.at_level("WARNING", logger="vlmfast"):
+        PyramidDrop().check(ModelInfo("qwen2_vl", num_layers=28, num_vision_layers=32))
+    assert "28" in caplog.text and "[7, 14, 21]" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vlmfast"):
+        PyramidDrop().check(ModelInfo("llava", num_layers=32, num_vision_layers=24))
+        PyramidDrop(layers=[7, 14, 21]).check(ModelInfo("qwen2_vl", num_layers=28, num_vision_layers=32))
+    assert caplog.text == ""

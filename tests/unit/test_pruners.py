@@ -148,6 +148,19 @@ def test_random_is_seeded():
     assert not torch.equal(a, RandomPruner(keep=0.25, seed=4).select(img))
 
 
+def test_random_draws_each_frame_group_anew():
+    """A video's frame groups keep their own random cells (one generator drawn in turn), reproducibly."""
+    from vlmfast.pruners import RandomPruner
+
+    feats = torch.randn(3 * 16, 8)
+    video = ImageTokens(features=feats, grid=(3, 4, 4))
+    keep = RandomPruner(keep=0.25, seed=3).prune_visual(video).keep
+    cells = [(keep[(keep >= 16 * g) & (keep < 16 * (g + 1))] - 16 * g).tolist() for g in range(3)]
+    assert [len(c) for c in cells] == [4, 4, 4] and len({tuple(c) for c in cells}) > 1
+    assert torch.equal(keep, RandomPruner(keep=0.25, seed=3).prune_visual(video).keep)
+    assert cells[0] == RandomPruner(keep=0.25, seed=3).select(ImageTokens(features=feats[:16], grid=(1, 4, 4))).tolist()
+
+
 def test_vflowopt_context_relevance_uses_global_tokens():
     from vlmfast.pruners.vflowopt import context_relevance
 
