@@ -203,6 +203,17 @@ def test_the_demo_lists_and_defaults_to_the_newer_qwen_policies(models, name, st
     assert res.tuned.output.stats.visual_tokens_kept == n_keep(t * h * w, 0.25)
 
 
+def test_the_demo_lists_and_defaults_to_the_onevision_policy(models):
+    """A LLaVA-OneVision checkpoint's name picks its shipped policy in the dropdown (the token grid itself refuses
+    multi-view images: test_engine_answers_like_generate_with_the_models_grid)."""
+    model, processor = models["llava_onevision"]
+    engine = E.DemoEngine(VLMAccelerator(model, processor, policy=None), "llava-hf/llava-onevision-qwen2-7b-ov-hf",
+                          warmup=False)
+    stem = "llava-onevision-qwen2-7b"
+    assert stem in engine.policy_choices() and engine._default_policy_name("auto") == stem
+    assert engine.resolve_policy(stem).methods == [FoPru(keep=0.25)]
+
+
 def test_engine_reads_a_16_bit_upload_by_its_range(tiny_engine, tmp_path):
     path = tmp_path / "g16.png"
     Image.fromarray(np.full((16, 16), 30000, dtype=np.uint16)).save(path)
