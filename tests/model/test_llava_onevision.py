@@ -14,6 +14,7 @@ from vlmfast.adapters import adapter_for
 from vlmfast.adapters.llava_onevision import bilinear_taps
 from vlmfast.budget import n_keep, split_budget
 from vlmfast.errors import UnsupportedModelError
+from vlmfast.sparse import Dense, Grid, MMInference
 
 PROMPT = "what is in the image ?"
 WIDE = (32, 64)  # H, W: 1 x 2 crops of 32 px, an 8 x 16 grid, not downscaled
@@ -215,6 +216,24 @@ def test_budgets_are_exact_for_images_and_videos(ov, pruner, keep):
     out = _acc(ov, pruner(keep=keep)).generate(videos=[make_video(seed=4)], prompt=PROMPT, max_new_tokens=2)
     assert out.stats.visual_tokens_in == out.stats.video_tokens_in == 64
     assert out.stats.visual_tokens_kept == 4 * n_keep(16, keep)  # each frame keeps its share
+
+
+def test_sparse_prefill_lays_out_the_views_and_the_video_with_its_frame_stride(ov):
+    """Dense patterns give the plain tokens; a frame-strided grid sees the base view as one span, the stitched view as
+    one span per row (its newlines are text) and the video as one span of 4 pooled 4 x 4 frames (stride 16); FoPru's
+    half of each frame keeps the video's grid."""
+    img, video = _images([WIDE], seed=2), make_video(seed=6)
+    kwargs = dict(images=img, videos=[video], prompt=PROMPT, max_new_tokens=6)
+    plain = _acc(ov).generate(**kwargs)
+    assert _acc(ov, MMInference(min_length=0, block=16, default=Dense())).generate(**kwargs).token_ids == \
+        plain.token_ids
+    for methods, frame in (([], 16), ([FoPru(keep=0.5)], 8)):
+        sparse = MMInference(min_length=0, block=16, default=Grid(stride="frame", local=16))
+        out = _acc(ov, *methods, sparse).generate(**kwargs)
+        spans = next(s for s in out.stats.stages if s["method"] == "mminference")["visual_spans"]
+        assert [s["kind"] for s in spans] == ["image"] * 9 + ["video"]
+        assert [s["grid"] for s in spans[:2]] == [[1, 8, 8], [1, 8, 16]]
+        assert spans[-1] == {"kind": "video", "grid": [4, 4, 4], "frame_stride": 16, "tokens": 4 * frame}
 
 
 @pytest.mark.parametrize("methods", [(), (FoPru(keep=0.25),), (FastV(layer=1, keep=0.5),)], ids=["none", "fopru",
