@@ -45,7 +45,8 @@ def eager_vision_attention(model, family, inputs, layer):
     adapter = adapter_for(model)
     eager = sys.modules[type(adapter.vision_layers[0]).__module__].eager_attention_forward
     block = adapter.vision_layers[layer]
-    target = block.self_attn if family == "llava" else block.attn
+    llava = family in ("llava", "llava_onevision")
+    target = block.self_attn if llava else block.attn
     seen = []
 
     def recording(module, q, k, v, attention_mask=None, **kw):
@@ -60,8 +61,8 @@ def eager_vision_attention(model, family, inputs, layer):
     model.set_attn_implementation({"vision_config": "test_recording"})
     try:
         with torch.inference_mode():
-            if family == "llava":
-                model.model.vision_tower(inputs["pixel_values"])
+            if llava:  # OneVision: (images, crops, 3, S, S), one crop per image of a multi-image sample
+                model.model.vision_tower(inputs["pixel_values"].flatten(0, -4))
             else:
                 model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
     finally:
@@ -81,12 +82,15 @@ def test_captured_vision_attention_matches_eager(tiny, family):
         toks = adapter.image_tokens(inputs, layer)
     ref = eager_vision_attention(model, family, inputs, layer)
     assert len(ref) == len(toks) == 2
-    perm = None if family == "llava" else tower_permutation(model, inputs)
+    llava = family in ("llava", "llava_onevision")  # OneVision: two images in a sample, one untiled view each
+    perm = None if llava else tower_permutation(model, inputs)
     start = 0
     for t, r in zip(toks, ref):
-        if family == "llava":  # CLS row/column split off
+        if llava and adapter.tower_has_cls:  # CLS row/column split off
             assert torch.allclose(t.attention, r[1:, 1:], atol=1e-5)
             assert torch.allclose(t.cls_attention, r[0, 1:], atol=1e-5)
+        elif llava:  # SigLIP: no CLS
+            assert torch.allclose(t.attention, r, atol=1e-5) and t.cls_attention is None
         else:  # Qwen runs each image as its own chunk, in the tower's patch order; 4 patches per merged token
             n = r.shape[0]
             back = torch.argsort(perm[start:start + n] - start)  # the tower's order -> the image's raster order

@@ -171,7 +171,8 @@ def test_engine_answers_like_generate_with_the_models_grid(tiny_engine, tiny, fa
     model, processor = tiny
     img = Image.fromarray((np.random.default_rng(0).random((60, 90, 3)) * 255).astype("uint8"))
     policy = Policy([FoPru(keep=0.5)])
-    if family == "llava_next":  # the demo's token grid shows one grid per image; multi-view is refused by name
+    if family in ("llava_next", "llava_onevision"):  # the demo's token grid shows one grid per image; multi-view is
+        # refused by name
         with pytest.raises(InputError, match="the model made 2 token grids from one image"):
             tiny_engine.run(img, "what is in the image ?", policy, ground=False, max_new_tokens=4)
         return
@@ -200,6 +201,17 @@ def test_the_demo_lists_and_defaults_to_the_newer_qwen_policies(models, name, st
     res = engine.run(img, "what is in the image ?", engine.resolve_policy(stem), ground=False, max_new_tokens=3)
     t, h, w = res.grid
     assert res.tuned.output.stats.visual_tokens_kept == n_keep(t * h * w, 0.25)
+
+
+def test_the_demo_lists_and_defaults_to_the_onevision_policy(models):
+    """A LLaVA-OneVision checkpoint's name picks its shipped policy in the dropdown (the token grid itself refuses
+    multi-view images: test_engine_answers_like_generate_with_the_models_grid)."""
+    model, processor = models["llava_onevision"]
+    engine = E.DemoEngine(VLMAccelerator(model, processor, policy=None), "llava-hf/llava-onevision-qwen2-7b-ov-hf",
+                          warmup=False)
+    stem = "llava-onevision-qwen2-7b"
+    assert stem in engine.policy_choices() and engine._default_policy_name("auto") == stem
+    assert engine.resolve_policy(stem).methods == [FoPru(keep=0.25)]
 
 
 def test_engine_reads_a_16_bit_upload_by_its_range(tiny_engine, tmp_path):

@@ -6,11 +6,13 @@ from ..errors import UnsupportedModelError
 from .base import Adapter, ImageTokens, ModelInfo
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
+from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_5_vl import Qwen25VLAdapter
 from .qwen2_vl import Qwen2VLAdapter
 from .qwen3_vl import Qwen3VLAdapter
 
-ADAPTERS: list[type[Adapter]] = [LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen25VLAdapter, Qwen3VLAdapter]
+ADAPTERS: list[type[Adapter]] = [LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, Qwen2VLAdapter, Qwen25VLAdapter,
+                                 Qwen3VLAdapter]
 
 
 def supported_families() -> str:

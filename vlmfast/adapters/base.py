@@ -226,20 +226,25 @@ class Adapter(ABC):
         ((T, H, W, 3) uint8 arrays), placed after the sample's images (families with ``supports_video``)."""
         videos = videos or [[] for _ in prompts]
         texts = [self.prompt_text(processor, p, len(imgs), len(vids)) for p, imgs, vids in zip(prompts, images, videos)]
-        flat = [im for imgs in images for im in imgs]
         flat_videos = [v for vids in videos for v in vids]
         kwargs = {"videos": flat_videos} if flat_videos else {}
         tok = processor.tokenizer
         side = tok.padding_side
         tok.padding_side = "left"
         try:
-            enc = processor(images=flat or None, text=texts, padding=True, return_tensors="pt", **kwargs)
+            enc = processor(images=self.processor_images(images), text=texts, padding=True, return_tensors="pt",
+                            **kwargs)
         finally:
             tok.padding_side = side
         self.pixel_norm = _norm(getattr(processor, "image_processor", None))
         self.video_norm = _norm(getattr(processor, "video_processor", None)) if flat_videos else self.pixel_norm
         device = self.model.device
         return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in enc.items()}
+
+    def processor_images(self, images: list[list[Any]]) -> list | None:
+        """What the processor's ``images=`` gets for a batch (per sample, its images): one flat list, or None when
+        there are none."""
+        return [im for imgs in images for im in imgs] or None
 
     @property
     def image_token_id(self) -> int:

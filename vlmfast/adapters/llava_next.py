@@ -66,21 +66,37 @@ class LlavaNextAdapter(LlavaAdapter):
         if inputs.get("image_sizes") is None:
             return None
         image = inputs["input_ids"] == self.image_token_id
-        flat = []
-        base = self.side * self.side
-        for size in self._sizes(inputs):
-            _, rows, cols, _ = self.layout(size)
-            tokens = torch.zeros(base + rows * (cols + 1), dtype=torch.bool)
-            tokens[base:].view(rows, cols + 1)[:, cols] = True
-            flat.append(tokens)
+        flat = [self.newline_marks(size, tiled) for size, tiled in zip(self._sizes(inputs), self.tiled(inputs))]
         out = torch.zeros_like(image)
         if flat:
             marks = torch.cat(flat).to(image.device)
             if marks.numel() != int(image.sum()):
-                raise RuntimeError(f"LLaVA-NeXT layout: {marks.numel()} placeholders expected, {int(image.sum())} "
+                raise RuntimeError(f"{self.title} layout: {marks.numel()} placeholders expected, {int(image.sum())} "
                                    "in the prompt")
             out[image] = marks
         return out
+
+    def newline_marks(self, size, tiled: bool = True) -> torch.Tensor:
+        """One image's placeholders (bool, True at its newlines): the base view, then each row of the
+        high-resolution view followed by its newline."""
+        base = self.side * self.side
+        rows, cols = self.hires_shape(size)
+        tokens = torch.zeros(base + rows * (cols + 1), dtype=torch.bool)
+        tokens[base:].view(rows, cols + 1)[:, cols] = True
+        return tokens
+
+    def hires_shape(self, size) -> tuple[int, int]:
+        """(rows, cols) of an image's high-resolution view, as the LLM receives it."""
+        _, rows, cols, _ = self.layout(size)
+        return rows, cols
+
+    def tiled(self, inputs) -> list[bool]:
+        """Per image, whether the processor cut it into tiles (LLaVA-NeXT: always; an image that is not is one view,
+        its base crop, followed by its newline)."""
+        return [True] * len(inputs["image_sizes"])
+
+    #: what ``get_image_features`` takes from the processor's outputs
+    image_inputs: tuple[str, ...] = ("pixel_values", "image_sizes")
 
     def image_tokens(self, inputs, attention_layer: int | None, grey: bool = False,
                      means_only: bool = False) -> list[ImageTokens]:
@@ -88,8 +104,7 @@ class LlavaNextAdapter(LlavaAdapter):
         pixel_values = inputs.get("pixel_values")
         if pixel_values is None:
             return []
-        sizes = inputs["image_sizes"]
-        call = dict(pixel_values=pixel_values, image_sizes=sizes)
+        call = {k: inputs[k] for k in self.image_inputs if k in inputs}
         att = None
         if attention_layer is None:
             with self.skip_unused_layers(None):
@@ -102,17 +117,17 @@ class LlavaNextAdapter(LlavaAdapter):
             t0 = time.perf_counter()
             att = self._attention(module, seen["q"], seen["k"])  # per crop, all images' crops in order
             self.last_attention_s = time.perf_counter() - t0
+        sizes, tiled = self._sizes(inputs), self.tiled(inputs)
+        counts = [self._n_crops(s) if t else 1 for s, t in zip(sizes, tiled)]
         greys = None
         if grey:  # (crops, side * side, patch * patch)
-            g = unnormalise_grey(self._crops(pixel_values, sizes), self.pixel_norm, channel_dim=1)
+            g = unnormalise_grey(self._crops(pixel_values, counts), self.pixel_norm, channel_dim=1)
             greys = patch_greys(g, self.side, self.model.config.vision_config.patch_size)
         out, at = [], 0
-        for f, size in zip(packed, self._sizes(inputs)):
-            npw, rows, cols, index = self.layout(size)
-            n_crops = self._n_crops(size)
-            out += self._views(f, rows, cols, npw, index, None if att is None else att[at:at + n_crops],
-                               None if greys is None else greys[at:at + n_crops])
-            at += n_crops
+        for f, size, t, n in zip(packed, sizes, tiled, counts):
+            out += self._views(f, size, t, None if att is None else att[at:at + n],
+                               None if greys is None else greys[at:at + n])
+            at += n
         return out
 
     def grid_region(self, processor, size):
@@ -124,40 +139,78 @@ class LlavaNextAdapter(LlavaAdapter):
         return int(mod.image_size_to_num_patches(size, self.model.config.image_grid_pinpoints,
                                                  self.model.config.vision_config.image_size))
 
-    def _crops(self, pixel_values: torch.Tensor, sizes) -> torch.Tensor:
-        """(all crops, 3, S, S) in the order the tower sees them."""
+    @staticmethod
+    def _crops(pixel_values: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """(all crops, 3, S, S) in the order the tower sees them (``counts``: crops per image)."""
         if pixel_values.dim() == 4:
             return pixel_values
-        return torch.cat([pv[: self._n_crops(s)] for pv, s in zip(pixel_values, sizes.tolist())])
+        return torch.cat([pv[:n] for pv, n in zip(pixel_values, counts)])
 
-    def _views(self, packed: torch.Tensor, rows: int, cols: int, npw: int, index: torch.Tensor, att, greys
-               ) -> list[ImageTokens]:
+    def hires_sources(self, size) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+        """(rows, cols, sources, weights) of an image's high-resolution view: each of its rows * cols tokens (raster
+        order) is the weighted sum of K cells of the padded tile grid, (rows * cols, K) flat indices and weights.
+        LLaVA-NeXT: K = 1, the cell that survived unpadding, weight 1."""
+        _, rows, cols, index = self.layout(size)
+        return rows, cols, index[:, None], torch.ones(index.numel(), 1)
+
+    def _views(self, packed: torch.Tensor, size, tiled: bool, att, greys) -> list[ImageTokens]:
         s = self.side
         base_n = s * s
-        hires = packed[base_n:].view(rows, cols + 1, -1)
-        tiles_r, tiles_c = index // (npw * s), index % (npw * s)  # padded-grid row / col of each token
-        tile = (tiles_r // s) * npw + tiles_c // s
-        patch = (tiles_r % s) * s + tiles_c % s
-        base_att = base_cls = base_keys = hi_att = hi_cls = hi_keys = None
+        o = int(self.tower_has_cls)
+        base: dict = {}
         if att is not None:
-            o = int(self.tower_has_cls)
-            (a0, k0), rest = att[0], att[1:]
-            base_att, base_keys = a0[o:, o:], k0[o:]
-            base_cls = a0[0, o:] if o else None
-            a = torch.stack([a for a, _ in rest])  # (tiles, P+o, P+o)
-            k = torch.stack([k for _, k in rest])
-            dev = a.device
-            t, p = tile.to(dev), patch.to(dev)
-            hi_att = a[t[:, None], p[:, None] + o, p[None, :] + o] * (t[:, None] == t[None, :])
-            hi_keys = k[t, p + o]
-            hi_cls = a[t, 0, p + o] if o else None
-        base_grey = hi_grey = None
+            a0, k0 = att[0]
+            base = dict(attention=a0[o:, o:], keys=k0[o:], cls_attention=a0[0, o:] if o else None)
         if greys is not None:
-            base_grey = greys[0]
-            hi_grey = greys[1:][tile, patch]
+            base["grey"] = greys[0]
+        if not tiled:  # the base crop alone, then its newline
+            return [ImageTokens(features=packed[:base_n], grid=(1, s, s), fixed=packed[base_n:], **base)]
+        npw = self.layout(size)[0]
+        rows, cols, sources, weights = self.hires_sources(size)
+        r, c = sources // (npw * s), sources % (npw * s)  # padded-grid row / col of each source cell
+        tile, patch = (r // s) * npw + c // s, (r % s) * s + c % s
+        hi: dict = {}
+        if att is not None:
+            rest = att[1:]
+            hi = mixed_scores(torch.stack([a for a, _ in rest]), torch.stack([k for _, k in rest]), o, tile, patch,
+                              weights)
+        if greys is not None:
+            hi["grey"] = mix(greys[1:], tile, patch, weights)
+        hires = packed[base_n:].view(rows, cols + 1, -1)
         return [
-            ImageTokens(features=packed[:base_n], grid=(1, s, s), attention=base_att, cls_attention=base_cls,
-                        keys=base_keys, grey=base_grey, view=0),
-            ImageTokens(features=hires[:, :cols].reshape(rows * cols, -1), grid=(1, rows, cols), attention=hi_att,
-                        cls_attention=hi_cls, keys=hi_keys, grey=hi_grey, view=1, fixed=hires[:, cols]),
+            ImageTokens(features=packed[:base_n], grid=(1, s, s), view=0, **base),
+            ImageTokens(features=hires[:, :cols].reshape(rows * cols, -1), grid=(1, rows, cols), view=1,
+                        fixed=hires[:, cols], **hi),
         ]
+
+
+def mix(values: torch.Tensor, tile: torch.Tensor, patch: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """(n, ...) rows, each the ``weights``-weighted sum of ``values[tile, patch]`` over its K sources ((n, K) each);
+    ``values``: (crops, patches, ...)."""
+    w = weights.to(values.device, values.dtype)
+    t, p = tile.to(values.device), patch.to(values.device)
+    out = values[t[:, 0], p[:, 0]] * w[:, 0].view(-1, *[1] * (values.dim() - 2))
+    for k in range(1, t.shape[1]):
+        out = out + values[t[:, k], p[:, k]] * w[:, k].view(-1, *[1] * (values.dim() - 2))
+    return out
+
+
+def mixed_scores(att: torch.Tensor, keys: torch.Tensor, o: int, tile: torch.Tensor, patch: torch.Tensor,
+                 weights: torch.Tensor) -> dict:
+    """The scoring fields of tokens that are each a weighted sum of K tower patches (``tile``, ``patch``,
+    ``weights``: (n, K); K = 1 for LLaVA-NeXT's stitched grid, 4 bilinear taps for LLaVA-OneVision's downscaled grid
+    and pooled frames), from the crops' head-mean attention ``att`` (crops, P + o, P + o) and keys (crops, P + o, d)
+    (``o`` = 1: a [CLS] first). Attention between two tokens is the weighted sum over their sources' pairs, zero
+    between patches of different crops (the tower never attends across crops): W A W^T for the block-diagonal A."""
+    dev = att.device
+    t, p, w = tile.to(dev), patch.to(dev), weights.to(dev, att.dtype)
+    out = None
+    for i in range(t.shape[1]):
+        for j in range(t.shape[1]):
+            ti, tj = t[:, i, None], t[None, :, j]
+            part = att[ti, p[:, i, None] + o, p[None, :, j] + o] * (ti == tj)
+            if t.shape[1] > 1:
+                part = part * (w[:, i, None] * w[None, :, j])
+            out = part if out is None else out + part
+    return dict(attention=out, keys=mix(keys, t, p + o, w),
+                cls_attention=mix(att[:, 0], t, p + o, w) if o else None)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import InputError
-from .tiny import tiny_llava, tiny_llava_next, tiny_qwen2_5_vl, tiny_qwen2_vl, tiny_qwen3_vl
+from .tiny import tiny_llava, tiny_llava_next, tiny_llava_onevision, tiny_qwen2_5_vl, tiny_qwen2_vl, tiny_qwen3_vl
 
 WEIGHTS = Path(__file__).parent / "weights"
 #: name -> folder of committed weights (trained by the project's own scripts; see each MODEL_CARD.md)
@@ -28,6 +28,7 @@ SHIPPED: dict[str, tuple[Path, str]] = {
 BUILT: dict[str, Callable] = {
     "tiny-random-llava": tiny_llava,
     "tiny-random-llava-next": tiny_llava_next,
+    "tiny-random-llava-onevision": tiny_llava_onevision,
     "tiny-random-qwen2-vl": tiny_qwen2_vl,
     "tiny-random-qwen2.5-vl": tiny_qwen2_5_vl,
     "tiny-random-qwen3-vl": tiny_qwen3_vl,

@@ -275,3 +275,69 @@ def tiny_qwen3_vl(spec: TinySpec = TinySpec(patch=16, image_size=128), moe: bool
     )
     return _qwen_model_and_processor(getattr(transformers, f"{kind}ForConditionalGeneration"), Qwen3VLProcessor, cfg,
                                      spec, tok, vocab, video_processor=Qwen3VLVideoProcessor)
+
+
+ONEVISION_CHAT_TEMPLATE = (  # llava-hf/llava-onevision-qwen2-*-ov-hf's: a turn's images, then its videos, then its text
+    "{% for message in messages %}<|im_start|>{{ message['role'] }} "
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>{% endif %}{% endfor %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'video' %}<video>{% endif %}{% endfor %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'text' %}\n{{ item['text'] }}{% endif %}{% endfor %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_llava_onevision(spec: TinySpec = TinySpec()):
+    """A random-weight ``LlavaOnevisionForConditionalGeneration`` and its ``LlavaOnevisionProcessor`` (offline), laid
+    out like transformers' own tester for the class (a SigLIP tower without [CLS], a Qwen2 text model,
+    ``vision_feature_select_strategy="full"``, ``vision_feature_layer=-1``) at TinySpec's sizes, and like
+    llava-onevision-qwen2-7b-ov: "anyres_max" grid pinpoints of 1..3 x 1..3 crops of ``image_size`` px (7B: 1..6 x
+    1..6 of 384 px), the stitched grid bilinearly downscaled past 4 crops' worth of tokens (``anyres_max_4``; 7B:
+    ``anyres_max_9``), a sample with several images given one base crop each, video frames pooled 2 x 2."""
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+        PreTrainedTokenizerFast,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+
+    special = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+    tk, vocab = _word_tokenizer(special)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, unk_token="<unk>", eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
+    )
+    tok.padding_side = "left"
+    s, side = spec.image_size, spec.image_size // spec.patch
+    vision = SiglipVisionConfig(
+        image_size=s, patch_size=spec.patch, hidden_size=spec.vision_hidden, intermediate_size=2 * spec.vision_hidden,
+        num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads, vision_use_head=False,
+    )
+    text = Qwen2Config(
+        vocab_size=len(vocab), hidden_size=spec.hidden, intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
+        pad_token_id=vocab["<|endoftext|>"], eos_token_id=vocab["<|im_end|>"], bos_token_id=None,
+        max_position_embeddings=4096,
+    )
+    pinpoints = [[i * s, j * s] for i in (1, 2, 3) for j in (1, 2, 3)]
+    aspect = "anyres_max_4"
+    cfg = LlavaOnevisionConfig(
+        vision_config=vision, text_config=text, image_token_index=vocab["<image>"],
+        video_token_index=vocab["<video>"], image_grid_pinpoints=pinpoints, vision_feature_layer=-1,
+        vision_feature_select_strategy="full", vision_aspect_ratio=aspect,
+    )
+    torch.manual_seed(spec.seed)
+    model = LlavaOnevisionForConditionalGeneration(cfg).eval()
+    model.generation_config.eos_token_id = vocab["<|im_end|>"]
+    model.generation_config.pad_token_id = vocab["<|endoftext|>"]
+    size = {"height": s, "width": s}
+    processor = LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=pinpoints),
+        video_processor=LlavaOnevisionVideoProcessor(size=size), tokenizer=tok, num_image_tokens=side * side,
+        vision_feature_select_strategy="full", chat_template=ONEVISION_CHAT_TEMPLATE, image_token="<image>",
+        video_token="<video>", vision_aspect_ratio=aspect,
+    )
+    return model, processor
