@@ -275,7 +275,8 @@ class VLMAccelerator:
         with torch.inference_mode(), adapter.preserved_state():
             # 1-2. encode, vision stage
             enc = encode(adapter, self.processor, batch_images, prompts, batch_videos, attn_layer,
-                         grey=any(p.needs_grey for p in policy.vision_pruners))
+                         grey=any(p.needs_grey for p in policy.vision_pruners),
+                         instruction=any(p.needs_instruction for p in policy.vision_pruners))
             t_vis = now(device)
             t_pre = t_start + enc.prepare_s
             self._warn_past_context(enc, args.max_new_tokens)

@@ -94,9 +94,10 @@ def sequence_order(images: list, videos: list, batch_images: list[list],
 
 def encode(adapter: Adapter, processor, batch_images: list[list], prompts: list[str],
            batch_videos: list[list] | None = None, attention_layer: int | None = None,
-           grey: bool = False) -> Encoded:
+           grey: bool = False, instruction: bool = False) -> Encoded:
     """Tokenise with the model's own processor and run the vision tower once (reading ``attention_layer``'s
-    attention and the pixels' grey values when asked)."""
+    attention and the pixels' grey values when asked; with ``instruction``, each visual input carries its sample's
+    :func:`instruction_embeddings`)."""
     batch_videos = batch_videos or [[] for _ in prompts]
     t0 = now(adapter.model.device)
     inputs = adapter.prepare(processor, batch_images, prompts, videos=batch_videos if any(batch_videos) else None)
@@ -116,7 +117,24 @@ def encode(adapter: Adapter, processor, batch_images: list[list], prompts: list[
     if n_feat != n_slots:
         raise InputError(f"the processor produced {n_slots} image placeholders but the vision "
                          f"tower {n_feat} features; check the processor matches the model")
+    if instruction:
+        texts = instruction_embeddings(adapter.model, processor, prompts)
+        visual = [replace(v, instruction=texts[b]) for v, b in zip(visual, owner)]
     return Encoded(inputs, image_mask, positions, visual, prepare_s, fixed_mask, owner, source)
+
+
+def instruction_embeddings(model, processor, prompts: list[str]) -> list[torch.Tensor]:
+    """Per prompt, its tokens (the processor's tokenizer, no special tokens, no chat template) through the language
+    model's input embedding layer: (m, d_model), m = 0 for an empty prompt. What an instruction-conditioned vision
+    pruner compares the visual tokens with (``ImageTokens.instruction``); family-neutral: every processor has a
+    tokenizer and every model ``get_input_embeddings``."""
+    embed = model.get_input_embeddings()
+    device = embed.weight.device
+    out = []
+    for p in prompts:
+        ids = processor.tokenizer(p, add_special_tokens=False)["input_ids"]
+        out.append(embed(torch.tensor(ids, dtype=torch.long, device=device)))
+    return out
 
 
 def context_length(adapter: Adapter) -> int | None:
@@ -285,7 +303,8 @@ class Request:
         saved = adapter.last_attention_s  # the main request's scoring time stays what it was
         try:
             enc = encode(adapter, self.processor, batch_images, self.prompts, attention_layer=self.attention_layer,
-                         grey=bool(getattr(self.vision_pruner, "needs_grey", False)))
+                         grey=bool(getattr(self.vision_pruner, "needs_grey", False)),
+                         instruction=bool(getattr(self.vision_pruner, "needs_instruction", False)))
         finally:
             adapter.last_attention_s = saved
         visual, kept, _ = prune_visual(self.vision_pruner, enc.visual)

@@ -8,6 +8,7 @@ from conftest import make_image
 
 from vlmfast import Policy, VLMAccelerator
 from vlmfast.pruners import (
+    CDPruner,
     DivPrune,
     FasterVLM,
     FastV,
@@ -26,6 +27,7 @@ METHODS = {
     "fastervlm": lambda k: FasterVLM(keep=k),
     "visionzip": lambda k: VisionZip(keep=k),
     "divprune": lambda k: DivPrune(keep=k),
+    "cdpruner": lambda k: CDPruner(keep=k),
     "random": lambda k: RandomPruner(keep=k, seed=1),
     "fastv": lambda k: FastV(layer=2, keep=k),
     "pyramiddrop": lambda k: PyramidDrop(layers=[1, 2, 3], ratio=k ** (1 / 3)),

@@ -61,6 +61,11 @@ class ImageTokens:
     """(levels, n, d_model): features the family adds to the hidden states of its first ``levels`` decoder layers at
     this input's positions (Qwen3-VL's DeepStack), one row per LLM token like ``features``; pruning drops the same
     rows from every level"""
+    instruction: torch.Tensor | None = None
+    """(m, d_model): the instruction of the sample this input belongs to (its prompt's tokens, without the chat
+    template, through the language model's input embedding layer), when a vision pruner asks for it
+    (``needs_instruction``: CDPruner); (0, d_model) for an empty prompt. Filled by ``request.encode``, the same for
+    every family"""
 
     @property
     def n_tokens(self) -> int:
@@ -82,7 +87,7 @@ class ImageTokens:
                 cls_attention=None if self.cls_attention is None else self.cls_attention[pp],
                 keys=None if self.keys is None else self.keys[tok],
                 grey=None if self.grey is None else self.grey[tok], kind=self.kind,
-                deepstack=None if self.deepstack is None else self.deepstack[:, tok]))
+                deepstack=None if self.deepstack is None else self.deepstack[:, tok], instruction=self.instruction))
         return out
 
 

@@ -1,6 +1,7 @@
 """Visual-token pruners, one method per file; importing this package registers them."""
 
 from .base import AttentionMethod, LayerPruner, Method, VisionPruner, n_keep
+from .cdpruner import CDPruner
 from .divprune import DivPrune
 from .fastervlm import FasterVLM
 from .fastv import FastV
@@ -11,5 +12,5 @@ from .vflowopt import VFlowOpt
 from .visionzip import VisionZip
 from .zipvl import ZipVL
 
-__all__ = ["Method", "VisionPruner", "LayerPruner", "FoPru", "FastV", "FasterVLM", "VisionZip", "DivPrune",
+__all__ = ["Method", "VisionPruner", "LayerPruner", "FoPru", "FastV", "FasterVLM", "VisionZip", "DivPrune", "CDPruner",
            "RandomPruner", "PyramidDrop", "VFlowOpt", "ZipVL", "AttentionMethod", "n_keep"]
