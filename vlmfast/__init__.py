@@ -14,6 +14,7 @@ from .pruners import (
     AttentionMethod,
     CDPruner,
     DivPrune,
+    Downsample,
     FasterVLM,
     FastV,
     FoPru,
@@ -40,7 +41,7 @@ __all__ = [
     "VLMAccelerator", "GenerateOutput", "Stats", "Policy", "load_policy", "Grounding", "GroundingConfig",
     # built-in methods
     "FoPru", "VFlowOpt", "ZipVL", "FastV", "PyramidDrop", "VisionZip", "FasterVLM", "DivPrune", "CDPruner",
-    "RandomPruner", "MMInference", "VAR", "DAMRO", "AGLA",
+    "Downsample", "RandomPruner", "MMInference", "VAR", "DAMRO", "AGLA",
     # writing a method
     "register", "available_methods", "method_dataclass", "Method", "Run", "Request", "VisionPruner", "LayerPruner",
     "AttentionMethod", "Reweighter", "BranchMethod",

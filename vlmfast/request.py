@@ -10,6 +10,7 @@ method's run starts from it (``method.start(request)``) and decode branches buil
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, NamedTuple
 
 import torch
@@ -94,10 +95,10 @@ def sequence_order(images: list, videos: list, batch_images: list[list],
 
 def encode(adapter: Adapter, processor, batch_images: list[list], prompts: list[str],
            batch_videos: list[list] | None = None, attention_layer: int | None = None,
-           grey: bool = False, instruction: bool = False) -> Encoded:
+           grey: bool = False, instruction: bool = False, resample: bool = False) -> Encoded:
     """Tokenise with the model's own processor and run the vision tower once (reading ``attention_layer``'s
     attention and the pixels' grey values when asked; with ``instruction``, each visual input carries its sample's
-    :func:`instruction_embeddings`)."""
+    :func:`instruction_embeddings`; with ``resample``, each image its ``ImageTokens.resample``)."""
     batch_videos = batch_videos or [[] for _ in prompts]
     t0 = now(adapter.model.device)
     inputs = adapter.prepare(processor, batch_images, prompts, videos=batch_videos if any(batch_videos) else None)
@@ -109,8 +110,10 @@ def encode(adapter: Adapter, processor, batch_images: list[list], prompts: list[
         raise InputError(f"the prompt needs {int(positions.max()) + 1} positions (its text, the chat template and the "
                          f"visual tokens) but the language model has {limit} (max_position_embeddings); shorten the "
                          "prompt or pass fewer or smaller images")
-    visual, owner, source = sequence_order(*adapter.visual_tokens(inputs, attention_layer, grey), batch_images,
-                                           batch_videos)
+    images, videos = adapter.visual_tokens(inputs, attention_layer, grey)
+    if resample and not adapter.resample_unsupported:
+        images = [replace(v, resample=partial(adapter.resampled_features, inputs, i)) for i, v in enumerate(images)]
+    visual, owner, source = sequence_order(images, videos, batch_images, batch_videos)
     fixed_mask = adapter.fixed_token_mask(inputs)
     n_feat = sum(v.n_tokens for v in visual) + sum(0 if v.fixed is None else v.fixed.shape[0] for v in visual)
     n_slots = int(image_mask.sum()) + (0 if fixed_mask is None else int(fixed_mask.sum()))
@@ -304,7 +307,8 @@ class Request:
         try:
             enc = encode(adapter, self.processor, batch_images, self.prompts, attention_layer=self.attention_layer,
                          grey=bool(getattr(self.vision_pruner, "needs_grey", False)),
-                         instruction=bool(getattr(self.vision_pruner, "needs_instruction", False)))
+                         instruction=bool(getattr(self.vision_pruner, "needs_instruction", False)),
+                         resample=bool(getattr(self.vision_pruner, "needs_resample", False)))
         finally:
             adapter.last_attention_s = saved
         visual, kept, _ = prune_visual(self.vision_pruner, enc.visual)

@@ -294,3 +294,49 @@ def test_cdpruner_exact_counts_sorted_unique(keep):
     assert out == sorted(set(out)) and len(out) == n_keep(48, keep)
     if keep == 1.0:
         assert out == list(range(48))
+
+
+# -- downsample: the image resized to the budget's grid ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("h, w, k, expected", [(24, 24, 57, (7, 8)), (24, 24, 144, (12, 12)), (12, 12, 14, (3, 4)),
+                                               (12, 12, 36, (6, 6)), (4, 3, 4, (2, 2)), (1, 10, 3, (1, 3)),
+                                               (10, 1, 3, (3, 1)), (6, 6, 1, (1, 1))])
+def test_downsample_sub_grid_known_answers(h, w, k, expected):
+    from vlmfast.pruners.downsample import sub_grid
+
+    assert sub_grid(h, w, k) == expected and expected[0] * expected[1] <= k
+
+
+def test_downsample_places_features_at_cell_centres():
+    from vlmfast.pruners import Downsample
+
+    asked = []
+
+    def resample(grid):
+        asked.append(grid)
+        return torch.full((grid[0] * grid[1], 3), 7.0)
+
+    feats = torch.arange(48, dtype=torch.float32)[:, None].repeat(1, 3)
+    img = ImageTokens(features=feats[:16], grid=(1, 4, 4), resample=resample)
+    keep, out, _ = Downsample(keep=0.25).prune(img)
+    assert asked == [(2, 2)] and keep.tolist() == [5, 7, 13, 15] and torch.equal(out, torch.full((4, 3), 7.0))
+    # a 3 x 6 grid, budget 9: 2 rows (floor(sqrt(9 * 3 / 6))) x 4 columns, centres of 1.5 x 1.5 cells
+    img = ImageTokens(features=feats[:18], grid=(1, 3, 6), resample=resample)
+    keep, _, _ = Downsample(keep=0.5).prune(img)
+    assert asked[-1] == (2, 4) and keep.tolist() == [0, 2, 3, 5, 12, 14, 15, 17]
+
+
+def test_downsample_keep_all_is_the_towers_own_and_a_video_is_refused():
+    from vlmfast.errors import InputError
+    from vlmfast.pruners import Downsample
+
+    def never(grid):
+        raise AssertionError("keep = 1 must not resize")
+
+    feats = torch.randn(16, 3)
+    keep, out, _ = Downsample(keep=1.0).prune(ImageTokens(features=feats, grid=(1, 4, 4), resample=never))
+    assert keep.tolist() == list(range(16)) and torch.equal(out, feats)
+    video = ImageTokens(features=torch.randn(32, 3), grid=(2, 4, 4), kind="video")
+    with pytest.raises(InputError, match="videos are not supported"):
+        Downsample(keep=0.25).prune_visual(video)

@@ -61,6 +61,10 @@ class ImageTokens:
     """(levels, n, d_model): features the family adds to the hidden states of its first ``levels`` decoder layers at
     this input's positions (Qwen3-VL's DeepStack), one row per LLM token like ``features``; pruning drops the same
     rows from every level"""
+    resample: Callable[[tuple[int, int]], torch.Tensor] | None = None
+    """``resample((h, w))``: (h * w, d_model) features the language model would receive for this image with the tower's
+    input resized to an h x w grid of LLM tokens (``Adapter.resampled_features``), when a vision pruner asks for it
+    (``needs_resample``: downsample); None for videos and families that cannot resize (``resample_unsupported``)"""
     instruction: torch.Tensor | None = None
     """(m, d_model): the instruction of the sample this input belongs to (its prompt's tokens, without the chat
     template, through the language model's input embedding layer), when a vision pruner asks for it
@@ -104,6 +108,8 @@ class ModelInfo:
     the others attend within windows)"""
     cls_token: bool = False
     """does the vision tower have a [CLS] token (CLIP) whose attention methods can read"""
+    resample_unsupported: str = ""
+    """why the family's images cannot be resized for the tower (``downsample``), or "" when they can"""
 
     def check_vision_layer(self, method: str, layer: int | None, reads_attention: bool = True) -> None:
         """Refuse a vision layer outside the tower, or, for a method that reads the layer's attention, one whose
@@ -128,6 +134,8 @@ class Adapter(ABC):
     model_classes: tuple[str, ...] = ()
     supports_video: bool = False
     """does the family take ``videos=`` (its processor has a video processor, its model video placeholders)"""
+    resample_unsupported: str = "vlmfast has no way to resize this family's images for its vision tower"
+    """why :meth:`resampled_features` cannot serve this family, or "" when it can"""
 
     def __init__(self, model: nn.Module):
         # a transformers model of the family: its submodules and config are the family's own (nn.Module's
@@ -154,7 +162,7 @@ class Adapter(ABC):
         return ModelInfo(
             family=self.family, num_layers=len(self.decoder_layers), num_vision_layers=len(self.vision_layers),
             name=getattr(self.model, "name_or_path", "") or "", vision_attention_layers=self.vision_attention_layers,
-            cls_token=self.tower_has_cls,
+            cls_token=self.tower_has_cls, resample_unsupported=self.resample_unsupported,
         )
 
     @property
@@ -267,6 +275,13 @@ class Adapter(ABC):
         self.last_attention_s += spent
         return images, videos
 
+    def resampled_features(self, inputs, index: int, grid: tuple[int, int]) -> torch.Tensor:
+        """(h * w, d_model): the features the language model would receive for image ``index`` (in the order of
+        ``image_tokens``) if the tower's input were that image resized to an ``grid`` = (h, w) grid of LLM tokens:
+        its preprocessed pixels resized (bicubic, antialiased) and run through the tower and projector again. Only
+        where ``resample_unsupported`` is ""."""
+        raise PolicyError(f"{self.title or self.family}: {self.resample_unsupported}")
+
     @contextmanager
     def capture_inputs(self, module: nn.Module) -> Iterator[dict]:
         """Record the keyword inputs (hidden_states and friends) of one call to ``module``."""
@@ -363,3 +378,14 @@ def head_mean_attention(q: torch.Tensor, k: torch.Tensor, scaling: float,
     for s in range(0, q.shape[1], rows):
         out[s : s + rows] = torch.matmul(qs[:, s : s + rows], kt).softmax(-1).mean(0)
     return out, k.float().mean(0)
+
+
+def resize_pixels(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(..., C, H, W) processor-normalised pixels resized to ``size`` (bicubic, antialiased: what the processors'
+    PIL resize does; interpolation commutes with their per-channel normalisation); unchanged at their own size."""
+    if tuple(pixels.shape[-2:]) == tuple(size):
+        return pixels
+    lead = pixels.shape[:-3]
+    flat = pixels.reshape(-1, *pixels.shape[-3:]).float()
+    out = torch.nn.functional.interpolate(flat, size=size, mode="bicubic", antialias=True, align_corners=False)
+    return out.reshape(*lead, *out.shape[-3:]).to(pixels.dtype)

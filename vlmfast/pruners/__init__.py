@@ -3,6 +3,7 @@
 from .base import AttentionMethod, LayerPruner, Method, VisionPruner, n_keep
 from .cdpruner import CDPruner
 from .divprune import DivPrune
+from .downsample import Downsample
 from .fastervlm import FasterVLM
 from .fastv import FastV
 from .fopru import FoPru
@@ -13,4 +14,4 @@ from .visionzip import VisionZip
 from .zipvl import ZipVL
 
 __all__ = ["Method", "VisionPruner", "LayerPruner", "FoPru", "FastV", "FasterVLM", "VisionZip", "DivPrune", "CDPruner",
-           "RandomPruner", "PyramidDrop", "VFlowOpt", "ZipVL", "AttentionMethod", "n_keep"]
+           "Downsample", "RandomPruner", "PyramidDrop", "VFlowOpt", "ZipVL", "AttentionMethod", "n_keep"]

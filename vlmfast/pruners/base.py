@@ -52,6 +52,8 @@ class VisionPruner(Method):
     needs_grey: ClassVar[bool] = False
     #: does it read ``ImageTokens.instruction`` (the prompt's token embeddings: CDPruner)? Filled only then
     needs_instruction: ClassVar[bool] = False
+    #: does it call ``ImageTokens.resample`` (the tower on the image resized: downsample)? Set only then
+    needs_resample: ClassVar[bool] = False
 
     def attention_layer(self) -> int | None:
         return getattr(self, "layer", None)
