@@ -12,7 +12,9 @@ from .method import Method, Run, method_dataclass
 from .policy import Policy, load_policy
 from .pruners import (
     AttentionMethod,
+    CDPruner,
     DivPrune,
+    Downsample,
     FasterVLM,
     FastV,
     FoPru,
@@ -38,8 +40,8 @@ __all__ = [
     # the API
     "VLMAccelerator", "GenerateOutput", "Stats", "Policy", "load_policy", "Grounding", "GroundingConfig",
     # built-in methods
-    "FoPru", "VFlowOpt", "ZipVL", "FastV", "PyramidDrop", "VisionZip", "FasterVLM", "DivPrune", "RandomPruner",
-    "MMInference", "VAR", "DAMRO", "AGLA",
+    "FoPru", "VFlowOpt", "ZipVL", "FastV", "PyramidDrop", "VisionZip", "FasterVLM", "DivPrune", "CDPruner",
+    "Downsample", "RandomPruner", "MMInference", "VAR", "DAMRO", "AGLA",
     # writing a method
     "register", "available_methods", "method_dataclass", "Method", "Run", "Request", "VisionPruner", "LayerPruner",
     "AttentionMethod", "Reweighter", "BranchMethod",

@@ -276,7 +276,9 @@ class VLMAccelerator:
             # 1-2. encode, vision stage
             enc = encode(adapter, self.processor, batch_images, prompts, batch_videos, attn_layer,
                          grey=any(p.needs_grey for p in policy.vision_pruners),
-                         means_only=policy.reads_attention_means_only)
+                         means_only=policy.reads_attention_means_only,
+                         instruction=any(p.needs_instruction for p in policy.vision_pruners),
+                         resample=any(p.needs_resample for p in policy.vision_pruners))
             t_vis = now(device)
             t_pre = t_start + enc.prepare_s
             self._warn_past_context(enc, args.max_new_tokens)

@@ -119,8 +119,9 @@ def _bench_grounding(a) -> int:
 def _bench_prune(a) -> int:
     from .bench import prune as bench_prune
 
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()] if a.methods else None
     rows = bench_prune.run(a.json, model=a.model, limit=a.limit, repeats=a.repeats, keeps=tuple(a.keep),
-                           policies=tuple(a.policy))
+                           policies=tuple(a.policy), methods=methods, split=a.split)
     print(bench_prune.table(rows, markdown=a.markdown))
     if a.json:
         print(f"\nwrote {a.json}")
@@ -228,7 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
     bq = bsub.add_parser("prune", help="every pruner at 50/25/10/5%%: ShapesWorld accuracy + proxy speed")
     bq.add_argument("--json", help="write the rows as JSON to this path")
     bq.add_argument("--model", default="tiny-llava-shapes", help="model for the accuracy columns")
-    bq.add_argument("--limit", type=positive_int, default=100, help="ShapesWorld test scenes for accuracy")
+    bq.add_argument("--limit", type=positive_int, default=100, help="ShapesWorld scenes for accuracy")
+    bq.add_argument("--split", default="test", choices=["train", "dev", "test"], help="ShapesWorld split (test)")
+    bq.add_argument("--methods", default="", help="comma-separated rows to run (default all: "
+                    "fopru,vflowopt,fastervlm,visionzip,divprune,cdpruner,downsample,random,fastv,pyramiddrop,"
+                    "zipvl-quant,zipvl-evict); the full model always runs")
     bq.add_argument("--repeats", type=positive_int, default=3)
     bq.add_argument("--keep", type=fraction, nargs="+", default=[0.5, 0.25, 0.1, 0.05])
     bq.add_argument("--policy", action="append", default=[], metavar="NAME_OR_PATH",

@@ -10,6 +10,7 @@ method's run starts from it (``method.start(request)``) and decode branches buil
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, NamedTuple
 
 import torch
@@ -94,9 +95,12 @@ def sequence_order(images: list, videos: list, batch_images: list[list],
 
 def encode(adapter: Adapter, processor, batch_images: list[list], prompts: list[str],
            batch_videos: list[list] | None = None, attention_layer: int | None = None,
-           grey: bool = False, means_only: bool = False) -> Encoded:
+           grey: bool = False, means_only: bool = False, instruction: bool = False,
+           resample: bool = False) -> Encoded:
     """Tokenise with the model's own processor and run the vision tower once (reading ``attention_layer``'s
-    attention, only its column and row means with ``means_only``, and the pixels' grey values when asked)."""
+    attention, only its column and row means with ``means_only``, and the pixels' grey values when asked; with
+    ``instruction``, each visual input carries its sample's :func:`instruction_embeddings`; with ``resample``, each
+    image its ``ImageTokens.resample``)."""
     batch_videos = batch_videos or [[] for _ in prompts]
     t0 = now(adapter.model.device)
     inputs = adapter.prepare(processor, batch_images, prompts, videos=batch_videos if any(batch_videos) else None)
@@ -108,15 +112,34 @@ def encode(adapter: Adapter, processor, batch_images: list[list], prompts: list[
         raise InputError(f"the prompt needs {int(positions.max()) + 1} positions (its text, the chat template and the "
                          f"visual tokens) but the language model has {limit} (max_position_embeddings); shorten the "
                          "prompt or pass fewer or smaller images")
-    visual, owner, source = sequence_order(*adapter.visual_tokens(inputs, attention_layer, grey, means_only),
-                                           batch_images, batch_videos)
+    images, videos = adapter.visual_tokens(inputs, attention_layer, grey, means_only)
+    if resample and not adapter.resample_unsupported:
+        images = [replace(v, resample=partial(adapter.resampled_features, inputs, i)) for i, v in enumerate(images)]
+    visual, owner, source = sequence_order(images, videos, batch_images, batch_videos)
     fixed_mask = adapter.fixed_token_mask(inputs)
     n_feat = sum(v.n_tokens for v in visual) + sum(0 if v.fixed is None else v.fixed.shape[0] for v in visual)
     n_slots = int(image_mask.sum()) + (0 if fixed_mask is None else int(fixed_mask.sum()))
     if n_feat != n_slots:
         raise InputError(f"the processor produced {n_slots} image placeholders but the vision "
                          f"tower {n_feat} features; check the processor matches the model")
+    if instruction:
+        texts = instruction_embeddings(adapter.model, processor, prompts)
+        visual = [replace(v, instruction=texts[b]) for v, b in zip(visual, owner)]
     return Encoded(inputs, image_mask, positions, visual, prepare_s, fixed_mask, owner, source)
+
+
+def instruction_embeddings(model, processor, prompts: list[str]) -> list[torch.Tensor]:
+    """Per prompt, its tokens (the processor's tokenizer, no special tokens, no chat template) through the language
+    model's input embedding layer: (m, d_model), m = 0 for an empty prompt. What an instruction-conditioned vision
+    pruner compares the visual tokens with (``ImageTokens.instruction``); family-neutral: every processor has a
+    tokenizer and every model ``get_input_embeddings``."""
+    embed = model.get_input_embeddings()
+    device = embed.weight.device
+    out = []
+    for p in prompts:
+        ids = processor.tokenizer(p, add_special_tokens=False)["input_ids"]
+        out.append(embed(torch.tensor(ids, dtype=torch.long, device=device)))
+    return out
 
 
 def context_length(adapter: Adapter) -> int | None:
@@ -287,7 +310,9 @@ class Request:
             vp = self.vision_pruner
             enc = encode(adapter, self.processor, batch_images, self.prompts, attention_layer=self.attention_layer,
                          grey=bool(getattr(vp, "needs_grey", False)),
-                         means_only=bool(getattr(vp, "reads_attention_means", False)))
+                         means_only=bool(getattr(vp, "reads_attention_means", False)),
+                         instruction=bool(getattr(vp, "needs_instruction", False)),
+                         resample=bool(getattr(vp, "needs_resample", False)))
         finally:
             adapter.last_attention_s = saved
         visual, kept, _ = prune_visual(self.vision_pruner, enc.visual)

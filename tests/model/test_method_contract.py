@@ -120,3 +120,24 @@ def test_the_public_assembly_api_rebuilds_the_request(tiny):
     if fixed.any():
         assert torch.equal(seq.embeds[fixed], torch.cat([v.fixed for v in again.visual if v.fixed is not None]))
     assert torch.equal(seq.embeds[again.image_mask], torch.cat([v.features for v in again.visual]).to(ref.dtype))
+
+
+def test_a_pruner_that_asks_for_the_instruction_gets_its_own_samples_prompt(tiny):
+    """encode(instruction=True): every visual input (each view) carries its own sample's prompt as the language
+    model's input embeddings of a run of that sample's tokens, without the chat template; none without the flag."""
+    model, processor = tiny
+    acc = VLMAccelerator(model, processor, policy=None)
+    prompts = ["what colour is the circle ?", "how many objects are there"]
+    images = [[make_image(7)], [make_image(8), make_image(9)]]
+    with torch.inference_mode():
+        enc = encode(acc.adapter, processor, images, prompts, instruction=True)
+        plain = encode(acc.adapter, processor, images, prompts)
+        embeds = model.get_input_embeddings()(enc.inputs["input_ids"])
+    assert all(v.instruction is None for v in plain.visual)
+    assert sorted(set(enc.owner)) == [0, 1] and len(enc.visual) == len(plain.visual)
+    for v, b in zip(enc.visual, enc.owner):
+        m = len(prompts[b].split())  # the tiny tokenizers are word-level: one token a word
+        assert v.instruction is not None and v.instruction.shape == (m, embeds.shape[-1])
+        runs = [s for s in range(embeds.shape[1] - m + 1) if torch.equal(embeds[b, s:s + m], v.instruction)]
+        assert len(runs) == 1  # the prompt's own tokens, found once in its own sample's sequence
+        assert not torch.equal(v.instruction, enc.visual[len(enc.visual) - 1 if b == 0 else 0].instruction)

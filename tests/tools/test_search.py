@@ -14,7 +14,7 @@ from conftest import make_image
 from vlmfast import InputError, VLMAccelerator, load_policy
 from vlmfast.cli import main
 from vlmfast.policy import Policy
-from vlmfast.pruners import FastV, FoPru, ZipVL
+from vlmfast.pruners import CDPruner, Downsample, FastV, FoPru, ZipVL
 from vlmfast.search import SpaceContext, describe_space, load_data, space_for
 from vlmfast.search.objective import last_hidden, visual_share
 from vlmfast.search.report import pareto_front
@@ -69,6 +69,14 @@ def test_schema_derived_space_and_unknown_method():
     assert isinstance(m, ZipVL) and 0.1 <= m.tau <= 0.999 and m.first_layer in (0, 1) and m.kv == "quantize"
     with pytest.raises(InputError, match="unknown method 'nope'"):
         space_for("nope")
+
+
+
+def test_cdpruner_and_downsample_are_choices_that_spend_the_budget():
+    for name, cls in (("cdpruner", CDPruner), ("downsample", Downsample)):
+        m = space_for(name).suggest(_trial(), _ctx(budget=0.1))
+        assert type(m) is cls and m.keep == 0.1
+    assert space_for("cdpruner").fixed(_ctx()) == ["theta"]  # None: the paper's kernel
 
 
 # -- the objective's pieces ---------------------------------------------------------------------------------------

@@ -198,3 +198,158 @@ def test_vflowopt_recycles_pruned_tokens_per_cell():
     assert res.keep.tolist() == sorted(res.keep.tolist())
     full = VFlowOpt(keep=1.0).prune(ImageTokens(features=feats, grid=(1, 4, 4), attention=torch.eye(16)))
     assert full.keep.tolist() == list(range(16)) and torch.equal(full.features, feats)
+
+
+# -- CDPruner: greedy MAP of the instruction-conditioned DPP ----------------------------------------------------
+
+
+def _brute_force_next(kernel: torch.Tensor, chosen: list[int]) -> int:
+    """The token whose addition gives the largest det(L_Y) (log-det by brute force)."""
+    best, arg = -float("inf"), -1
+    for i in range(kernel.shape[0]):
+        if i in chosen:
+            continue
+        y = chosen + [i]
+        v = float(torch.logdet(kernel[y][:, y].double()))
+        if v > best:
+            best, arg = v, i
+    return arg
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cdpruner_greedy_map_takes_the_largest_log_det_at_every_step(seed):
+    from vlmfast.pruners.cdpruner import conditional_kernel, greedy_map
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(9, 12, generator=g)
+    r = torch.rand(9, generator=g)
+    kernel = conditional_kernel(x, r)
+    order = greedy_map(kernel, 6).tolist()
+    for step in range(6):
+        assert order[step] == _brute_force_next(kernel, order[:step])
+
+
+def test_cdpruner_keeps_a_diverse_token_over_a_relevant_duplicate():
+    from vlmfast.pruners import CDPruner
+    from vlmfast.pruners.cdpruner import instruction_relevance
+
+    # A, its near-duplicate A', B (orthogonal to both), C (irrelevant: cos 0 with the instruction)
+    x = torch.tensor([[1.0, 0, 0], [0.99, 0.14, 0], [0, 0, 1.0], [0, -1.0, 0]])
+    text = torch.tensor([[1.0, 0, 0.5]])
+    r = instruction_relevance(x, text)
+    assert r[3] == 0 and r[0] == 1 and r[1] > r[2] > 0  # A' is more relevant than B
+    assert r.topk(2).indices.sort().values.tolist() == [0, 1]  # relevance alone keeps the duplicate
+    img = ImageTokens(features=x, grid=(1, 2, 2), instruction=text)
+    assert CDPruner(keep=0.5).select(img).tolist() == [0, 2]
+
+
+def test_cdpruner_instruction_changes_the_choice():
+    from vlmfast.pruners import CDPruner
+
+    x = torch.eye(4)  # four orthogonal tokens: det of any subset is the product of its q_i^2
+    pick = [CDPruner(keep=0.25).select(ImageTokens(features=x, grid=(1, 2, 2), instruction=x[[i]])).tolist()
+            for i in range(4)]
+    assert pick == [[0], [1], [2], [3]]
+    both = ImageTokens(features=x, grid=(1, 2, 2), instruction=x[[1, 3]])
+    assert CDPruner(keep=0.5).select(both).tolist() == [1, 3]
+
+
+def test_cdpruner_theta_zero_or_no_instruction_is_plain_dpp_diversity():
+    from vlmfast.pruners import CDPruner
+    from vlmfast.pruners.cdpruner import conditional_kernel, greedy_map
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(16, 8, generator=g)
+    plain = greedy_map(conditional_kernel(x, torch.ones(16)), 4).sort().values.tolist()
+    texts = [torch.randn(3, 8, generator=g) for _ in range(3)]
+    conditioned = {tuple(CDPruner(keep=0.25).select(ImageTokens(features=x, grid=(1, 4, 4), instruction=t)).tolist())
+                   for t in texts}
+    assert len(conditioned) > 1  # the kernel diag(r) S diag(r) follows the instruction
+    for t in texts:
+        img = ImageTokens(features=x, grid=(1, 4, 4), instruction=t)
+        assert CDPruner(keep=0.25, theta=0.0).select(img).tolist() == plain
+    for empty in (None, torch.zeros(0, 8)):
+        assert CDPruner(keep=0.25).select(ImageTokens(features=x, grid=(1, 4, 4), instruction=empty)).tolist() == plain
+
+
+def test_cdpruner_theta_trades_relevance_for_diversity():
+    from vlmfast.pruners import CDPruner
+
+    # A relevant, A' its near-duplicate (as relevant), B diverse but less relevant
+    x = torch.tensor([[1.0, 0, 0], [0.995, 0.1, 0], [0, 0, 1.0], [0, -1.0, 0]])
+    text = torch.tensor([[1.0, 0, 0.3]])
+    img = ImageTokens(features=x, grid=(1, 2, 2), instruction=text)
+    assert CDPruner(keep=0.5, theta=0.0).select(img).tolist() != [0, 1]
+    assert CDPruner(keep=0.5, theta=0.9).select(img).tolist() == [0, 1]  # relevance dominates: the top-2
+
+
+def test_cdpruner_spent_rank_fills_the_budget_by_relevance():
+    from vlmfast.pruners import CDPruner
+
+    # six tokens in a plane (rank 2): after two picks every determinant gain is 0
+    angles = torch.tensor([0.0, 0.1, 1.6, 0.2, 3.0, 0.3])
+    x = torch.stack([angles.cos(), angles.sin()], 1)
+    text = torch.tensor([[1.0, 0.0]])  # relevance falls with the angle, but cos(3.0) < 0 is the least
+    img = ImageTokens(features=x, grid=(1, 2, 3), instruction=text)
+    keep = CDPruner(keep=4 / 6).select(img).tolist()
+    # greedy: token 0 (r = 1), then the gain r_i^2 sin^2(angle_i) is largest for token 2; then by relevance: 1, 3
+    assert keep == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("keep", [1.0, 0.5, 0.3, 0.1, 0.01])
+def test_cdpruner_exact_counts_sorted_unique(keep):
+    from vlmfast.pruners import CDPruner
+
+    g = torch.Generator().manual_seed(7)
+    img = ImageTokens(features=torch.randn(48, 6, generator=g), grid=(1, 6, 8),
+                      instruction=torch.randn(5, 6, generator=g))
+    out = CDPruner(keep=keep).select(img).tolist()
+    assert out == sorted(set(out)) and len(out) == n_keep(48, keep)
+    if keep == 1.0:
+        assert out == list(range(48))
+
+
+# -- downsample: the image resized to the budget's grid ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("h, w, k, expected", [(24, 24, 57, (7, 8)), (24, 24, 144, (12, 12)), (12, 12, 14, (3, 4)),
+                                               (12, 12, 36, (6, 6)), (4, 3, 4, (2, 2)), (1, 10, 3, (1, 3)),
+                                               (10, 1, 3, (3, 1)), (6, 6, 1, (1, 1))])
+def test_downsample_sub_grid_known_answers(h, w, k, expected):
+    from vlmfast.pruners.downsample import sub_grid
+
+    assert sub_grid(h, w, k) == expected and expected[0] * expected[1] <= k
+
+
+def test_downsample_places_features_at_cell_centres():
+    from vlmfast.pruners import Downsample
+
+    asked = []
+
+    def resample(grid):
+        asked.append(grid)
+        return torch.full((grid[0] * grid[1], 3), 7.0)
+
+    feats = torch.arange(48, dtype=torch.float32)[:, None].repeat(1, 3)
+    img = ImageTokens(features=feats[:16], grid=(1, 4, 4), resample=resample)
+    keep, out, _ = Downsample(keep=0.25).prune(img)
+    assert asked == [(2, 2)] and keep.tolist() == [5, 7, 13, 15] and torch.equal(out, torch.full((4, 3), 7.0))
+    # a 3 x 6 grid, budget 9: 2 rows (floor(sqrt(9 * 3 / 6))) x 4 columns, centres of 1.5 x 1.5 cells
+    img = ImageTokens(features=feats[:18], grid=(1, 3, 6), resample=resample)
+    keep, _, _ = Downsample(keep=0.5).prune(img)
+    assert asked[-1] == (2, 4) and keep.tolist() == [0, 2, 3, 5, 12, 14, 15, 17]
+
+
+def test_downsample_keep_all_is_the_towers_own_and_a_video_is_refused():
+    from vlmfast.errors import InputError
+    from vlmfast.pruners import Downsample
+
+    def never(grid):
+        raise AssertionError("keep = 1 must not resize")
+
+    feats = torch.randn(16, 3)
+    keep, out, _ = Downsample(keep=1.0).prune(ImageTokens(features=feats, grid=(1, 4, 4), resample=never))
+    assert keep.tolist() == list(range(16)) and torch.equal(out, feats)
+    video = ImageTokens(features=torch.randn(32, 3), grid=(2, 4, 4), kind="video")
+    with pytest.raises(InputError, match="videos are not supported"):
+        Downsample(keep=0.25).prune_visual(video)

@@ -68,6 +68,15 @@ class ImageTokens:
     """(levels, n, d_model): features the family adds to the hidden states of its first ``levels`` decoder layers at
     this input's positions (Qwen3-VL's DeepStack), one row per LLM token like ``features``; pruning drops the same
     rows from every level"""
+    resample: Callable[[tuple[int, int]], torch.Tensor] | None = None
+    """``resample((h, w))``: (h * w, d_model) features the language model would receive for this image with the tower's
+    input resized to an h x w grid of LLM tokens (``Adapter.resampled_features``), when a vision pruner asks for it
+    (``needs_resample``: downsample); None for videos and families that cannot resize (``resample_unsupported``)"""
+    instruction: torch.Tensor | None = None
+    """(m, d_model): the instruction of the sample this input belongs to (its prompt's tokens, without the chat
+    template, through the language model's input embedding layer), when a vision pruner asks for it
+    (``needs_instruction``: CDPruner); (0, d_model) for an empty prompt. Filled by ``request.encode``, the same for
+    every family"""
 
     @property
     def n_tokens(self) -> int:
@@ -101,7 +110,7 @@ class ImageTokens:
                 given=None if self.given is None else self.given[pp],
                 keys=None if self.keys is None else self.keys[tok],
                 grey=None if self.grey is None else self.grey[tok], kind=self.kind,
-                deepstack=None if self.deepstack is None else self.deepstack[:, tok]))
+                deepstack=None if self.deepstack is None else self.deepstack[:, tok], instruction=self.instruction))
         return out
 
 
@@ -118,6 +127,8 @@ class ModelInfo:
     the others attend within windows)"""
     cls_token: bool = False
     """does the vision tower have a [CLS] token (CLIP) whose attention methods can read"""
+    resample_unsupported: str = ""
+    """why the family's images cannot be resized for the tower (``downsample``), or "" when they can"""
 
     def check_vision_layer(self, method: str, layer: int | None, reads_attention: bool = True) -> None:
         """Refuse a vision layer outside the tower, or, for a method that reads the layer's attention, one whose
@@ -142,6 +153,8 @@ class Adapter(ABC):
     model_classes: tuple[str, ...] = ()
     supports_video: bool = False
     """does the family take ``videos=`` (its processor has a video processor, its model video placeholders)"""
+    resample_unsupported: str = "vlmfast has no way to resize this family's images for its vision tower"
+    """why :meth:`resampled_features` cannot serve this family, or "" when it can"""
 
     def __init__(self, model: nn.Module):
         # a transformers model of the family: its submodules and config are the family's own (nn.Module's
@@ -168,7 +181,7 @@ class Adapter(ABC):
         return ModelInfo(
             family=self.family, num_layers=len(self.decoder_layers), num_vision_layers=len(self.vision_layers),
             name=getattr(self.model, "name_or_path", "") or "", vision_attention_layers=self.vision_attention_layers,
-            cls_token=self.tower_has_cls,
+            cls_token=self.tower_has_cls, resample_unsupported=self.resample_unsupported,
         )
 
     @property
@@ -289,6 +302,13 @@ class Adapter(ABC):
         self.last_attention_s += spent
         return images, videos
 
+    def resampled_features(self, inputs, index: int, grid: tuple[int, int]) -> torch.Tensor:
+        """(h * w, d_model): the features the language model would receive for image ``index`` (in the order of
+        ``image_tokens``) if the tower's input were that image resized to an ``grid`` = (h, w) grid of LLM tokens:
+        its preprocessed pixels resized (bicubic, antialiased) and run through the tower and projector again. Only
+        where ``resample_unsupported`` is ""."""
+        raise PolicyError(f"{self.title or self.family}: {self.resample_unsupported}")
+
     @contextmanager
     def capture_inputs(self, module: nn.Module) -> Iterator[dict]:
         """Record the keyword inputs (hidden_states and friends) of one call to ``module``."""
@@ -402,3 +422,14 @@ def head_mean_attention_means(q: torch.Tensor, k: torch.Tensor, scaling: float,
         col += p.sum(0)
         row[s : s + rows] = p.sum(1)
     return col / (h * q.shape[1]), row / (h * n), k.float().mean(0)
+
+
+def resize_pixels(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(..., C, H, W) processor-normalised pixels resized to ``size`` (bicubic, antialiased: what the processors'
+    PIL resize does; interpolation commutes with their per-channel normalisation); unchanged at their own size."""
+    if tuple(pixels.shape[-2:]) == tuple(size):
+        return pixels
+    lead = pixels.shape[:-3]
+    flat = pixels.reshape(-1, *pixels.shape[-3:]).float()
+    out = torch.nn.functional.interpolate(flat, size=size, mode="bicubic", antialias=True, align_corners=False)
+    return out.reshape(*lead, *out.shape[-3:]).to(pixels.dtype)

@@ -9,13 +9,14 @@ from typing import Sequence
 import torch
 
 from ..errors import UnsupportedModelError
-from .base import Adapter, ImageTokens, head_mean_attention, text_positions, unnormalise_grey
+from .base import Adapter, ImageTokens, head_mean_attention, resize_pixels, text_positions, unnormalise_grey
 
 
 class LlavaAdapter(Adapter):
     family = "llava"
     title = "LLaVA"
     model_classes: tuple[str, ...] = ("LlavaForConditionalGeneration",)
+    resample_unsupported = ""
 
     def __init__(self, model) -> None:
         super().__init__(model)
@@ -88,6 +89,17 @@ class LlavaAdapter(Adapter):
             out.append(ImageTokens(features=f, grid=(1, side, side), attention=a, cls_attention=cls_row, keys=keys,
                                    grey=g, fixed=fixed))
         return out
+
+    def resampled_features(self, inputs, index: int, grid: tuple[int, int]) -> torch.Tensor:
+        """The CLIP / SigLIP tower is trained at one resolution: the preprocessed crop resized to (h, w) patches
+        runs with ``interpolate_pos_encoding`` (the position embeddings bicubically resized, transformers' own), then
+        the feature layer and the projector as usual (a kept CLS feature stays the image's own, ``fixed``)."""
+        patch = self.model.config.vision_config.patch_size
+        pixels = resize_pixels(inputs["pixel_values"][index : index + 1], (grid[0] * patch, grid[1] * patch))
+        with self.skip_unused_layers(None):
+            feats = self.model.model.get_image_features(pixel_values=pixels,
+                                                        interpolate_pos_encoding=True).pooler_output[0]
+        return feats[1:] if self.keeps_cls else feats
 
     @property
     def tower_has_cls(self) -> bool:

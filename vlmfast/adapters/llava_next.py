@@ -30,6 +30,10 @@ class LlavaNextAdapter(LlavaAdapter):
     family = "llava_next"
     title = "LLaVA-NeXT"
     model_classes: tuple[str, ...] = ("LlavaNextForConditionalGeneration",)
+    resample_unsupported = ("an anyres image is a base view and high-resolution tiles of the tower's fixed crop, "
+                            "stitched and unpadded, so no single resize yields the budget's grid; downsample supports "
+                            "LLaVA-1.5, Qwen2-VL and Qwen2.5-VL")
+    resampled_features = Adapter.resampled_features  # refuses, naming the reason above
 
     def __init__(self, model) -> None:
         super().__init__(model)

@@ -10,7 +10,15 @@ from typing import Sequence
 import torch
 
 from ..errors import InputError
-from .base import Adapter, ImageTokens, head_mean_attention, head_mean_attention_means, text_positions, unnormalise_grey
+from .base import (
+    Adapter,
+    ImageTokens,
+    head_mean_attention,
+    head_mean_attention_means,
+    resize_pixels,
+    text_positions,
+    unnormalise_grey,
+)
 
 
 @dataclass(frozen=True)
@@ -36,6 +44,7 @@ class Qwen2VLAdapter(Adapter):
     title = "Qwen2-VL"
     model_classes: tuple[str, ...] = ("Qwen2VLForConditionalGeneration",)
     supports_video = True
+    resample_unsupported = ""
 
     @property
     def vision_layers(self):
@@ -132,6 +141,20 @@ class Qwen2VLAdapter(Adapter):
             for f, a, (t, h, w), g, d in zip(feats, attn, grid_thw.tolist(), greys, deep)
         ]
 
+    def resampled_features(self, inputs, index: int, grid: tuple[int, int]) -> torch.Tensor:
+        """Dynamic resolution: the image's preprocessed pixels (unflattened from the processor's patch layout) resized
+        to (h * merge * patch, w * merge * patch) px, re-patchified and run through the tower and merger, which gives
+        exactly h x w LLM tokens."""
+        vc = self.model.config.vision_config
+        p, m, t = int(vc.patch_size), self.merge, int(vc.temporal_patch_size)
+        thw = inputs["image_grid_thw"]
+        start = int(thw[:index].prod(-1).sum())
+        gh, gw = int(thw[index, 1]), int(thw[index, 2])
+        image = unpatchify(inputs["pixel_values"][start : start + gh * gw], gh, gw, p, m, t)
+        image = resize_pixels(image, (grid[0] * m * p, grid[1] * m * p))
+        new_thw = torch.tensor([[1, grid[0] * m, grid[1] * m]], device=thw.device, dtype=thw.dtype)
+        return self.model.model.get_image_features(patchify(image, p, m, t), new_thw).pooler_output[0]
+
     def deepstack(self, tower) -> Sequence[torch.Tensor | None]:
         """Per image / video, its (levels, n, d) DeepStack features from the tower's output, or None (Qwen2-VL and
         Qwen2.5-VL have none)."""
@@ -225,3 +248,20 @@ class Qwen2VLAdapter(Adapter):
             yield
         finally:
             self.model.model.rope_deltas = before
+
+
+def patchify(image: torch.Tensor, patch: int, merge: int, temporal: int) -> torch.Tensor:
+    """(C, H, W) -> the Qwen image processors' flat layout (H/p * W/p, C * temporal * p * p): patches in merge-window
+    order (each merge x merge window's patches consecutive), each patch repeated over the ``temporal`` frames."""
+    c, h, w = image.shape
+    gh, gw = h // patch, w // patch
+    x = image.reshape(c, gh // merge, merge, patch, gw // merge, merge, patch).permute(1, 4, 2, 5, 0, 3, 6)
+    return x.unsqueeze(5).expand(-1, -1, -1, -1, -1, temporal, -1, -1).reshape(gh * gw, c * temporal * patch * patch)
+
+
+def unpatchify(flat: torch.Tensor, gh: int, gw: int, patch: int, merge: int, temporal: int) -> torch.Tensor:
+    """The inverse of :func:`patchify` for an image (its ``temporal`` copies are equal: the first is taken):
+    (gh * gw, C * temporal * p * p) -> (C, gh * p, gw * p)."""
+    c = flat.shape[-1] // (temporal * patch * patch)
+    x = flat.reshape(gh // merge, gw // merge, merge, merge, c, temporal, patch, patch)[:, :, :, :, :, 0]
+    return x.permute(4, 0, 2, 5, 1, 3, 6).reshape(c, gh * patch, gw * patch)

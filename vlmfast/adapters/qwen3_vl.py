@@ -24,6 +24,7 @@ from typing import Sequence
 
 import torch
 
+from .base import Adapter
 from .qwen2_vl import Qwen2VLAdapter
 
 
@@ -31,6 +32,10 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     family = "qwen3_vl"
     title = "Qwen3-VL"
     model_classes = ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
+    resample_unsupported = ("its DeepStack levels would have to come from the resized image too, and a vision "
+                            "pruner's result carries the main features only; downsample supports LLaVA-1.5, Qwen2-VL "
+                            "and Qwen2.5-VL")
+    resampled_features = Adapter.resampled_features  # refuses, naming the reason above
 
     def deepstack(self, tower) -> Sequence[torch.Tensor | None]:
         levels = tower.deepstack_features or []  # per level, a tuple with one tensor per image / video

@@ -20,9 +20,22 @@ import torch
 from tqdm.auto import tqdm
 
 from ..accelerator import VLMAccelerator
+from ..errors import InputError
 from ..eval import shapes as shapes_eval
 from ..policy import Policy, load_policy
-from ..pruners import DivPrune, FasterVLM, FastV, FoPru, PyramidDrop, RandomPruner, VFlowOpt, VisionZip, ZipVL
+from ..pruners import (
+    CDPruner,
+    DivPrune,
+    Downsample,
+    FasterVLM,
+    FastV,
+    FoPru,
+    PyramidDrop,
+    RandomPruner,
+    VFlowOpt,
+    VisionZip,
+    ZipVL,
+)
 from . import prefill as bench_prefill
 from .prefill import Config
 
@@ -31,19 +44,32 @@ FIELDS = ["method", "keep", "vqa", "pope_f1", "fraction_of_full", "speedup", "id
           "decode_ms_per_token", "kv_bytes"]
 
 
-def method_configs(n_layers: int, keeps=KEEPS) -> list[Config]:
+ROWS = ("fopru", "vflowopt", "fastervlm", "visionzip", "divprune", "cdpruner", "downsample", "random", "fastv",
+        "pyramiddrop", "zipvl-quant", "zipvl-evict")
+
+
+def method_configs(n_layers: int, keeps=KEEPS, methods: Sequence[str] | None = None) -> list[Config]:
+    """The full model, then every method of ``ROWS`` (or of ``methods``) at each of ``keeps``, then ZipVL's rows."""
+    unknown = sorted(set(methods or ()) - set(ROWS))
+    if unknown:
+        raise InputError(f"--methods: unknown row(s) {', '.join(unknown)}; expected some of: {', '.join(ROWS)}")
+    wanted = set(methods or ROWS)
     thirds = sorted({max(1, round(n_layers * f)) for f in (0.25, 0.5, 0.75)})
     out = [Config("full", 1.0, Policy(source="full"))]
     for k in keeps:
         for name, m in [
             ("fopru", FoPru(keep=k)), ("vflowopt", VFlowOpt(keep=k)), ("fastervlm", FasterVLM(keep=k)),
-            ("visionzip", VisionZip(keep=k)), ("divprune", DivPrune(keep=k)), ("random", RandomPruner(keep=k)),
+            ("visionzip", VisionZip(keep=k)), ("divprune", DivPrune(keep=k)), ("cdpruner", CDPruner(keep=k)),
+            ("downsample", Downsample(keep=k)), ("random", RandomPruner(keep=k)),
             ("fastv", FastV(layer=2, keep=k)),
             ("pyramiddrop", PyramidDrop(layers=thirds, ratio=round(k ** (1 / len(thirds)), 4))),
         ]:
-            out.append(Config(name, k, Policy([m], source=f"{name}@{k}")))
-    out.append(Config("zipvl-quant", None, Policy([ZipVL(kv="quantize")], source="zipvl-quant")))
-    out.append(Config("zipvl-evict", None, Policy([ZipVL(kv="evict")], source="zipvl-evict")))
+            if name in wanted:
+                out.append(Config(name, k, Policy([m], source=f"{name}@{k}")))
+    for kv in ("quantize", "evict"):
+        name = "zipvl-quant" if kv == "quantize" else "zipvl-evict"
+        if name in wanted:
+            out.append(Config(name, None, Policy([ZipVL(kv=kv)], source=name)))
     return out
 
 
@@ -57,14 +83,15 @@ def policy_configs(specs) -> list[Config]:
 
 
 def accuracy_rows(model_name: str, limit: int, keeps=KEEPS, progress: bool = True,
-                  extra: Sequence[Config] = ()) -> list[dict]:
-    """ShapesWorld rows for every method at ``keeps``, then the ``extra`` (``policy_configs``) rows."""
+                  extra: Sequence[Config] = (), methods: Sequence[str] | None = None,
+                  split: str = "test") -> list[dict]:
+    """ShapesWorld rows (``split``) for every method at ``keeps``, then the ``extra`` (``policy_configs``) rows."""
     base = VLMAccelerator.from_pretrained(model_name, policy=None)
-    cfgs = method_configs(len(base.adapter.decoder_layers), keeps) + list(extra)
+    cfgs = method_configs(len(base.adapter.decoder_layers), keeps, methods) + list(extra)
     rows = []
     for i, c in enumerate(tqdm(cfgs, desc="accuracy", disable=not progress)):
         acc = VLMAccelerator(base.model, base.processor, policy=c.policy)
-        res = shapes_eval.evaluate(acc, split="test", limit=limit, tasks=("vqa", "pope"), progress=False)
+        res = shapes_eval.evaluate(acc, split=split, limit=limit, tasks=("vqa", "pope"), progress=False)
         rows.append({"method": c.method, "keep": c.keep, "vqa": round(res["vqa"]["overall"], 4),
                      "pope_f1": round(statistics.mean(m["f1"] for m in res["pope"].values()), 4),
                      "visual_tokens_kept_shapes": round(res["cost"]["visual_tokens_kept"], 1)})
@@ -78,12 +105,12 @@ def accuracy_rows(model_name: str, limit: int, keeps=KEEPS, progress: bool = Tru
 
 def run(json_path=None, *, model: str = "tiny-llava-shapes", limit: int = 100, repeats: int = 3,
         decode_tokens: int = 8, keeps=KEEPS, progress: bool = True, spec=bench_prefill.PROXY,
-        policies=()) -> list[dict]:
+        policies=(), methods: Sequence[str] | None = None, split: str = "test") -> list[dict]:
     torch.manual_seed(0)
     extra = policy_configs(policies)
-    acc_rows = accuracy_rows(model, limit, keeps, progress, extra)
+    acc_rows = accuracy_rows(model, limit, keeps, progress, extra, methods, split)
     proxy, processor = bench_prefill.build_proxy(spec)
-    cfgs = method_configs(proxy.config.text_config.num_hidden_layers, keeps) + extra
+    cfgs = method_configs(proxy.config.text_config.num_hidden_layers, keeps, methods) + extra
     speed = bench_prefill.time_configs(proxy, processor, bench_prefill.random_image(spec.image_size), cfgs, repeats,
                                        decode_tokens, progress, desc="speed (proxy)")
     rows = [{**a, **{k: s[k] for k in ("speedup", "ideal_speedup", "efficiency", "decode_ms_per_token", "kv_bytes",

@@ -53,6 +53,10 @@ class VisionPruner(Method):
     #: does it read ``ImageTokens.grey`` (pixel grey values per token)? The adapters compute them only then
     #: (0.4 s for a 16k-token video)
     needs_grey: ClassVar[bool] = False
+    #: does it read ``ImageTokens.instruction`` (the prompt's token embeddings: CDPruner)? Filled only then
+    needs_instruction: ClassVar[bool] = False
+    #: does it call ``ImageTokens.resample`` (the tower on the image resized: downsample)? Set only then
+    needs_resample: ClassVar[bool] = False
 
     def attention_layer(self) -> int | None:
         return getattr(self, "layer", None)

@@ -5,9 +5,9 @@ The budget ``B`` is the share of visual tokens the language model sees, **averag
 set; docs/search.md). Spending less than B never raises the objective, so wherever a method's token count is
 a formula of its fields the field that sets the count is *solved* from B instead of searched:
 
-* vision pruners (FoPru, FasterVLM, VisionZip, DivPrune, random): ``keep = B``; their other fields come from
-  the dataclass's pydantic schema (``Literal`` -> categorical, a float bounded on both sides -> a range),
-  with explicit ranges where the schema has none (VisionZip's ``contextual``) and the vision ``layer`` chosen
+* vision pruners (FoPru, FasterVLM, VisionZip, DivPrune, CDPruner, downsample, random): ``keep = B``; their other
+  fields come from the dataclass's pydantic schema (``Literal`` -> categorical, a float bounded on both sides -> a
+  range), with explicit ranges where the schema has none (VisionZip's ``contextual``) and the vision ``layer`` chosen
   among the upper half of the tower;
 * FastV: layer ``K`` in ``1 .. ceil(B * L) - 1`` (layers before K see every token), ``keep`` solved from
   ``(K + (L - K) * keep) / L = B``;
@@ -32,7 +32,9 @@ from pydantic import TypeAdapter
 
 from ..errors import InputError
 from ..pruners import (
+    CDPruner,
     DivPrune,
+    Downsample,
     FasterVLM,
     FastV,
     FoPru,
@@ -325,6 +327,8 @@ SPACES: dict[str, Callable[[], MethodSpace]] = {
     "fastervlm": lambda: SchemaSpace(FasterVLM),
     "visionzip": lambda: SchemaSpace(VisionZip, ranges={"contextual": (0.0, 0.5)}),
     "divprune": lambda: SchemaSpace(DivPrune),
+    "cdpruner": lambda: SchemaSpace(CDPruner),
+    "downsample": lambda: SchemaSpace(Downsample),
     "random": lambda: SchemaSpace(RandomPruner, fixed=("seed",)),
     "fastv": FastVSpace,
     "pyramiddrop": PyramidDropSpace,
