@@ -32,7 +32,8 @@ class ImageTokens:
     (CLS row/column removed), or None when no pruner asked for it. ``patches_per_token`` patches (consecutive
     in that matrix) make one LLM token (4 for the Qwen towers' 2x2 merger, 1 for LLaVA). For a video whose tower
     attends within each frame group only (the Qwen towers), ``attention`` is (t, N/t, N/t): one block per frame group.
-    ``cls_attention``: (N,) attention the CLS token pays to each patch, when the tower has a CLS token.
+    ``cls_attention``: (n,) attention the CLS token pays to each LLM token (summed over the token's
+    ``patches_per_token`` patches: InternVL's 2 x 2), when the tower has a CLS token.
     ``keys``: (n, d) keys of the scoring layer averaged over heads, one row per LLM token (patch keys
     averaged within a merged token), when attention was captured.
     """
@@ -79,7 +80,7 @@ class ImageTokens:
             out.append(ImageTokens(
                 features=self.features[tok], grid=(1, h, w), patches_per_token=self.patches_per_token,
                 attention=None if att is None else att[g] if att.dim() == 3 else att[pp, pp],
-                cls_attention=None if self.cls_attention is None else self.cls_attention[pp],
+                cls_attention=None if self.cls_attention is None else self.cls_attention[tok],
                 keys=None if self.keys is None else self.keys[tok],
                 grey=None if self.grey is None else self.grey[tok], kind=self.kind,
                 deepstack=None if self.deepstack is None else self.deepstack[:, tok]))
@@ -123,6 +124,8 @@ class Adapter(ABC):
     model_classes: tuple[str, ...] = ()
     supports_video: bool = False
     """does the family take ``videos=`` (its processor has a video processor, its model video placeholders)"""
+    video_unsupported: str = ""
+    """without ``supports_video``: why ``videos=`` is refused (default: the family has no video input)"""
 
     def __init__(self, model: nn.Module):
         # a transformers model of the family: its submodules and config are the family's own (nn.Module's
