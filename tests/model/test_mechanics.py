@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 
 import pytest
@@ -45,7 +46,8 @@ def eager_vision_attention(model, family, inputs, layer):
     adapter = adapter_for(model)
     eager = sys.modules[type(adapter.vision_layers[0]).__module__].eager_attention_forward
     block = adapter.vision_layers[layer]
-    target = block.self_attn if family == "llava" else block.attn
+    target = {"llava": "self_attn", "internvl": "attention"}.get(family, "attn")
+    target = getattr(block, target)
     seen = []
 
     def recording(module, q, k, v, attention_mask=None, **kw):
@@ -60,7 +62,7 @@ def eager_vision_attention(model, family, inputs, layer):
     model.set_attn_implementation({"vision_config": "test_recording"})
     try:
         with torch.inference_mode():
-            if family == "llava":
+            if family in ("llava", "internvl"):
                 model.model.vision_tower(inputs["pixel_values"])
             else:
                 model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
@@ -80,13 +82,19 @@ def test_captured_vision_attention_matches_eager(tiny, family):
     with torch.inference_mode():
         toks = adapter.image_tokens(inputs, layer)
     ref = eager_vision_attention(model, family, inputs, layer)
-    assert len(ref) == len(toks) == 2
-    perm = None if family == "llava" else tower_permutation(model, inputs)
+    assert len(ref) == len(toks) == (10 if family == "internvl" else 2)  # InternVL: 2 x 2 tiles + thumbnail each
+    perm = None if family in ("llava", "internvl") else tower_permutation(model, inputs)
     start = 0
     for t, r in zip(toks, ref):
         if family == "llava":  # CLS row/column split off
             assert torch.allclose(t.attention, r[1:, 1:], atol=1e-5)
             assert torch.allclose(t.cls_attention, r[0, 1:], atol=1e-5)
+        elif family == "internvl":  # each crop's own, CLS split off, the patches of each token (as transformers'
+            side = math.isqrt(r.shape[0] - 1)  # pixel_shuffle concatenates them) consecutive, [CLS] summed per token
+            grid = torch.arange(side * side, dtype=torch.float64).view(1, side, side, 1)
+            order = 1 + model.model.pixel_shuffle(grid).reshape(-1).long()
+            assert torch.allclose(t.attention, r[order][:, order], atol=1e-5)
+            assert torch.allclose(t.cls_attention, r[0, order].view(-1, 4).sum(1), atol=1e-5)
         else:  # Qwen runs each image as its own chunk, in the tower's patch order; 4 patches per merged token
             n = r.shape[0]
             back = torch.argsort(perm[start:start + n] - start)  # the tower's order -> the image's raster order

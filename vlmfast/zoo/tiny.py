@@ -165,10 +165,10 @@ INTERNVL_CHAT_TEMPLATE = (
 )
 
 
-def tiny_internvl(spec: TinySpec = TinySpec(vision_layers=2), max_tiles: int = 4):
+def tiny_internvl(spec: TinySpec = TinySpec(), max_tiles: int = 4):
     """A random-weight ``InternVLForConditionalGeneration`` and its ``InternVLProcessor`` (offline), laid out like
     transformers' own test-suite tester for the class (an InternViT tower with [CLS] and absolute position
-    embeddings, ``quick_gelu``, 2 layers; a Qwen2 text model, its embeddings untied here; ``vision_feature_layer`` -1):
+    embeddings, ``quick_gelu``; a Qwen2 text model, its embeddings untied here; ``vision_feature_layer`` -1):
     tiles of ``image_size`` px (InternVL3: 448) of 8 x 8 patches, pixel-shuffled to 4 x 4 tokens each; the image
     processor cuts an image into up to ``max_tiles`` tiles (InternVL3: 12) plus a thumbnail (a 32 x 96 image: 3 x 1
     tiles and the thumbnail; a 112 x 112 one: 2 x 2 and the thumbnail)."""
