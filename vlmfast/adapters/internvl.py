@@ -1,4 +1,4 @@
-"""InternVL (``InternVLForConditionalGeneration``, InternVL3 and 3.5 "-hf" checkpoints): tiles plus a thumbnail.
+"""InternVL (``InternVLForConditionalGeneration``, the InternVL3 "-hf" checkpoints): tiles plus a thumbnail.
 
 The processor (GotOcr2's image processor, ``crop_to_patches``) squashes an image onto the canvas of ``cols x rows``
 tiles whose aspect ratio is closest to the image's (``min_patches`` .. ``max_patches`` tiles), cuts it into the
