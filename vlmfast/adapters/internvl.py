@@ -17,7 +17,7 @@ read off transformers' own ``pixel_shuffle``); ``cls_attention`` is the crop's o
 
 from __future__ import annotations
 
-import inspect
+import sys
 import time
 from typing import Any
 
@@ -43,8 +43,9 @@ class InternVLAdapter(LlavaAdapter):
                 f"InternVL with vision_feature_select_strategy={cfg.vision_feature_select_strategy!r} and "
                 f"vision_feature_layer={cfg.vision_feature_layer!r} is not supported: transformers' InternVL drops "
                 "the [CLS] feature ('default') and reads one layer; released checkpoints use 'default' and -1")
-        self.tiling: tuple[int, int, int, int, Any] | None = None
-        """(tile height, tile width, min tiles, max tiles, the image processor's module), set by prepare()"""
+        self.image_processor: Any = None
+        """the processor's image processor, whose tiling (tile size, ``min_patches``, ``max_patches``) lays each image
+        out; set by prepare()"""
 
     # -- structure -------------------------------------------------------------------------------------------
     @property
@@ -81,11 +82,8 @@ class InternVLAdapter(LlavaAdapter):
     def prepare(self, processor, images, prompts, videos=None):
         """The processor's inputs, plus ``image_sizes`` ((H, W) per image, as LLaVA-NeXT's processor returns them;
         InternVL's forward takes and ignores it): the tile layout of each image follows from its size and the
-        image processor's tiling, recorded here."""
-        ip = processor.image_processor
-        size = ip.size
-        height, width = (size["height"], size["width"]) if isinstance(size, dict) else (size.height, size.width)
-        self.tiling = (int(height), int(width), int(ip.min_patches), int(ip.max_patches), inspect.getmodule(type(ip)))
+        image processor's tiling (the processor returns only the crops)."""
+        self.image_processor = processor.image_processor
         inputs = super().prepare(processor, images, prompts, videos)
         flat = [im for imgs in images for im in imgs]
         if flat:
@@ -94,10 +92,12 @@ class InternVLAdapter(LlavaAdapter):
 
     def layout(self, size) -> tuple[int, int]:
         """(cols, rows) of the tiles the processor cuts an image of ``size`` (H, W) into (1 x 1: no thumbnail)."""
-        if self.tiling is None:
+        ip = self.image_processor
+        if ip is None:
             raise RuntimeError("InternVL's tile layout is read from the processor: build the inputs with prepare()")
-        th, tw, lo, hi, module = self.tiling
-        cols, rows = module.get_optimal_tiled_canvas((int(size[0]), int(size[1])), (th, tw), lo, hi)
+        canvas = sys.modules[type(ip).__module__].get_optimal_tiled_canvas  # transformers' own choice of tiles
+        cols, rows = canvas((int(size[0]), int(size[1])), (ip.size["height"], ip.size["width"]), ip.min_patches,
+                            ip.max_patches)
         return int(cols), int(rows)
 
     def grid_region(self, processor, size):
