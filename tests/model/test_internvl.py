@@ -145,3 +145,24 @@ def test_batch_with_left_padding_equals_alone(ivl, methods):
 def test_videos_are_refused_by_name(ivl):
     with pytest.raises(InputError, match=r"vlmfast does not take InternVL's videos yet"):
         _acc(ivl).generate(videos=[np.zeros((4, 32, 32, 3), np.uint8)], prompt=PROMPT)
+
+
+def test_a_tiles_attention_lands_on_its_part_of_the_image(ivl):
+    """Grounding spreads each view's attention over the pixels its region covers: attention on the third tile only
+    lights the right third of a 32 x 96 image; on the thumbnail only, the whole image, evenly."""
+    from vlmfast.grounding.pipeline import SampleContext, _view_density
+
+    model, processor = ivl
+    adapter = adapter_for(model)
+    img = _wide(6)
+    inputs = adapter.prepare(processor, [[img]], [PROMPT])
+    views, _ = adapter.visual_tokens(inputs, None)
+    ctx = SampleContext(b=0, image_mask=adapter.image_token_mask(inputs)[0], valid=inputs["attention_mask"][0].bool(),
+                        images=views, kept=[torch.arange(16)] * 4, pil_images=[img],
+                        regions=[adapter.grid_region(processor, img.size)], source=[0] * 4)
+    cells = torch.arange(16)
+    third = _view_density(ctx, 2, 0, torch.ones(16), cells)
+    assert third.shape == (32, 96) and bool((third[:, :64] == 0).all())
+    torch.testing.assert_close(third[:, 64:], torch.full((32, 32), 16 / (32 * 32)), atol=1e-6, rtol=1e-4)
+    thumb = _view_density(ctx, 3, 0, torch.ones(16), cells)
+    torch.testing.assert_close(thumb, torch.full((32, 96), 16 / (32 * 96)), atol=1e-6, rtol=1e-4)
