@@ -1,5 +1,5 @@
-"""Shared fixtures: tiny random-weight LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL and Qwen3-VL built from
-configs (no downloads)."""
+"""Shared fixtures: tiny random-weight LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL and InternVL
+built from configs (no downloads)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from vlmfast.zoo.tiny import (
+    tiny_internvl,
     tiny_llava,
     tiny_llava_next,
     tiny_llava_onevision,
@@ -23,7 +24,8 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 BUILDERS = {"llava": tiny_llava, "llava_next": tiny_llava_next, "llava_onevision": tiny_llava_onevision,
-            "qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl, "qwen3_vl": tiny_qwen3_vl}
+            "qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl, "qwen3_vl": tiny_qwen3_vl,
+            "internvl": tiny_internvl}
 
 
 @pytest.fixture(scope="session", params=sorted(BUILDERS))

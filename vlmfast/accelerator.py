@@ -253,9 +253,9 @@ class VLMAccelerator:
                 from .adapters import ADAPTERS
 
                 video = ", ".join(f"{c.title} ({'/'.join(c.model_classes)})" for c in ADAPTERS if c.supports_video)
-                raise InputError(f"videos= is not supported for {type(self.model).__name__}: the {adapter.title} "
-                                 f"family has no video input; only {video} family models take videos=. To show "
-                                 "frames to this model, pass them as images=[...]")
+                why = adapter.video_unsupported or f"the {adapter.title} family has no video input"
+                raise InputError(f"videos= is not supported for {type(self.model).__name__}: {why}; only {video} "
+                                 "family models take videos=. To show frames to this model, pass them as images=[...]")
             if self.policy.branch_methods:
                 names = ", ".join(m.method_name for m in self.policy.branch_methods)
                 raise InputError(f"videos= cannot be combined with the policy's decode-branch methods ({names}): they "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 
 import pytest
@@ -46,7 +47,7 @@ def eager_vision_attention(model, family, inputs, layer):
     eager = sys.modules[type(adapter.vision_layers[0]).__module__].eager_attention_forward
     block = adapter.vision_layers[layer]
     llava = family in ("llava", "llava_onevision")
-    target = block.self_attn if llava else block.attn
+    target = getattr(block, "self_attn" if llava else "attention" if family == "internvl" else "attn")
     seen = []
 
     def recording(module, q, k, v, attention_mask=None, **kw):
@@ -63,6 +64,8 @@ def eager_vision_attention(model, family, inputs, layer):
         with torch.inference_mode():
             if llava:  # OneVision: (images, crops, 3, S, S), one crop per image of a multi-image sample
                 model.model.vision_tower(inputs["pixel_values"].flatten(0, -4))
+            elif family == "internvl":
+                model.model.vision_tower(inputs["pixel_values"])
             else:
                 model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
     finally:
@@ -81,9 +84,9 @@ def test_captured_vision_attention_matches_eager(tiny, family):
     with torch.inference_mode():
         toks = adapter.image_tokens(inputs, layer)
     ref = eager_vision_attention(model, family, inputs, layer)
-    assert len(ref) == len(toks) == 2
+    assert len(ref) == len(toks) == (10 if family == "internvl" else 2)  # InternVL: 2 x 2 tiles + thumbnail each
     llava = family in ("llava", "llava_onevision")  # OneVision: two images in a sample, one untiled view each
-    perm = None if llava else tower_permutation(model, inputs)
+    perm = None if llava or family == "internvl" else tower_permutation(model, inputs)
     start = 0
     for t, r in zip(toks, ref):
         if llava and adapter.tower_has_cls:  # CLS row/column split off
@@ -91,6 +94,12 @@ def test_captured_vision_attention_matches_eager(tiny, family):
             assert torch.allclose(t.cls_attention, r[0, 1:], atol=1e-5)
         elif llava:  # SigLIP: no CLS
             assert torch.allclose(t.attention, r, atol=1e-5) and t.cls_attention is None
+        elif family == "internvl":  # each crop's own, CLS split off, the patches of each token (as transformers'
+            side = math.isqrt(r.shape[0] - 1)  # pixel_shuffle concatenates them) consecutive, [CLS] summed per token
+            grid = torch.arange(side * side, dtype=torch.float64).view(1, side, side, 1)
+            order = 1 + model.model.pixel_shuffle(grid).reshape(-1).long()
+            assert torch.allclose(t.attention, r[order][:, order], atol=1e-5)
+            assert torch.allclose(t.cls_attention, r[0, order].view(-1, 4).sum(1), atol=1e-5)
         else:  # Qwen runs each image as its own chunk, in the tower's patch order; 4 patches per merged token
             n = r.shape[0]
             back = torch.argsort(perm[start:start + n] - start)  # the tower's order -> the image's raster order

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("name", ["tiny-random-llava", "tiny-random-llava-onevision", "tiny-random-qwen2-vl",
-                                  "tiny-random-qwen2.5-vl", "tiny-random-qwen3-vl"])
+                                  "tiny-random-qwen2.5-vl", "tiny-random-qwen3-vl", "tiny-random-internvl"])
 def test_from_pretrained_zoo_name_and_local_folder(name):
     acc = VLMAccelerator.from_pretrained(name, policy=None)
     out = acc.generate(images=[make_image(0)], prompt="what is in the image ?", max_new_tokens=4)
@@ -34,7 +34,8 @@ def test_from_pretrained_zoo_name_and_local_folder(name):
 @pytest.mark.parametrize("name, folder, policy", [("tiny-random-qwen2.5-vl", "Qwen2.5-VL-7B-Instruct", "qwen2.5-vl-7b"),
                                                   ("tiny-random-qwen3-vl", "Qwen3-VL-8B-Instruct", "qwen3-vl-8b"),
                                                   ("tiny-random-llava-onevision", "llava-onevision-qwen2-7b-ov-hf",
-                                                   "llava-onevision-qwen2-7b")])
+                                                   "llava-onevision-qwen2-7b"),
+                                                  ("tiny-random-internvl", "InternVL3-8B-hf", "internvl3-8b")])
 def test_cli_generate_on_a_folder_picks_the_shipped_policy_by_name(name, folder, policy, tmp_path, capsys):
     """A folder named like the hub checkpoint (a copy of the tiny model) gets that checkpoint's shipped policy
     (FoPru keeping 25%) from ``--policy auto``, through the CLI."""

@@ -171,9 +171,9 @@ def test_engine_answers_like_generate_with_the_models_grid(tiny_engine, tiny, fa
     model, processor = tiny
     img = Image.fromarray((np.random.default_rng(0).random((60, 90, 3)) * 255).astype("uint8"))
     policy = Policy([FoPru(keep=0.5)])
-    if family in ("llava_next", "llava_onevision"):  # the demo's token grid shows one grid per image; multi-view is
-        # refused by name
-        with pytest.raises(InputError, match="the model made 2 token grids from one image"):
+    views = {"llava_next": 2, "llava_onevision": 2, "internvl": 5}.get(family, 1)  # base + high-res; InternVL:
+    if views > 1:  # 2 x 2 + thumbnail. The demo's token grid shows one grid per image; multi-view is refused by name
+        with pytest.raises(InputError, match=f"the model made {views} token grids from one image"):
             tiny_engine.run(img, "what is in the image ?", policy, ground=False, max_new_tokens=4)
         return
     res = tiny_engine.run(img, "what is in the image ?", policy, ground=False, max_new_tokens=4)
@@ -212,6 +212,18 @@ def test_the_demo_lists_and_defaults_to_the_onevision_policy(models):
     stem = "llava-onevision-qwen2-7b"
     assert stem in engine.policy_choices() and engine._default_policy_name("auto") == stem
     assert engine.resolve_policy(stem).methods == [FoPru(keep=0.25)]
+
+
+def test_the_demo_lists_and_defaults_to_the_internvl3_policy(models):
+    """InternVL3's shipped policy is in the list and the default for its hub id; an image of about one tile (no
+    thumbnail: one token grid) runs with it."""
+    model, processor = models["internvl"]
+    engine = E.DemoEngine(VLMAccelerator(model, processor, policy=None), "OpenGVLab/InternVL3-8B-hf", warmup=False)
+    assert "internvl3-8b" in engine.policy_choices() and engine._default_policy_name("auto") == "internvl3-8b"
+    img = Image.fromarray((np.random.default_rng(1).random((40, 40, 3)) * 255).astype("uint8"))
+    res = engine.run(img, "what is in the image ?", engine.resolve_policy("internvl3-8b"), ground=False,
+                     max_new_tokens=3)
+    assert res.grid == (1, 4, 4) and res.tuned.output.stats.visual_tokens_kept == n_keep(16, 0.25)
 
 
 def test_engine_reads_a_16_bit_upload_by_its_range(tiny_engine, tmp_path):

@@ -12,7 +12,8 @@ from vlmfast.policy import default_policy_for, shipped_policies
 
 
 def test_shipped_policies_load_and_are_fopru_rank_25():
-    shipped = ("llava-1.5-7b", "llava-onevision-qwen2-7b", "qwen2-vl-7b", "qwen2.5-vl-7b", "qwen3-vl-8b")
+    shipped = ("llava-1.5-7b", "llava-onevision-qwen2-7b", "qwen2-vl-7b", "qwen2.5-vl-7b", "qwen3-vl-8b",
+               "internvl3-8b")
     assert set(shipped) <= set(shipped_policies())
     for name in shipped:
         pol = load_policy(name)
@@ -35,7 +36,8 @@ def test_default_policy_matches_hub_ids():
     for hub_id, stem in (("Qwen/Qwen2.5-VL-7B-Instruct", "'qwen2.5-vl-7b'"), ("Qwen/Qwen3-VL-8B-Instruct",
                          "'qwen3-vl-8b'"), ("/ckpt/qwen3-vl-8b-thinking", "'qwen3-vl-8b'"),
                          ("llava-hf/llava-onevision-qwen2-7b-ov-hf", "'llava-onevision-qwen2-7b'"),
-                         ("/models/llava-onevision-qwen2-7b-si-hf", "'llava-onevision-qwen2-7b'")):
+                         ("/models/llava-onevision-qwen2-7b-si-hf", "'llava-onevision-qwen2-7b'"),
+                         ("OpenGVLab/InternVL3-8B-hf", "'internvl3-8b'"), ("/ckpt/InternVL3-8B-hf", "'internvl3-8b'")):
         pol, why = default_policy_for(hub_id)
         assert pol.methods and stem in why, (hub_id, why)
     pol, why = default_policy_for("someone/other-model")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..errors import UnsupportedModelError
 from .base import Adapter, ImageTokens, ModelInfo
+from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
@@ -12,7 +13,7 @@ from .qwen2_vl import Qwen2VLAdapter
 from .qwen3_vl import Qwen3VLAdapter
 
 ADAPTERS: list[type[Adapter]] = [LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, Qwen2VLAdapter, Qwen25VLAdapter,
-                                 Qwen3VLAdapter]
+                                 Qwen3VLAdapter, InternVLAdapter]
 
 
 def supported_families() -> str:

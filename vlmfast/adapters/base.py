@@ -37,7 +37,8 @@ class ImageTokens:
     fill only these, without the (N, N) matrix, when every method that reads the attention needs only them
     (``means_only``: FoPru, FasterVLM's and DAMRO's received-attention fallbacks); read them with
     :meth:`attention_means`, which derives them from the matrix otherwise.
-    ``cls_attention``: (N,) attention the CLS token pays to each patch, when the tower has a CLS token.
+    ``cls_attention``: (n,) attention the CLS token pays to each LLM token (summed over the token's
+    ``patches_per_token`` patches: InternVL's 2 x 2), when the tower has a CLS token.
     ``keys``: (n, d) keys of the scoring layer averaged over heads, one row per LLM token (patch keys
     averaged within a merged token), when attention was captured.
     """
@@ -105,7 +106,7 @@ class ImageTokens:
             out.append(ImageTokens(
                 features=self.features[tok], grid=(1, h, w), patches_per_token=self.patches_per_token,
                 attention=None if att is None else att[g] if att.dim() == 3 else att[pp, pp],
-                cls_attention=None if self.cls_attention is None else self.cls_attention[pp],
+                cls_attention=None if self.cls_attention is None else self.cls_attention[tok],
                 received=None if self.received is None else self.received[pp],
                 given=None if self.given is None else self.given[pp],
                 keys=None if self.keys is None else self.keys[tok],
@@ -155,6 +156,8 @@ class Adapter(ABC):
     """does the family take ``videos=`` (its processor has a video processor, its model video placeholders)"""
     resample_unsupported: str = "vlmfast has no way to resize this family's images for its vision tower"
     """why :meth:`resampled_features` cannot serve this family, or "" when it can"""
+    video_unsupported: str = ""
+    """without ``supports_video``: why ``videos=`` is refused (default: the family has no video input)"""
 
     def __init__(self, model: nn.Module):
         # a transformers model of the family: its submodules and config are the family's own (nn.Module's

@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import InputError
-from .tiny import tiny_llava, tiny_llava_next, tiny_llava_onevision, tiny_qwen2_5_vl, tiny_qwen2_vl, tiny_qwen3_vl
+from .tiny import (
+    tiny_internvl,
+    tiny_llava,
+    tiny_llava_next,
+    tiny_llava_onevision,
+    tiny_qwen2_5_vl,
+    tiny_qwen2_vl,
+    tiny_qwen3_vl,
+)
 
 WEIGHTS = Path(__file__).parent / "weights"
 #: name -> folder of committed weights (trained by the project's own scripts; see each MODEL_CARD.md)
@@ -32,6 +40,7 @@ BUILT: dict[str, Callable] = {
     "tiny-random-qwen2-vl": tiny_qwen2_vl,
     "tiny-random-qwen2.5-vl": tiny_qwen2_5_vl,
     "tiny-random-qwen3-vl": tiny_qwen3_vl,
+    "tiny-random-internvl": tiny_internvl,
 }
 
 

@@ -1,4 +1,4 @@
-"""Tiny random-weight LLaVA and Qwen2-VL models built from configs, with offline processors.
+"""Tiny random-weight LLaVA, Qwen-VL and InternVL models built from configs, with offline processors.
 
 They use transformers' real classes (``LlavaForConditionalGeneration``, ``Qwen2VLForConditionalGeneration``,
 ``LlavaProcessor``, ``Qwen2VLProcessor``) so every code path that runs on them runs on real checkpoints.
@@ -154,6 +154,67 @@ def tiny_llava_next(spec: TinySpec = TinySpec()):
     processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tok, patch_size=spec.patch,
                                    vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                    image_token="<image>", chat_template=LLAVA_CHAT_TEMPLATE)
+    return model, processor
+
+
+INTERNVL_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<IMG_CONTEXT>\n"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_internvl(spec: TinySpec = TinySpec(), max_tiles: int = 4):
+    """A random-weight ``InternVLForConditionalGeneration`` and its ``InternVLProcessor`` (offline), laid out like
+    transformers' own test-suite tester for the class (an InternViT tower with [CLS] and absolute position
+    embeddings, ``quick_gelu``; a Qwen2 text model, its embeddings untied here; ``vision_feature_layer`` -1):
+    tiles of ``image_size`` px (InternVL3: 448) of 8 x 8 patches, pixel-shuffled to 4 x 4 tokens each; the image
+    processor cuts an image into up to ``max_tiles`` tiles (InternVL3: 12) plus a thumbnail (a 32 x 96 image: 3 x 1
+    tiles and the thumbnail; a 112 x 112 one: 2 x 2 and the thumbnail)."""
+    from transformers import (
+        GotOcr2ImageProcessor,
+        InternVLConfig,
+        InternVLForConditionalGeneration,
+        InternVLProcessor,
+        InternVLVideoProcessor,
+        PreTrainedTokenizerFast,
+    )
+
+    special = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
+    tk, vocab = _word_tokenizer(special)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, unk_token="<unk>", eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        extra_special_tokens={"start_image_token": "<img>", "end_image_token": "</img>",
+                              "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"},
+    )
+    tok.padding_side = "left"
+    per_tile = (spec.image_size // spec.patch // 2) ** 2
+    cfg = InternVLConfig(
+        vision_config=dict(
+            hidden_size=spec.vision_hidden, num_hidden_layers=spec.vision_layers,
+            num_attention_heads=spec.vision_heads, intermediate_size=2 * spec.vision_hidden,
+            image_size=spec.image_size, patch_size=spec.patch, hidden_act="quick_gelu",
+            use_absolute_position_embeddings=True,
+        ),
+        text_config=dict(
+            model_type="qwen2", vocab_size=len(vocab), hidden_size=spec.hidden, intermediate_size=spec.intermediate,
+            num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
+            max_position_embeddings=4096, pad_token_id=vocab["<|endoftext|>"], eos_token_id=vocab["<|im_end|>"],
+            bos_token_id=None, tie_word_embeddings=False,
+        ),
+        image_token_id=vocab["<IMG_CONTEXT>"], image_seq_length=per_tile, vision_feature_layer=-1,
+        downsample_ratio=0.5, tie_word_embeddings=False,  # tied, the random model echoes the prompt's last token
+    )
+    torch.manual_seed(spec.seed)
+    model = InternVLForConditionalGeneration(cfg).eval()
+    model.generation_config.eos_token_id = vocab["<|im_end|>"]
+    model.generation_config.pad_token_id = vocab["<|endoftext|>"]
+    image_processor = GotOcr2ImageProcessor(size={"height": spec.image_size, "width": spec.image_size},
+                                            crop_to_patches=True, min_patches=1, max_patches=max_tiles)
+    processor = InternVLProcessor(image_processor=image_processor, tokenizer=tok,
+                                  video_processor=InternVLVideoProcessor(), image_seq_length=per_tile,
+                                  chat_template=INTERNVL_CHAT_TEMPLATE)
     return model, processor
 
 
