@@ -14,7 +14,7 @@ from vlmfast.pruners import n_keep
 from vlmfast.pruners.downsample import cell_centres, sub_grid
 from vlmfast.request import encode
 
-REFUSED = {"qwen3_vl": "DeepStack", "llava_next": "anyres"}
+REFUSED = {"qwen3_vl": "DeepStack", "llava_next": "anyres", "llava_onevision": "anyres", "internvl": "thumbnail"}
 
 
 def reference(family, model, processor, inputs, grid):

@@ -18,10 +18,11 @@ def test_encoder_flops_match_the_published_sam_sizes():
 
 def test_llava_7b_prefill_flops_known_answer():
     # 32 Vicuna layers at 646 tokens: 2 n (4 d^2 + 3 d ff) + 2 n^2 d each; the CLIP tower's 23 layers up to the
-    # feature layer at 577 tokens; the 2-layer projector on 576
+    # feature layer at 577 tokens after the patch embedding (a 3 x 14 x 14 -> 1024 linear map per patch); the
+    # 2-layer projector on 576
     n, d, ff = 646, 4096, 11008
     decoder = 32 * (2 * n * (4 * d * d + 3 * d * ff) + 2 * n * n * d)
-    tower = 23 * (2 * 577 * (4 * 1024 ** 2 + 2 * 1024 * 4096) + 4 * 577 ** 2 * 1024)
+    tower = 2 * 576 * (3 * 14 * 14) * 1024 + 23 * (2 * 577 * (4 * 1024 ** 2 + 2 * 1024 * 4096) + 4 * 577 ** 2 * 1024)
     projector = 2 * 576 * (1024 * 4096 + 4096 * 4096)
     assert bench_grounding.llava_7b_prefill_flops(70) == decoder + tower + projector
 

@@ -39,7 +39,7 @@ from . import prefill as bench_prefill
 
 #: the LLaVA-1.5-7B layout (CLIP ViT-L/14 at 336 px, Vicuna-7B), for its prefill FLOPs
 LLAVA_7B = dict(vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                            image_size=336, patch_size=14),
+                            image_size=336, patch_size=14, num_channels=3),
                 text=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                           num_key_value_heads=32))
 SAM_TYPES = ("vit_b", "vit_l", "vit_h")
