@@ -2,10 +2,12 @@
 
 Runs two searches (the issue's method set, and one adding VisionZip / FasterVLM / DivPrune), scores the
 hand-written policies at the same budget with the same objective on the same calibration data, then evaluates
-every policy on held-out ShapesWorld test VQA. Prints a Markdown table and writes it as JSON.
+every policy on held-out ShapesWorld VQA (``--split``, default final: the split kept for reported numbers).
+Prints a Markdown table and writes it as JSON.
 
     nice -n 19 env OMP_NUM_THREADS=1 .venv/bin/python examples/search_vs_handwritten.py \
-        [--model tiny-llava-shapes] [--budget 0.25] [--trials 40] [--data shapes:dev:64] [--limit 100]
+        [--model tiny-llava-shapes] [--budget 0.25] [--trials 40] [--data shapes:dev:64] [--limit 100] \
+        [--objective answer] [--split final]
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from vlmfast.eval import shapes_eval
 from vlmfast.policy import Policy, default_policy_for
 from vlmfast.pruners import DivPrune, FasterVLM, FoPru, RandomPruner, VFlowOpt, VisionZip
 from vlmfast.search import SearchConfig, load_data, run
-from vlmfast.search.objective import Running, run_batch
+from vlmfast.search.objective import OBJECTIVES, Reference, Running, run_batch
 
 SEARCHES = {"": "fopru,vflowopt,zipvl,fastv", "-all": "fopru,vflowopt,zipvl,fastv,visionzip,fastervlm,divprune"}
 
@@ -38,7 +40,9 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=0.25)
     p.add_argument("--trials", type=int, default=40)
     p.add_argument("--data", default="shapes:dev:64")
-    p.add_argument("--limit", type=int, default=100, help="ShapesWorld test scenes")
+    p.add_argument("--limit", type=int, default=100, help="held-out ShapesWorld scenes")
+    p.add_argument("--split", default="final", choices=["test", "final"], help="held-out ShapesWorld split")
+    p.add_argument("--objective", default=OBJECTIVES[0], choices=OBJECTIVES)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="docs/results/search")
     a = p.parse_args()
@@ -49,7 +53,8 @@ def main() -> None:
     for suffix, methods in SEARCHES.items():
         t0 = time.perf_counter()
         res = run(SearchConfig(model=a.model, budget=a.budget, methods=methods, data=a.data, trials=a.trials,
-                               seed=a.seed, out=str(out / f"{a.model}-b{a.budget:g}{suffix}.yaml"), progress=False))
+                               seed=a.seed, objective=a.objective,
+                               out=str(out / f"{a.model}-b{a.budget:g}{suffix}.yaml"), progress=False))
         rows[f"search: {methods}"] = {"policy": res.policy, "objective": res.best["objective"],
                                       "calib_accuracy": res.best["accuracy"],
                                       "search_s": round(time.perf_counter() - t0)}
@@ -62,27 +67,28 @@ def main() -> None:
         hand = {f"shipped ({shipped.name})": shipped, **{n: pol for n, pol in hand.items() if pol != shipped}}
     data = load_data(a.data)
     batches = data.batches(8)
-    ref = [run_batch(base, b, 4).hidden for b in batches]
+    ref = [Reference.of(base, b, 4, answer=a.objective == "answer")[0] for b in batches]
     for name, pol in hand.items():
         acc = VLMAccelerator(base.model, base.processor, policy=pol)
-        r = Running()
+        r = Running(kind=a.objective)
         for b, h in zip(batches, ref):
-            r.add(run_batch(acc, b, 4), h, b)
+            r.add(run_batch(acc, b, 4, score=h.answers if a.objective == "answer" else None), h, b)
         rows[name] = {"policy": pol, "objective": r.summary()["objective"], "calib_accuracy": r.accuracy}
 
-    rows = {"unpruned": {"policy": Policy(), "objective": 1.0, "calib_accuracy": reference["accuracy"]}, **rows}
+    rows = {"unpruned": {"policy": Policy(), "objective": reference["objective"],
+                         "calib_accuracy": reference["accuracy"]}, **rows}
     for name, r in rows.items():
         acc = VLMAccelerator(base.model, base.processor, policy=r["policy"])
-        ev = shapes_eval.evaluate(acc, split="test", limit=a.limit, tasks=("vqa",), progress=False)
-        r.update(test_vqa=ev["vqa"]["overall"], n=ev["vqa"]["n"],
+        ev = shapes_eval.evaluate(acc, split=a.split, limit=a.limit, tasks=("vqa",), progress=False)
+        r.update(heldout_vqa=ev["vqa"]["overall"], split=a.split, n=ev["vqa"]["n"],
                  layer_avg_tokens=ev["cost"]["layer_avg_visual_tokens"])
-        print(f"{name}: test VQA {r['test_vqa']:.3f}", flush=True)
+        print(f"{name}: {a.split} VQA {r['heldout_vqa']:.3f}", flush=True)
 
-    lines = [f"| policy ({a.model}, budget {a.budget:g}) | objective ({a.data}) | calibration accuracy | "
-             f"test VQA ({a.limit} scenes) | visual tokens (layer avg) |", "|---|---|---|---|---|"]
+    lines = [f"| policy ({a.model}, budget {a.budget:g}) | objective {a.objective} ({a.data}) | calibration accuracy | "
+             f"{a.split} VQA ({a.limit} scenes) | visual tokens (layer avg) |", "|---|---|---|---|---|"]
     for name, r in rows.items():
         ca = "-" if r["calib_accuracy"] is None else f"{r['calib_accuracy']:.3f}"
-        lines.append(f"| {name}: `{r['policy'].describe()}` | {r['objective']:.4f} | {ca} | {r['test_vqa']:.3f} | "
+        lines.append(f"| {name}: `{r['policy'].describe()}` | {r['objective']:.4f} | {ca} | {r['heldout_vqa']:.3f} | "
                      f"{r['layer_avg_tokens']:.1f} |")
     print("\n".join(lines))
     dump = {name: {**{k: v for k, v in r.items() if k != "policy"}, "policy": r["policy"].to_dict()}

@@ -101,8 +101,9 @@ def test_bench_prune_rows_cover_every_method():
 
     policy = {"name": "my-vflowopt", "methods": [{"method": "vflowopt", "keep": 0.25, "m": 2.0}]}
     rows = bench_prune.run(None, model="tiny-random-llava", limit=2, repeats=1, decode_tokens=2, keeps=(0.25,),
-                           spec=bench_prefill.QUICK, progress=False, policies=[policy])
+                           spec=bench_prefill.QUICK, progress=False, policies=[policy], split="final")
     methods = [r["method"] for r in rows]
+    assert {(r["split"], r["scenes"]) for r in rows} == {("final", 2)}
     assert methods[-1] == "my-vflowopt" and rows[-1]["keep"] == pytest.approx(0.25, abs=0.02)  # the share it spent
     assert methods[0] == "full" and {"fopru", "vflowopt", "fastv", "pyramiddrop", "visionzip", "fastervlm",
                                      "divprune", "random", "zipvl-quant", "zipvl-evict"} <= set(methods)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import re
 
 import pytest
@@ -24,6 +25,7 @@ from vlmfast.stats import Stats
 optuna = pytest.importorskip("optuna")
 
 MODEL = "tiny-random-llava"
+BASELINES = ["divprune", "cdpruner", "fopru", "vflowopt", "fastervlm", "visionzip"]  # --baselines' default
 
 
 def _ctx(n_layers=8, budget=0.25, tokens=64):
@@ -119,6 +121,50 @@ def test_early_stop_only_when_confidently_worse_than_the_best():
     assert not _confidently_worse(Running(similarity=[0.96] * PRUNE_MIN_SAMPLES), best)  # better than the best
 
 
+def test_answer_objective_separates_policies_whose_answers_and_accuracy_tie():
+    """Known answer, by hand: three runs answer every sample the same (agreement and accuracy tie); the one whose
+    next-token distribution stays closer to the reference's gets the higher objective, by exactly -KL."""
+    from vlmfast.search.data import Sample
+    from vlmfast.search.objective import BatchResult, Reference, Running
+
+    ref_p, near_p, far_p = [0.7, 0.2, 0.1], [0.6, 0.3, 0.1], [0.4, 0.4, 0.2]  # one answer token, argmax 0 in each
+    logp = lambda p: torch.tensor([p]).log()  # noqa: E731  (tokens, vocab)
+    batch = [Sample([], "q ?", "red", "color")]
+    ref = Reference(torch.ones(1, 4), ["red"], [logp(ref_p)])
+    runs = {}
+    for name, p in (("same", ref_p), ("near", near_p), ("far", far_p)):
+        r = Running(kind="answer")
+        r.add(BatchResult(torch.ones(1, 4), ["red"], [0.25], [1.0], [0.0], [logp(p)]), ref, batch)
+        runs[name] = r
+    assert {r.accuracy for r in runs.values()} == {1.0} and {r.agreement[0] for r in runs.values()} == {True}
+    assert {r.summary()["similarity"] for r in runs.values()} == {1.0}  # the hidden objective ties them too
+    kl = lambda q: sum(a * math.log(a / b) for a, b in zip(ref_p, q))  # noqa: E731
+    assert runs["same"].objective == pytest.approx(0.0, abs=1e-7)
+    assert runs["near"].objective == pytest.approx(-kl(near_p), rel=1e-5)
+    assert runs["far"].objective == pytest.approx(-kl(far_p), rel=1e-5)
+    assert runs["same"].objective > runs["near"].objective > runs["far"].objective
+
+
+def test_answer_objective_ranks_the_identity_above_pruning_on_a_tiny_model():
+    """On the tiny random model every policy's accuracy on ShapesWorld is 0 (a tie); the answer objective, measured
+    through generate + teacher forcing, puts keep-all (the identity: exactly 0) above keeping 1 token in 64."""
+    from vlmfast.search.objective import Reference, Running, run_batch
+
+    base = VLMAccelerator.from_pretrained(MODEL, policy=None)
+    batches = load_data("shapes:dev:4").batches(2)
+    refs = [Reference.of(base, b, 3)[0] for b in batches]
+    scores = {}
+    for keep in (1.0, 0.02):
+        acc = VLMAccelerator(base.model, base.processor, policy=Policy([FoPru(keep=keep)]))
+        r = Running(kind="answer")
+        for b, ref in zip(batches, refs):
+            r.add(run_batch(acc, b, 3, score=ref.answers), ref, b)
+        assert len(r.answer_kl) == 4 and r.accuracy == 0.0
+        scores[keep] = r.objective
+    assert scores[1.0] == pytest.approx(0.0, abs=1e-6)
+    assert scores[0.02] < -1e-4
+
+
 def test_pareto_front():
     pts = [(0.5, 0.9), (0.25, 0.8), (0.25, 0.7), (0.3, 0.95), (0.9, 0.95), (1.0, 1.0)]
     assert [pts[i] for i in pareto_front(pts)] == [(0.25, 0.8), (0.3, 0.95), (1.0, 1.0)]
@@ -183,30 +229,58 @@ def test_search_writes_a_valid_policy_csv_and_plot(tmp_path, capsys):
     assert text.startswith("# vlmfast search") and "# model: tiny-random-llava" in text
     assert "# data: shapes:dev:4 (4 samples)" in text and "# budget: 0.25" in text and "# date: " in text
     pol = load_policy(tmp_path / "pol.yaml")
-    assert len(pol.methods) == 1 and pol.methods[0].method_name in ("fopru", "vflowopt", "zipvl")
+    assert len(pol.methods) == 1 and pol.methods[0].method_name in ("fopru", "vflowopt", "zipvl", *BASELINES)
     acc = VLMAccelerator.from_pretrained(MODEL, policy=str(tmp_path / "pol.yaml"))  # binds to the model
     out = acc.generate(images=[make_image(0)], prompt="what is it ?", max_new_tokens=2)
     assert out.stats.visual_tokens_in == 64
     with open(tmp_path / "pol.trials.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 3 and {r["state"] for r in rows} <= {"COMPLETE", "PRUNED"}
+    assert len(rows) == 3 + len(BASELINES) and {r["state"] for r in rows} <= {"COMPLETE", "PRUNED"}
+    assert [r["method"] for r in rows if r["baseline"] == "True"] == BASELINES  # the first trials
+    assert all(r["baseline"] == "True" for r in rows[:len(BASELINES)])
     best = [r for r in rows if r["feasible"] == "True"]
     assert best and all(float(r["visual_share"]) <= 0.25 + 1e-9 for r in best)
-    assert json.loads(best[0]["policy"])[0]["method"] in ("fopru", "vflowopt", "zipvl")
+    assert all(json.loads(r["policy"])[0]["method"] in ("fopru", "vflowopt", "zipvl")
+               for r in rows if r["baseline"] == "False")
     assert (tmp_path / "pol.pareto.png").read_bytes()[:4] == b"\x89PNG"
     summary = json.loads((tmp_path / "pol.search.json").read_text())
-    assert summary["reference"]["objective"] == pytest.approx(1.0) and summary["trials"] == 3
-    assert f"objective: {summary['best']['objective']:.4f}" in text
+    assert summary["reference"]["objective"] == 0.0 and summary["reference"]["similarity"] == pytest.approx(1.0)
+    assert summary["trials"] == 3 + len(BASELINES) and summary["objective"] == "answer"
+    assert f"objective (answer): {summary['best']['objective']:.4f}" in text
     assert "unpruned" in printed and "wrote policy" in printed
 
 
-def test_full_budget_keeps_the_model_unchanged(tmp_path):
-    """keep = 100% is the keep-all invariant: the objective is exactly cos(h, h) = 1."""
+def test_search_is_seeded_with_the_baselines_and_never_chooses_below_them(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'search.db'}"
+    assert _search(tmp_path, "--methods", "zipvl", "--baselines", "divprune,random", "--storage", storage,
+                   trials=2) == 0
+    rows = list(csv.DictReader(open(tmp_path / "pol.trials.csv")))
+    assert [(r["method"], r["baseline"]) for r in rows[:2]] == [("divprune", "True"), ("random", "True")]
+    assert [r["method"] for r in rows[2:]] == ["zipvl", "zipvl"]  # baselines are not in the sampled methods
+    assert json.loads(rows[0]["policy"]) == [{"method": "divprune", "keep": 0.25}]
+    feasible = [float(r["objective"]) for r in rows if r["feasible"] == "True"]
+    summary = json.loads((tmp_path / "pol.search.json").read_text())
+    assert summary["best"]["objective"] == max(feasible)
+    assert summary["best"]["objective"] >= max(float(r["objective"]) for r in rows[:2])
+    assert summary["baselines"] == ["divprune", "random"]
+    assert _search(tmp_path, "--methods", "zipvl", "--baselines", "divprune,random", "--storage", storage,
+                   trials=3) == 0  # resumed: one more trial, the baselines are not run again
+    again = list(csv.DictReader(open(tmp_path / "pol.trials.csv")))
+    assert len(again) == 5 and sum(r["baseline"] == "True" for r in again) == 2
+
+
+@pytest.mark.parametrize("objective, identity", [("answer", 0.0), ("hidden", 1.0)])
+def test_full_budget_keeps_the_model_unchanged(tmp_path, objective, identity):
+    """keep = 100% is the keep-all invariant: the objective is exactly that of the unpruned model (KL 0,
+    cos(h, h) = 1), and so is every baseline's."""
     rc = main(["search", "--model", MODEL, "--budget", "1", "--methods", "fopru", "--data", "shapes:dev:2",
-               "--trials", "2", "--out", str(tmp_path / "p.yaml"), "--no-progress"])
+               "--trials", "2", "--objective", objective, "--out", str(tmp_path / "p.yaml"), "--no-progress"])
     assert rc == 0
-    best = json.loads((tmp_path / "p.search.json").read_text())["best"]
-    assert best["objective"] == pytest.approx(1.0, abs=1e-6) and best["visual_share"] == 1.0
+    summary = json.loads((tmp_path / "p.search.json").read_text())
+    best = summary["best"]
+    assert best["objective"] == pytest.approx(identity, abs=1e-6) and best["visual_share"] == 1.0
+    assert best["similarity"] == pytest.approx(1.0, abs=1e-6) and best["agreement"] == 1.0
+    assert (best["answer_kl"] is None) == (objective == "hidden")
 
 
 def test_search_resumes_from_storage(tmp_path):
@@ -215,11 +289,12 @@ def test_search_resumes_from_storage(tmp_path):
     first = list(csv.DictReader(open(tmp_path / "pol.trials.csv")))
     assert _search(tmp_path, "--storage", storage, "--seed", "3", trials=4) == 0
     second = list(csv.DictReader(open(tmp_path / "pol.trials.csv")))
-    assert len(first) == 2 and len(second) == 4
-    assert [r["params"] for r in second[:2]] == [r["params"] for r in first]  # continued, not restarted
+    n = len(BASELINES)  # run once, first, and not counted in --trials
+    assert len(first) == 2 + n and len(second) == 4 + n
+    assert [r["params"] for r in second[:2 + n]] == [r["params"] for r in first]  # continued, not restarted
     assert json.loads((tmp_path / "pol.search.json").read_text())["new_trials"] == 2
     name = optuna.get_all_study_names(storage)
-    assert len(name) == 1 and len(optuna.load_study(study_name=name[0], storage=storage).trials) == 4
+    assert len(name) == 1 and len(optuna.load_study(study_name=name[0], storage=storage).trials) == 4 + n
     # the study remembers its settings: another seed (or budget, data...) is refused, naming the difference
     assert _search(tmp_path, "--storage", storage, "--seed", "4", trials=5) == 2
 
@@ -232,6 +307,10 @@ def test_search_resumes_from_storage(tmp_path):
     (["--budget", "1.5"], r"argument --budget: expected a fraction in \(0, 1\], got '1.5'"),
     (["--budget", "nan"], r"argument --budget: expected a number, got 'nan'"),
     (["--data", "shapes:test:8"], "test split is for evaluation"),
+    (["--data", "shapes:final:8"], "final split is kept for reported numbers only.*would spoil it"),
+    (["--objective", "accuracy"], "argument --objective: invalid choice: 'accuracy'"),
+    (["--baselines", "fastv"], "'fastv' is not a vision pruner with a 'keep' field"),
+    (["--baselines", "nope"], "--baselines: unknown method 'nope'"),
     (["--data", "shapes:val"], "unknown ShapesWorld split 'val'"),
     (["--data", "shapes:dev:x"], "N must be a positive integer"),
     (["--data", "jsonl:/no/such.jsonl"], "is not a file"),

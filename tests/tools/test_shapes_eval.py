@@ -37,3 +37,26 @@ def test_cli_eval_shapes_writes_json(tmp_path, capsys):
     assert data["model"] == "tiny-random-llava" and data["split"] == "dev" and data["n"] == 2
     assert data["policy"]["methods"][0]["method"] == "fopru"
     assert "VQA overall" in capsys.readouterr().out
+
+
+def test_final_split_is_accepted_where_a_split_is_named(tmp_path):
+    """`final` (the split kept for reported numbers) for eval shapes, eval hallucination and bench prune, whose
+    default it is; the ablation that chooses grounding settings refuses it."""
+    from vlmfast.cli import build_parser
+    from vlmfast.datasets.shapes import iter_scenes, vqa_items
+
+    path = tmp_path / "r.json"
+    assert main(["eval", "shapes", "--model", "tiny-random-llava", "--policy", "none", "--split", "final",
+                 "--limit", "1", "--task", "vqa", "--json", str(path)]) == 0
+    data = json.loads(path.read_text())
+    scene = next(iter_scenes("final", 1))
+    assert data["split"] == "final" and data["n"] == 1 and data["vqa"]["n"] == len(vqa_items(scene, max_per_type=1))
+    parser = build_parser()
+    assert parser.parse_args(["bench", "prune"]).split == "final"
+    assert parser.parse_args(["eval", "hallucination", "--split", "final"]).split == "final"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["eval", "shapes", "--split", "val"])
+    from vlmfast.eval import grounding_ablation
+
+    with pytest.raises(SystemExit):
+        grounding_ablation.main(["--split", "final"])

@@ -54,8 +54,8 @@ SINGULAR = {p: s for s, p in SHAPE_PLURALS.items()}
 
 @pytest.fixture(scope="module")
 def scenes() -> list[Scene]:
-    seeds = split_seeds("train", 120) + split_seeds("dev", 40) + split_seeds("test", 40)
-    return [generate_scene(s) for s in seeds]
+    seeds = split_seeds("train", 120) + split_seeds("dev", 40) + split_seeds("test", 40) + split_seeds("final", 40)
+    return [generate_scene(s) for s in seeds]  # every scene test below runs on every split's seeds
 
 
 def _named(scene: Scene, color: str, shape: str) -> list[int]:
@@ -97,6 +97,11 @@ def test_determinism() -> None:
 
 
 def test_splits_are_disjoint() -> None:
+    assert set(SPLIT_OFFSETS) == {"train", "dev", "test", "final"}
+    ranges = sorted((o, o + SPLIT_SIZE) for o in SPLIT_OFFSETS.values())  # whole ranges, not only prefixes
+    assert all(a[1] <= b[0] for a, b in itertools.pairwise(ranges))
+    last = {s: split_seeds(s, 1, start=SPLIT_SIZE - 1)[0] for s in SPLIT_OFFSETS}
+    assert len(set(last.values()) | {split_seeds(s, 1)[0] for s in SPLIT_OFFSETS}) == 2 * len(SPLIT_OFFSETS)
     sets = {s: set(split_seeds(s, 5000)) for s in SPLIT_OFFSETS}
     for x, y in itertools.combinations(sets, 2):
         assert not sets[x] & sets[y]

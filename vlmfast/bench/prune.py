@@ -1,7 +1,8 @@
 """``vlmfast bench prune``: every pruner at keep 50/25/10/5%, accuracy and speed in one table.
 
-Accuracy: ShapesWorld test (VQA overall, POPE F1 averaged over the three splits) on the trained embedded
-model (``tiny-llava-shapes`` by default), and the fraction of the full model's VQA score. Speed: the same
+Accuracy: ShapesWorld ``final`` by default (``--split``: the split kept for reported numbers, never used to
+choose anything; VQA overall, POPE F1 averaged over the three POPE splits) on the trained embedded model
+(``tiny-llava-shapes`` by default), and the fraction of the full model's VQA score. Speed: the same
 configurations on the LLaVA-1.5-shaped random-weight proxy of ``bench prefill`` (speed-up vs. full measured
 in one run, ideal speed-up from FLOPs, decode ms/token, KV bytes). Layer choices scale with each model's
 depth (FastV K=2; PyramidDrop at 1/4, 1/2, 3/4 of the depth with ratio keep^(1/3)).
@@ -84,15 +85,17 @@ def policy_configs(specs) -> list[Config]:
 
 def accuracy_rows(model_name: str, limit: int, keeps=KEEPS, progress: bool = True,
                   extra: Sequence[Config] = (), methods: Sequence[str] | None = None,
-                  split: str = "test") -> list[dict]:
-    """ShapesWorld rows (``split``) for every method at ``keeps``, then the ``extra`` (``policy_configs``) rows."""
+                  split: str = "final") -> list[dict]:
+    """ShapesWorld rows (``limit`` scenes of ``split``) for every method at ``keeps`` (``methods``: only those
+    rows; the full model always runs), then the ``extra`` (``policy_configs``) rows."""
     base = VLMAccelerator.from_pretrained(model_name, policy=None)
     cfgs = method_configs(len(base.adapter.decoder_layers), keeps, methods) + list(extra)
     rows = []
     for i, c in enumerate(tqdm(cfgs, desc="accuracy", disable=not progress)):
         acc = VLMAccelerator(base.model, base.processor, policy=c.policy)
         res = shapes_eval.evaluate(acc, split=split, limit=limit, tasks=("vqa", "pope"), progress=False)
-        rows.append({"method": c.method, "keep": c.keep, "vqa": round(res["vqa"]["overall"], 4),
+        rows.append({"method": c.method, "keep": c.keep, "split": split, "scenes": res["n"],
+                     "vqa": round(res["vqa"]["overall"], 4),
                      "pope_f1": round(statistics.mean(m["f1"] for m in res["pope"].values()), 4),
                      "visual_tokens_kept_shapes": round(res["cost"]["visual_tokens_kept"], 1)})
         if i >= len(cfgs) - len(extra):  # a --policy row: its budget is what it spent
@@ -105,7 +108,7 @@ def accuracy_rows(model_name: str, limit: int, keeps=KEEPS, progress: bool = Tru
 
 def run(json_path=None, *, model: str = "tiny-llava-shapes", limit: int = 100, repeats: int = 3,
         decode_tokens: int = 8, keeps=KEEPS, progress: bool = True, spec=bench_prefill.PROXY,
-        policies=(), methods: Sequence[str] | None = None, split: str = "test") -> list[dict]:
+        policies=(), methods: Sequence[str] | None = None, split: str = "final") -> list[dict]:
     torch.manual_seed(0)
     extra = policy_configs(policies)
     acc_rows = accuracy_rows(model, limit, keeps, progress, extra, methods, split)

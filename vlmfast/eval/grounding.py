@@ -33,7 +33,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..argtypes import positive_int
-from ..datasets.shapes import mask_iou, pointing_accuracy, referring_expressions
+from ..datasets.shapes import SPLITS, mask_iou, pointing_accuracy, referring_expressions
 
 PROMPT = "where is {expression} ?"
 MAX_NEW_TOKENS = 4
@@ -225,7 +225,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="what grounding adds to a generate call (" + TIME_PROTOCOL + ")")
     p.add_argument("--model", default="tiny-llava-shapes")
     p.add_argument("--policy", default="none", help="shipped name, YAML path or 'none' (default)")
-    p.add_argument("--split", default="test", choices=["train", "dev", "test"])
+    p.add_argument("--split", default="test", choices=SPLITS)
     p.add_argument("--limit", type=positive_int, default=30,
                    help="scenes (one referring question and one caption each)")
     p.add_argument("--json", help="write the time section here")

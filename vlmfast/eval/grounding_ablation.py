@@ -70,7 +70,8 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny-llava-shapes")
-    p.add_argument("--split", default="dev", choices=["train", "dev", "test"])
+    p.add_argument("--split", default="dev", choices=["train", "dev"],
+                   help="an ablation chooses, so it reads dev (or train), never test or final")
     p.add_argument("--limit", type=int, default=20, help="scenes")
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--json", help="write all rows here")

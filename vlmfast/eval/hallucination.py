@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from ..argtypes import nonnegative_int, positive_int
+from ..datasets.shapes.scene import SPLITS
 
 CONFIGS: tuple[tuple[str, str | None], ...] = (
     ("baseline", None),
@@ -38,7 +39,8 @@ FOPRU_ONLY = ("FoPru 25%", "tiny-llava-shapes")  # the reference row for FoPru +
 
 def add_arguments(p):
     p.add_argument("--model", default="tiny-llava-shapes")
-    p.add_argument("--split", default="test", choices=["train", "dev", "test"])
+    p.add_argument("--split", default="test", choices=SPLITS,
+                   help="ShapesWorld split (default test; final for reported numbers)")
     p.add_argument("--limit", type=positive_int, default=100, help="scenes per configuration")
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--timing-scenes", type=nonnegative_int, default=8, help="scenes for the side-by-side decode timing")

@@ -46,20 +46,21 @@ def _batched(acc, jobs: list[tuple[Image.Image, str]], max_new_tokens: int, batc
 
 
 def evaluate(acc, split: str = "test", limit: int = 200, tasks: Iterable[str] = DEFAULT_TASKS, blank: bool = False,
-             batch: int = 16, progress: bool = True) -> dict:
+             batch: int = 16, progress: bool = True, start: int = 0) -> dict:
+    """The metrics of ``acc`` on scenes ``start .. start + limit - 1`` of ``split`` (module docstring)."""
     tasks = list(tasks)
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         from ..errors import InputError
 
         raise InputError(f"unknown task(s) {unknown}; expected a subset of {list(TASKS)}")
-    scenes = list(iter_scenes(split, limit))
+    scenes = list(iter_scenes(split, limit, start=start))
     gray = Image.new("RGB", (scenes[0].size, scenes[0].size), (128, 128, 128)) if scenes else None
 
     def image(scene) -> Image.Image:
         return gray if blank and gray is not None else scene.image  # gray: made whenever there are scenes
 
-    result: dict = {"split": split, "n": len(scenes), "blank_image": blank}
+    result: dict = {"split": split, "n": len(scenes), "start": start, "blank_image": blank}
     all_stats = []
     task_stats: dict[str, list] = {}  # per task, for decode ms/token by answer length
     if "vqa" in tasks:

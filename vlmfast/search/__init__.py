@@ -1,5 +1,6 @@
 """``vlmfast search``: find, for a model and a visual-token budget, the policy whose outputs stay closest to
-the unpruned model's (VFlowOpt's visual-information-flow objective), and write the policy file.
+the unpruned model's on dev calibration data (the answer distributions' KL, or VFlowOpt's hidden-state
+cosine), seeded with the hand-written baselines at the budget, and write the policy file.
 
     vlmfast search --model tiny-llava-shapes --budget 0.25 --methods fopru,vflowopt,zipvl,fastv \\
                    --data shapes:dev:64 --trials 40 --out policies/tiny-llava-shapes-search.yaml

@@ -4,7 +4,8 @@ Specs (``--data``):
 
 * ``shapes:dev`` / ``shapes:dev:N`` / ``shapes:train:N`` -- N ShapesWorld questions (default 32): sample i is
   scene i of the split with one of its VQA questions, the question types taken in turn (colour, shape,
-  count, position, left_of) so every type is represented. The test split is refused: it is for evaluation.
+  count, position, left_of) so every type is represented. The held-out splits are refused: a search chooses,
+  and choosing on ``final`` (kept for reported numbers) or ``test`` would make their numbers optimistic.
 * ``jsonl:PATH`` -- one JSON object per line: ``{"image": "a.png", "prompt": "..."}`` with optional
   ``"answer"`` (then accuracy is reported beside the objective) and ``"type"`` (``"yes_no"`` scores only the
   first word of the reply). ``image`` may be a list of paths; relative paths are relative to the file.
@@ -64,6 +65,10 @@ def _shapes(spec: str, rest: str) -> list[Sample]:
     if len(parts) > 2:
         raise InputError(f"--data {spec!r}: expected shapes:SPLIT[:N]")
     split = parts[0] or "dev"
+    if split == "final":
+        raise InputError(f"--data {spec!r}: the final split is kept for reported numbers only, and a search "
+                         "chooses: calibrating on it would spoil it (its numbers would be optimistic); calibrate on "
+                         "shapes:dev or shapes:train")
     if split == "test":
         raise InputError(f"--data {spec!r}: the test split is for evaluation (`vlmfast eval shapes --split test`); "
                          "calibrate on shapes:dev or shapes:train")

@@ -10,8 +10,15 @@ from pathlib import Path
 
 from ..policy import load_policy
 
-CSV_FIELDS = ["number", "state", "method", "objective", "visual_share", "visual_tokens", "accuracy", "budget_excess",
-              "feasible", "samples", "stopped", "duplicate_of", "prefill_s", "duration_s", "policy", "params"]
+CSV_FIELDS = ["number", "state", "method", "baseline", "objective", "similarity", "answer_kl", "agreement",
+              "visual_share", "visual_tokens", "accuracy", "budget_excess", "feasible", "samples", "stopped",
+              "duplicate_of", "prefill_s", "duration_s", "policy", "params"]
+
+OBJECTIVE_TEXT = {
+    "answer": "minus the mean KL divergence of the policy's next-token distributions from the unpruned model's "
+              "along the unpruned answers",
+    "hidden": "mean cosine similarity of the last prompt token's final hidden state with vs. without the policy",
+}
 
 
 def output_paths(out: str | Path) -> dict[str, Path]:
@@ -32,10 +39,13 @@ def header(cfg, res) -> str:
         f"data: {cfg.data} ({ref['n']} samples)",
         f"budget: {cfg.budget:g} of the visual tokens, averaged over decoder layers (docs/search.md); "
         f"used: {_fmt(b['visual_share'])} ({_fmt(b['visual_tokens'], 1)} tokens)",
-        f"objective: {_fmt(b['objective'])} (mean cosine similarity of the last prompt token's final hidden state "
-        "with vs. without the policy)",
+        f"objective ({cfg.objective}): {_fmt(b['objective'])} ({OBJECTIVE_TEXT[cfg.objective]})",
+        f"hidden-state cosine: {_fmt(b['similarity'])}; agreement with the unpruned answers: "
+        f"{_fmt(b['agreement'], 3)}",
         f"accuracy on the calibration data: {_fmt(b['accuracy'], 3)} (unpruned: {_fmt(ref['accuracy'], 3)})",
-        f"trials: {len(res.trials)} (seed {cfg.seed}, methods {','.join(cfg.methods)}, trial {b['number']} is best)",
+        f"trials: {len(res.trials)} (seed {cfg.seed}, methods {','.join(cfg.methods)}, baselines "
+        f"{','.join(cfg.baseline_names()) or 'none'}, trial {b['number']} is best"
+        f"{' (a baseline)' if b.get('baseline') else ''})",
         f"date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
     ]
     if cfg.command:
@@ -64,7 +74,7 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
-def plot(rows: list[dict], budget: float, best: dict, path: Path, title: str) -> None:
+def plot(rows: list[dict], budget: float, best: dict, path: Path, title: str, objective: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -95,7 +105,7 @@ def plot(rows: list[dict], budget: float, best: dict, path: Path, title: str) ->
     ax.scatter([best["visual_share"]], [best["objective"]], marker="*", s=220, color="gold", edgecolor="black",
                zorder=5, label=f"chosen (trial {best['number']})")
     ax.set_xlabel("visual tokens kept (share, averaged over decoder layers)")
-    ax.set_ylabel("objective: cosine similarity to unpruned")
+    ax.set_ylabel(f"objective: {objective}")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
@@ -114,9 +124,11 @@ def write_outputs(cfg, res, acc) -> dict[str, str]:
         raise RuntimeError(f"{paths['policy']}: the written policy does not read back as the one found")
     write_csv(res.trials, paths["csv"])
     plot(res.trials, cfg.budget, res.best, paths["plot"],
-         f"{cfg.model}, {cfg.data}, budget {cfg.budget:g}: {len(res.trials)} trials")
+         f"{cfg.model}, {cfg.data}, budget {cfg.budget:g}: {len(res.trials)} trials",
+         {"answer": "-KL to unpruned along its answers", "hidden": "hidden-state cosine to unpruned"}[cfg.objective])
     paths["summary"].write_text(json.dumps({
         "model": cfg.model, "data": cfg.data, "budget": cfg.budget, "methods": cfg.methods, "seed": cfg.seed,
+        "objective": cfg.objective, "baselines": cfg.baseline_names(),
         "trials": len(res.trials), "new_trials": res.new_trials, "elapsed_s": round(res.elapsed_s, 1),
         "reference": res.reference, "best": res.best, "best_per_method": res.per_method, "space": res.space,
         "policy": res.policy.to_dict(),
@@ -135,11 +147,13 @@ def summary(cfg, res) -> str:
             lines += [f"    {p}" for p in sp["params"]]
         return "\n".join(lines)
     ref = res.reference
-    head = ["", "objective", "visual share", "visual tokens", "accuracy", "trial"]
-    body = [["unpruned", "1.0000", "1.0000", _fmt(ref["visual_tokens"], 1), _fmt(ref["accuracy"], 3), "-"]]
+    head = ["", f"objective ({cfg.objective})", "agreement", "visual share", "visual tokens", "accuracy", "trial"]
+    body = [["unpruned", _fmt(ref["objective"]), _fmt(ref["agreement"], 3), "1.0000", _fmt(ref["visual_tokens"], 1),
+             _fmt(ref["accuracy"], 3), "-"]]
     for m, r in sorted(res.per_method.items(), key=lambda kv: -kv[1]["objective"]):
-        body.append([f"best {m}", _fmt(r["objective"]), _fmt(r["visual_share"]), _fmt(r["visual_tokens"], 1),
-                     _fmt(r["accuracy"], 3), str(r["number"])])
+        body.append([f"best {m}", _fmt(r["objective"]), _fmt(r["agreement"], 3), _fmt(r["visual_share"]),
+                     _fmt(r["visual_tokens"], 1), _fmt(r["accuracy"], 3),
+                     f"{r['number']}{' (baseline)' if r['baseline'] else ''}"])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     table = "\n".join("  ".join(str(x).ljust(w) for x, w in zip(row, widths)) for row in [head, *body])
     states: dict[str, int] = {}

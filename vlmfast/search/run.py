@@ -1,11 +1,17 @@
 """``vlmfast search``: find the policy that keeps a model closest to unpruned under a visual-token budget.
 
 One Optuna study: each trial picks a method and its hyper-parameters (:mod:`.space`), runs the calibration
-batches through ``VLMAccelerator`` and scores them (:mod:`.objective`), reporting the running objective
-after every batch; a trial is stopped early once it is *confidently* worse than the best finished trial (its
-running mean plus ``PRUNE_Z`` standard errors of the per-sample similarities is below the best objective), or
-once its measured visual share is clearly over the budget. The budget is an Optuna constraint (TPE
-ranks trials over budget after all others), so over-budget trials still teach the sampler.
+batches through ``VLMAccelerator`` and scores them (:mod:`.objective`, ``--objective``), reporting the running
+objective after every batch; a trial is stopped early once it is *confidently* worse than the best finished
+trial (its running mean plus ``PRUNE_Z`` standard errors of the per-sample values is below the best
+objective), or once its measured visual share is clearly over the budget. The budget is an Optuna constraint
+(TPE ranks trials over budget after all others), so over-budget trials still teach the sampler.
+
+Seeding: the study's first trials are the ``--baselines`` (vision pruners at their defaults with ``keep`` = the
+budget: :func:`.space.baseline`), run with the same objective on the same samples and chosen like any other
+trial, so the policy found is never below them on the calibration data. They are trials without a ``method``
+parameter (the method is the ``baseline`` attribute), so they need not be in ``--methods`` and TPE does not
+resample them; they do not count towards ``--trials``.
 
 Resuming: with ``--storage`` (e.g. ``sqlite:///search.db``) the study is stored under a name derived from
 model, budget, methods and data; re-running the same command continues it until ``--trials`` trials have
@@ -30,8 +36,8 @@ from ..argtypes import fraction, nonnegative_int, positive_int
 from ..errors import InputError
 from ..policy import Policy
 from .data import load_data
-from .objective import Running, run_batch
-from .space import SpaceContext, parse_methods, space_for
+from .objective import OBJECTIVES, Reference, Running, run_batch
+from .space import SpaceContext, baseline, parse_methods, space_for
 
 log = logging.getLogger("vlmfast")
 
@@ -49,6 +55,9 @@ class SearchConfig:
     budget: float
     methods: list[str]
     data: str = "shapes:dev"
+    objective: str = OBJECTIVES[0]
+    baselines: str = "divprune,cdpruner,fopru,vflowopt,fastervlm,visionzip"
+    """comma-separated vision pruners run first at their defaults (``keep`` = budget); "" or "none" for none"""
     trials: int = 60
     out: str = "policy.yaml"
     storage: str | None = None
@@ -76,6 +85,8 @@ class SearchConfig:
             raise InputError(f"--trials {self.trials}: expected at least 1")
         if self.batch_size < 1:
             raise InputError(f"--batch-size {self.batch_size}: expected at least 1")
+        if self.objective not in OBJECTIVES:
+            raise InputError(f"--objective {self.objective!r}: expected one of {', '.join(OBJECTIVES)}")
         if self.max_new_tokens < 1:
             raise InputError(f"--max-new-tokens {self.max_new_tokens}: expected at least 1")
         if not 0 < self.sparse_recall <= 1:
@@ -87,12 +98,17 @@ class SearchConfig:
     @property
     def study_name(self) -> str:
         return self.study or (f"vlmfast-search:{self.model}:budget={self.budget:g}:methods={','.join(self.methods)}"
-                              f":data={self.data}")
+                              f":data={self.data}:objective={self.objective}")
 
     def identity(self) -> dict:
         """What must match for a stored study to be resumed."""
         return {"model": self.model, "budget": self.budget, "methods": list(self.methods), "data": self.data,
-                "seed": self.seed, "batch_size": self.batch_size, "max_new_tokens": self.max_new_tokens}
+                "seed": self.seed, "batch_size": self.batch_size, "max_new_tokens": self.max_new_tokens,
+                "objective": self.objective, "baselines": self.baseline_names()}
+
+    def baseline_names(self) -> list[str]:
+        spec = self.baselines if isinstance(self.baselines, str) else ",".join(self.baselines)
+        return [] if spec.strip() in ("", "none") else parse_methods(spec, "--baselines")
 
 
 @dataclass
@@ -185,6 +201,7 @@ def describe_space(ctx: SpaceContext, methods: list[str]) -> dict:
 def run(cfg: SearchConfig) -> SearchResult:
     cfg.validate()
     cfg.methods = parse_methods(cfg.methods if isinstance(cfg.methods, str) else ",".join(cfg.methods))
+    baselines = cfg.baseline_names()
     data = load_data(cfg.data)
     optuna = _import_optuna()
     # built (and checked) before the expensive part
@@ -196,12 +213,12 @@ def run(cfg: SearchConfig) -> SearchResult:
                                           **_placement(cfg))
     batches = data.batches(cfg.batch_size)
 
-    # the unpruned model: reference hidden states, accuracy, tokens
-    reference, ref_run = [], Running()
+    # the unpruned model: reference hidden states, answers and their log-probabilities, accuracy, tokens
+    reference, ref_run = [], Running(kind=cfg.objective)
     for batch in tqdm(batches, desc="reference (unpruned)", disable=not cfg.progress, leave=False):
-        res = run_batch(base, batch, cfg.max_new_tokens)
-        reference.append(res.hidden)
-        ref_run.add(res, res.hidden, batch)
+        ref, res = Reference.of(base, batch, cfg.max_new_tokens, answer=cfg.objective == "answer")
+        reference.append(ref)
+        ref_run.add(res, ref, batch)
     tokens_per_image = round(sum(ref_run.visual_tokens) / max(1, sum(len(s.images) for s in data.samples)))
     ctx = _context(base, cfg.budget, tokens_per_image)
     space = describe_space(ctx, cfg.methods)
@@ -219,7 +236,12 @@ def run(cfg: SearchConfig) -> SearchResult:
     study = _open_study(optuna, cfg)
     done_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     finished = [t for t in study.trials if t.state in done_states]
-    remaining = max(0, cfg.trials - len(finished))
+    queued = {t.user_attrs["baseline"] for t in study.trials if "baseline" in t.user_attrs}
+    for name in baselines:  # first in the queue; once per study (a resumed study has them already)
+        if name not in queued:
+            study.enqueue_trial({}, user_attrs={"baseline": name})
+    waiting = [t for t in study.trials if t.state == optuna.trial.TrialState.WAITING and "baseline" in t.user_attrs]
+    remaining = max(0, cfg.trials - sum("baseline" not in t.user_attrs for t in finished)) + len(waiting)
     study.sampler = optuna.samplers.TPESampler(
         seed=cfg.seed + len(study.trials), multivariate=True, group=True,
         n_startup_trials=min(10, max(4, cfg.trials // 4)),
@@ -231,8 +253,12 @@ def run(cfg: SearchConfig) -> SearchResult:
     spaces = {m: space_for(m) for m in methods}
 
     def objective(trial):
-        name = trial.suggest_categorical("method", methods)
-        policy = Policy([spaces[name].suggest(trial, ctx)], source=f"trial {trial.number}")
+        name = trial.user_attrs.get("baseline")
+        if name is not None:
+            policy = Policy([baseline(name, cfg.budget)], source=f"baseline {name}")
+        else:
+            name = trial.suggest_categorical("method", methods)
+            policy = Policy([spaces[name].suggest(trial, ctx)], source=f"trial {trial.number}")
         entries = policy.to_dict()["methods"]
         key = json.dumps(entries, sort_keys=True)
         trial.set_user_attr("policy", entries)
@@ -240,10 +266,11 @@ def run(cfg: SearchConfig) -> SearchResult:
         if key in seen:  # the sampler proposed a policy already measured: reuse its result
             return _replay(optuna, trial, seen[key])
         acc = VLMAccelerator(base.model, base.processor, policy=policy)
-        run_ = Running()
+        run_ = Running(kind=cfg.objective)
         best = _best(optuna, trial.study.trials)
         for step, (batch, ref) in enumerate(zip(batches, reference)):
-            run_.add(run_batch(acc, batch, cfg.max_new_tokens), ref, batch)
+            score = ref.answers if cfg.objective == "answer" else None
+            run_.add(run_batch(acc, batch, cfg.max_new_tokens, score=score), ref, batch)
             _record(trial, run_, cfg.budget, step)
             trial.report(run_.objective, step)
             last = step == len(batches) - 1  # at the last batch stopping saves nothing: finish the trial
@@ -266,7 +293,7 @@ def run(cfg: SearchConfig) -> SearchResult:
         bar.update(1)
         best = _best(optuna, study_.trials)
         if best is not None:
-            bar.set_postfix(best=f"{best.value:.4f}", method=best.params["method"])
+            bar.set_postfix(best=f"{best.value:.4f}", method=_method(best))
 
     try:
         if remaining:
@@ -329,10 +356,10 @@ def _open_study(optuna, cfg: SearchConfig):
 
 def _confidently_worse(run_: Running, best) -> bool:
     """True when the trial's running objective is below the best finished trial's by more than ``PRUNE_Z``
-    standard errors of its per-sample similarities (needs ``PRUNE_MIN_SAMPLES`` samples). A rank rule such as
+    standard errors of its per-sample objective values (needs ``PRUNE_MIN_SAMPLES`` samples). A rank rule such as
     Optuna's median pruner stops good trials on an unlucky first batch; this one only stops what the samples
     seen so far already rule out."""
-    sims = run_.similarity
+    sims = run_.values
     if best is None or len(sims) < PRUNE_MIN_SAMPLES:
         return False
     mean = sum(sims) / len(sims)
@@ -350,7 +377,7 @@ def _record(trial, run_: Running, budget: float, step: int) -> None:
 
 def _replay(optuna, trial, first):
     for k, v in first.user_attrs.items():
-        if k not in ("policy", "policy_key", "duplicate_of"):
+        if k not in ("policy", "policy_key", "duplicate_of", "baseline"):
             trial.set_user_attr(k, v)
     trial.set_user_attr("duplicate_of", first.number)
     _constrain(trial)
@@ -379,10 +406,16 @@ def _model_patterns(model: str) -> list[str]:
     return [model, f"*{stem}*"]
 
 
+def _method(t) -> str | None:
+    """A trial's method: its ``method`` parameter, or the baseline it ran."""
+    return t.params.get("method", t.user_attrs.get("baseline"))
+
+
 def _row(optuna, t) -> dict:
     a = t.user_attrs
-    return {"number": t.number, "state": t.state.name, "method": t.params.get("method"),
+    return {"number": t.number, "state": t.state.name, "method": _method(t), "baseline": "baseline" in a,
             "objective": t.value if t.state == optuna.trial.TrialState.COMPLETE else a.get("objective"),
+            "similarity": a.get("similarity"), "answer_kl": a.get("answer_kl"), "agreement": a.get("agreement"),
             "visual_share": a.get("visual_share"), "visual_tokens": a.get("visual_tokens"),
             "accuracy": a.get("accuracy"), "budget_excess": a.get("budget_excess"),
             "feasible": t.state == optuna.trial.TrialState.COMPLETE and a.get("budget_excess", 0.0) <= 0,
@@ -408,7 +441,15 @@ def add_arguments(p):
     p.add_argument("--methods", default="fopru,vflowopt,zipvl,fastv",
                    help="comma-separated methods to search over (default: fopru,vflowopt,zipvl,fastv)")
     p.add_argument("--data", default="shapes:dev",
-                   help="calibration data: shapes:dev[:N] (default N=32), shapes:train:N, or jsonl:PATH")
+                   help="calibration data: shapes:dev[:N] (default N=32), shapes:train:N, or jsonl:PATH "
+                        "(ShapesWorld test and final are refused: they are held out)")
+    p.add_argument("--objective", default=OBJECTIVES[0], choices=OBJECTIVES,
+                   help="answer (default): minus the KL divergence of the policy's next-token distributions from "
+                        "the unpruned model's along its answers (teacher-forced); hidden: VFlowOpt's cosine of the "
+                        "last prompt token's final hidden state")
+    p.add_argument("--baselines", default=SearchConfig.baselines,
+                   help="vision pruners run first at their defaults with keep = the budget, chosen like any trial "
+                        f"(default: {SearchConfig.baselines}; 'none' for none)")
     p.add_argument("--trials", type=positive_int, default=60,
                    help="trials in the study (a resumed study runs the rest)")
     p.add_argument("--out", required=True, help="policy YAML to write; PATH.trials.csv and PATH.pareto.png beside")
@@ -440,7 +481,8 @@ def add_arguments(p):
 def main(a) -> int:
     import sys
 
-    cfg = SearchConfig(model=a.model, budget=a.budget, methods=a.methods, data=a.data, trials=a.trials, out=a.out,
+    cfg = SearchConfig(model=a.model, budget=a.budget, methods=a.methods, data=a.data, objective=a.objective,
+                       baselines=a.baselines, trials=a.trials, out=a.out,
                        storage=a.storage, seed=a.seed, study=a.study, batch_size=a.batch_size,
                        max_new_tokens=a.max_new_tokens, sparse=a.sparse,
                        sparse_images=a.sparse_images, sparse_prompts=a.sparse_prompts, sparse_recall=a.sparse_recall,

@@ -353,12 +353,31 @@ def space_for(name: str) -> MethodSpace:
                      f"automatically); expected some of: {', '.join(sorted(SPACES))}")
 
 
-def parse_methods(spec: str) -> list[str]:
+def baseline(name: str, budget: float) -> Method:
+    """A seeding baseline of the search: the vision pruner ``name`` at its defaults with ``keep = budget`` (what
+    ``vlmfast bench prune`` runs at that keep)."""
+    try:
+        cls = get_method(name)
+    except Exception:
+        raise InputError(f"--baselines: unknown method {name!r}; expected vision pruners, some of: "
+                         f"{', '.join(available())}") from None
+    if not (issubclass(cls, VisionPruner) and "keep" in TypeAdapter(cls).json_schema().get("properties", {})):
+        raise InputError(f"--baselines: {name!r} is not a vision pruner with a 'keep' field (a baseline is a vision "
+                         "pruner's defaults at keep = the budget), e.g. divprune,fopru,vflowopt,fastervlm,visionzip")
+    return cls(keep=budget)  # type: ignore[call-arg]  # a dataclass with a keep field (checked above)
+
+
+def parse_methods(spec: str, option: str = "--methods") -> list[str]:
+    """The names of a comma-separated ``--methods`` (each with a search space) or ``--baselines`` (each a
+    :func:`baseline`) list."""
     names = [m.strip() for m in (spec or "").split(",") if m.strip()]
     if not names:
-        raise InputError(f"--methods {spec!r}: expected a comma-separated list, e.g. fopru,vflowopt,zipvl,fastv")
+        raise InputError(f"{option} {spec!r}: expected a comma-separated list, e.g. fopru,vflowopt,zipvl,fastv")
     if len(set(names)) != len(names):
-        raise InputError(f"--methods {spec!r}: a method is listed twice")
+        raise InputError(f"{option} {spec!r}: a method is listed twice")
     for n in names:
-        space_for(n)
+        if option == "--baselines":
+            baseline(n, 1.0)
+        else:
+            space_for(n)
     return names

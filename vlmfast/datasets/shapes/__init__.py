@@ -26,6 +26,7 @@ from .scene import (
     MIN_VISIBLE_FRACTION,
     SPLIT_OFFSETS,
     SPLIT_SIZE,
+    SPLITS,
     Background,
     Scene,
     ShapeObject,
@@ -74,7 +75,7 @@ from .vocab import (
 __all__ = [
     # scenes
     "generate_scene", "iter_scenes", "split_seeds", "split_of", "Scene", "ShapeObject", "ShapeSpec", "Background",
-    "CANONICAL_SIZE", "MIN_VISIBLE_FRACTION", "SPLIT_OFFSETS", "SPLIT_SIZE",
+    "CANONICAL_SIZE", "MIN_VISIBLE_FRACTION", "SPLIT_OFFSETS", "SPLIT_SIZE", "SPLITS",
     # tasks
     "vqa_items", "VQAItem", "pope_items", "pope_set", "pope_question", "pope_negative_candidates", "PopeItem",
     "caption", "caption_objects", "CAPTION_PROMPT", "raster_order", "referring_expressions", "RefExp", "scene_texts",

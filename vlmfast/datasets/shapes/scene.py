@@ -53,9 +53,20 @@ MAX_ATTEMPTS = 60
 """Placement attempts per object; the radius range shrinks to the minimum over the first half.
 If all fail the scene keeps the objects placed so far (has not happened in 20k tested seeds)."""
 
-SPLIT_OFFSETS: dict[str, int] = {"train": 0, "dev": 10_000_000, "test": 20_000_000}
-"""First seed of each split. Splits are the disjoint ranges ``[offset, offset + SPLIT_SIZE)``."""
+SPLIT_OFFSETS: dict[str, int] = {"train": 0, "dev": 10_000_000, "test": 20_000_000, "final": 30_000_000}
+"""First seed of each split. Splits are the disjoint ranges ``[offset, offset + SPLIT_SIZE)``. Their roles:
+
+- ``train``: training data only.
+- ``dev``: every choice -- training recipes and checkpoints, defaults, ablations, ``vlmfast search``'s
+  calibration data.
+- ``test``: the first held-out split. It was used to choose recipes, checkpoints and defaults before ``final``
+  existed, so its numbers are optimistic; kept for comparison with earlier reports.
+- ``final``: reported numbers only (``vlmfast bench prune``'s default); never read to choose anything
+  (``vlmfast search`` refuses it).
+"""
 SPLIT_SIZE = 10_000_000
+SPLITS = tuple(SPLIT_OFFSETS)
+"""Every split name, for ``--split`` choices."""
 
 _SHAPE_CDF = np.cumsum([SHAPE_PRIOR[s] for s in SHAPES])
 _COLOR_CDF = np.cumsum([COLOR_PRIOR[c] for c in COLOR_NAMES])
@@ -405,7 +416,7 @@ def generate_scene(seed: int, size: int = CANONICAL_SIZE) -> Scene:
 
 
 def split_seeds(split: str, n: int, start: int = 0) -> list[int]:
-    """Seeds ``start .. start+n-1`` of ``split`` (train / dev / test); splits never share a seed.
+    """Seeds ``start .. start+n-1`` of ``split`` (train / dev / test / final); splits never share a seed.
 
     Split ``s`` owns ``[SPLIT_OFFSETS[s], SPLIT_OFFSETS[s] + SPLIT_SIZE)``; asking for seeds beyond
     that range raises instead of spilling into the next split.

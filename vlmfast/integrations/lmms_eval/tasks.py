@@ -32,6 +32,7 @@ from ...datasets.shapes import (
     CAPTION_PROMPT,
     POPE_SPLITS,
     QUESTION_TYPES,
+    SPLITS,
     caption,
     caption_objects,
     iter_scenes,
@@ -42,7 +43,6 @@ from ...datasets.shapes import (
 VQA_MAX_NEW_TOKENS = 4
 POPE_MAX_NEW_TOKENS = 2
 CAPTION_MAX_NEW_TOKENS = 48
-SPLITS = ("train", "dev", "test")
 TASK_NAMES = ("shapes_vqa", *(f"shapes_pope_{sp}" for sp in POPE_SPLITS), "shapes_caption")
 GROUP_NAME = "shapes"
 VERSION = 0.1
