@@ -72,6 +72,17 @@ def test_the_budget_is_the_images_not_each_views(nxt, pruner, keep):
     assert [k.numel() for k in out.kept] == split_budget([64, 160], keep)
 
 
+@pytest.mark.parametrize("keep, favoured", [(0.25, [28, 28]), (0.1, [11, 11]), (0.75, [64, 104])])
+@pytest.mark.parametrize("pruner", [FoPru, DivPrune])
+def test_view_budget_base_gives_the_base_view_half_of_the_images_budget(nxt, pruner, keep, favoured):
+    """64 + 160 tokens: at 25% the image keeps 56, the base view 28 of them (16 when proportional); at 75% (168) the
+    base view's half (84) is more than it has, so it keeps all 64 and the high-resolution view the other 104."""
+    img = [make_image(4, size=WIDE[0], width=WIDE[1])]
+    out = _acc(nxt, pruner(keep=keep, view_budget="base")).generate(images=img, prompt=PROMPT, max_new_tokens=2)
+    assert [k.numel() for k in out.kept] == favoured
+    assert out.stats.visual_tokens_kept == n_keep(224, keep) == sum(favoured)
+
+
 def test_split_budget_is_proportional_and_exact():
     assert split_budget([64, 160], 0.1) == [6, 16] and sum(split_budget([64, 160], 0.1)) == n_keep(224, 0.1)
     assert split_budget([576, 2304], 0.25) == [144, 576]

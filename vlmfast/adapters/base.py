@@ -123,6 +123,8 @@ class Adapter(ABC):
     model_classes: tuple[str, ...] = ()
     supports_video: bool = False
     """does the family take ``videos=`` (its processor has a video processor, its model video placeholders)"""
+    multi_view: bool = False
+    """does the family make an image several views (``ImageTokens.view``: LLaVA-NeXT's base and high-res grids)"""
 
     def __init__(self, model: nn.Module):
         # a transformers model of the family: its submodules and config are the family's own (nn.Module's

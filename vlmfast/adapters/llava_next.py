@@ -30,6 +30,7 @@ class LlavaNextAdapter(LlavaAdapter):
     family = "llava_next"
     title = "LLaVA-NeXT"
     model_classes: tuple[str, ...] = ("LlavaNextForConditionalGeneration",)
+    multi_view = True
 
     def __init__(self, model) -> None:
         super().__init__(model)
