@@ -17,6 +17,7 @@ between tokens of different tiles; its [CLS] attention is each tile's own [CLS] 
 from __future__ import annotations
 
 import inspect
+import math
 import time
 
 import torch
@@ -58,6 +59,28 @@ class LlavaNextAdapter(LlavaAdapter):
         index = torch.arange(nph * s * npw * s).view(1, nph * s, npw * s)
         kept = mod.unpad_image(index, image_size)[0]  # the padded grid's flat indices that survive unpadding
         return npw, int(kept.shape[0]), int(kept.shape[1]), kept.reshape(-1)
+
+    def hires_region(self, image_size) -> tuple[float, float, float, float]:
+        """The part of the image (fractions (x0, y0, x1, y1) of its width and height) the unpadded high-resolution
+        grid covers. The processor resizes the image into the pinpoint's canvas keeping its aspect ratio (the short
+        side rounded up, ``get_patch_output_size``) and centres it; the model's ``unpad_image`` keeps whole token
+        rows or columns by its own rounding, so the grid may start or end a fraction of a token inside or outside
+        the image (60 x 40 px on 2 x 2 crops of 32 px: x from 0.047 to 0.977)."""
+        h, w = image_size
+        mod = self._modeling()
+        crop = self.model.config.vision_config.image_size
+        nph, npw = mod.get_anyres_image_grid_shape(image_size, self.model.config.image_grid_pinpoints, crop)
+        ch, cw = nph * crop, npw * crop
+        if cw / w < ch / h:
+            nw, nh = cw, min(math.ceil(h * cw / w), ch)
+        else:
+            nw, nh = min(math.ceil(w * ch / h), cw), ch
+        py, px = (ch - nh) // 2, (cw - nw) // 2  # where the resized image sits in the canvas
+        _, rows, cols, index = self.layout(image_size)
+        cell = crop / self.side  # canvas pixels per token
+        r0, c0 = divmod(int(index[0]), npw * self.side)  # the first kept token's place in the padded grid
+        y0, x0 = r0 * cell, c0 * cell
+        return ((x0 - px) / nw, (y0 - py) / nh, (x0 + cols * cell - px) / nw, (y0 + rows * cell - py) / nh)
 
     def _sizes(self, inputs) -> list[list[int]]:
         return [[int(h), int(w)] for h, w in inputs["image_sizes"].tolist()]
@@ -110,12 +133,13 @@ class LlavaNextAdapter(LlavaAdapter):
             npw, rows, cols, index = self.layout(size)
             n_crops = self._n_crops(size)
             out += self._views(f, rows, cols, npw, index, None if att is None else att[at:at + n_crops],
-                               None if greys is None else greys[at:at + n_crops])
+                               None if greys is None else greys[at:at + n_crops], self.hires_region(size))
             at += n_crops
         return out
 
     def grid_region(self, processor, size):
-        """Both views cover the whole image (the base crop squashes it; the tiles are unpadded back to it)."""
+        """The whole image: the base crop squashes it (its view's region is the whole box); the high-resolution view's
+        region is what its unpadded tiles cover of it (:meth:`hires_region`)."""
         return Adapter.grid_region(self, processor, size)
 
     def _n_crops(self, size) -> int:
@@ -129,8 +153,8 @@ class LlavaNextAdapter(LlavaAdapter):
             return pixel_values
         return torch.cat([pv[: self._n_crops(s)] for pv, s in zip(pixel_values, sizes.tolist())])
 
-    def _views(self, packed: torch.Tensor, rows: int, cols: int, npw: int, index: torch.Tensor, att, greys
-               ) -> list[ImageTokens]:
+    def _views(self, packed: torch.Tensor, rows: int, cols: int, npw: int, index: torch.Tensor, att, greys,
+               region: tuple[float, float, float, float]) -> list[ImageTokens]:
         s = self.side
         base_n = s * s
         hires = packed[base_n:].view(rows, cols + 1, -1)
@@ -158,5 +182,5 @@ class LlavaNextAdapter(LlavaAdapter):
             ImageTokens(features=packed[:base_n], grid=(1, s, s), attention=base_att, cls_attention=base_cls,
                         keys=base_keys, grey=base_grey, view=0),
             ImageTokens(features=hires[:, :cols].reshape(rows * cols, -1), grid=(1, rows, cols), attention=hi_att,
-                        cls_attention=hi_cls, keys=hi_keys, grey=hi_grey, view=1, fixed=hires[:, cols]),
+                        cls_attention=hi_cls, keys=hi_keys, grey=hi_grey, view=1, region=region, fixed=hires[:, cols]),
         ]
