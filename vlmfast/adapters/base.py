@@ -66,6 +66,13 @@ class ImageTokens:
     def n_tokens(self) -> int:
         return self.features.shape[0]
 
+    def pixel_box(self, image_box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+        """The pixels (x0, y0, x1, y1) this view covers, given the box its image's grids cover
+        (``Adapter.grid_region``)."""
+        x0, y0, x1, y1 = image_box
+        f0, g0, f1, g1 = self.region
+        return x0 + f0 * (x1 - x0), y0 + g0 * (y1 - y0), x0 + f1 * (x1 - x0), y0 + g1 * (y1 - y0)
+
     def frame_groups(self) -> list["ImageTokens"]:
         """One ImageTokens of grid (1, h, w) per frame group, each with its own features, attention block, keys,
         grey values and DeepStack rows (an image is its own single group). Vision pruners see a video this way."""
