@@ -200,16 +200,19 @@ def test_engine_answers_like_generate_with_the_models_grid(tiny_engine, tiny, fa
     assert tiny_engine.accelerator(policy) is tiny_engine.accelerator(Policy([FoPru(keep=0.5)]))  # reused
 
 
-@pytest.mark.parametrize("name, stem", [("Qwen/Qwen2.5-VL-7B-Instruct", "qwen2.5-vl-7b"),
-                                        ("Qwen/Qwen3-VL-8B-Instruct", "qwen3-vl-8b")])
-def test_the_demo_lists_and_defaults_to_the_newer_qwen_policies(models, name, stem):
-    model, processor = models["qwen3_vl" if "Qwen3" in name else "qwen2_5_vl"]
+@pytest.mark.parametrize("name, stem, family", [("Qwen/Qwen2.5-VL-7B-Instruct", "qwen2.5-vl-7b", "qwen2_5_vl"),
+                                                ("Qwen/Qwen3-VL-8B-Instruct", "qwen3-vl-8b", "qwen3_vl"),
+                                                ("llava-hf/llava-v1.6-mistral-7b-hf", "llava-v1.6-mistral-7b",
+                                                 "llava_next")])
+def test_the_demo_lists_and_defaults_to_the_newer_policies(models, name, stem, family):
+    model, processor = models[family]
     engine = E.DemoEngine(VLMAccelerator(model, processor, policy=None), name, warmup=False)
     assert stem in engine.policy_choices() and engine._default_policy_name("auto") == stem
     img = Image.fromarray((np.random.default_rng(1).random((64, 96, 3)) * 255).astype("uint8"))
     res = engine.run(img, "what is in the image ?", engine.resolve_policy(stem), ground=False, max_new_tokens=3)
-    (view,) = res.views
-    assert res.tuned.output.stats.visual_tokens_kept == n_keep(math.prod(view.grid), 0.25)
+    n = sum(math.prod(v.grid) for v in res.views)  # LLaVA-NeXT: its two views
+    assert len(res.views) == (2 if family == "llava_next" else 1)
+    assert res.tuned.output.stats.visual_tokens_kept == n_keep(n, 0.25)
 
 
 def test_engine_reads_a_16_bit_upload_by_its_range(tiny_engine, tmp_path):

@@ -300,10 +300,11 @@ def test_generate_until_truncates_at_stop_strings_and_attaches_stats(chat_lm):
 
 
 @pytest.mark.parametrize("name, policy", [("tiny-random-qwen2.5-vl", "qwen2.5-vl-7b"),
-                                          ("tiny-random-qwen3-vl", "qwen3-vl-8b")])
-def test_the_newer_qwen_families_and_their_shipped_policies(name, policy, patched):
-    """Qwen2.5-VL and Qwen3-VL through the plugin, batched, with their shipped policies: the answers of the
-    model class equal the accelerator's, and the stats show FoPru's 25%."""
+                                          ("tiny-random-qwen3-vl", "qwen3-vl-8b"),
+                                          ("tiny-random-llava-next", "llava-v1.6-mistral-7b")])
+def test_the_newer_families_and_their_shipped_policies(name, policy, patched):
+    """Qwen2.5-VL, Qwen3-VL and LLaVA-NeXT through the plugin, batched, with their shipped policies: the answers of
+    the model class equal the accelerator's, and the stats show FoPru's 25% (of each LLaVA-NeXT image's two views)."""
     from vlmfast.integrations.lmms_eval.model import VlmfastChat
 
     lm = VlmfastChat(pretrained=name, policy=policy, batch_size=3, device="cpu")

@@ -12,7 +12,7 @@ from vlmfast.policy import default_policy_for, shipped_policies
 
 
 def test_shipped_policies_load_and_are_fopru_rank_25():
-    shipped = ("llava-1.5-7b", "qwen2-vl-7b", "qwen2.5-vl-7b", "qwen3-vl-8b")
+    shipped = ("llava-1.5-7b", "llava-v1.6-mistral-7b", "qwen2-vl-7b", "qwen2.5-vl-7b", "qwen3-vl-8b")
     assert set(shipped) <= set(shipped_policies())
     for name in shipped:
         pol = load_policy(name)
@@ -33,7 +33,9 @@ def test_default_policy_matches_hub_ids():
     pol, why = default_policy_for("/models/Qwen2-VL-7B-Instruct")
     assert pol.methods and "qwen2-vl-7b" in why
     for hub_id, stem in (("Qwen/Qwen2.5-VL-7B-Instruct", "'qwen2.5-vl-7b'"), ("Qwen/Qwen3-VL-8B-Instruct",
-                         "'qwen3-vl-8b'"), ("/ckpt/qwen3-vl-8b-thinking", "'qwen3-vl-8b'")):
+                         "'qwen3-vl-8b'"), ("/ckpt/qwen3-vl-8b-thinking", "'qwen3-vl-8b'"),
+                         ("llava-hf/llava-v1.6-mistral-7b-hf", "'llava-v1.6-mistral-7b'"),
+                         ("/models/llava-v1.6-mistral-7b-hf", "'llava-v1.6-mistral-7b'")):
         pol, why = default_policy_for(hub_id)
         assert pol.methods and stem in why, (hub_id, why)
     pol, why = default_policy_for("someone/other-model")
