@@ -167,7 +167,8 @@ def prune_visual(pruner, visual: list[ImageTokens]) -> tuple[list[ImageTokens], 
 
 def _view_pruners(pruner, visual: list[ImageTokens]) -> list:
     """The pruner for each visual input: itself, except for the views of a multi-view image, which get copies whose
-    ``keep`` gives each view its share of the image's budget (:func:`~vlmfast.budget.split_budget`)."""
+    ``keep`` gives each view its share of the image's budget (:func:`~vlmfast.budget.split_budget`, split by the
+    pruner's ``view_budget``)."""
     out = [pruner] * len(visual)
     keep = getattr(pruner, "keep", None)
     if not isinstance(keep, float) or keep >= 1.0:
@@ -175,7 +176,7 @@ def _view_pruners(pruner, visual: list[ImageTokens]) -> list:
     for group in view_groups(visual):
         if len(group) > 1:
             sizes = [visual[i].n_tokens for i in group]
-            for i, n, k in zip(group, sizes, split_budget(sizes, keep)):
+            for i, n, k in zip(group, sizes, split_budget(sizes, keep, pruner.view_budget)):
                 out[i] = replace(pruner, keep=k / n)
     return out
 

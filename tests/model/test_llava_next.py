@@ -4,11 +4,13 @@ the multi-view contract (issue 20); the shared method matrix does not run on thi
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_image, reference_generate
+from PIL import Image
 
-from vlmfast import DivPrune, FastV, FoPru, Policy, VLMAccelerator
+from vlmfast import DivPrune, FastV, FoPru, GroundingConfig, Policy, VLMAccelerator
 from vlmfast.adapters import adapter_for
 from vlmfast.budget import n_keep, split_budget
 from vlmfast.zoo.tiny import tiny_llava_next
@@ -72,6 +74,17 @@ def test_the_budget_is_the_images_not_each_views(nxt, pruner, keep):
     assert [k.numel() for k in out.kept] == split_budget([64, 160], keep)
 
 
+@pytest.mark.parametrize("keep, favoured", [(0.25, [28, 28]), (0.1, [11, 11]), (0.75, [64, 104])])
+@pytest.mark.parametrize("pruner", [FoPru, DivPrune])
+def test_view_budget_base_gives_the_base_view_half_of_the_images_budget(nxt, pruner, keep, favoured):
+    """64 + 160 tokens: at 25% the image keeps 56, the base view 28 of them (16 when proportional); at 75% (168) the
+    base view's half (84) is more than it has, so it keeps all 64 and the high-resolution view the other 104."""
+    img = [make_image(4, size=WIDE[0], width=WIDE[1])]
+    out = _acc(nxt, pruner(keep=keep, view_budget="base")).generate(images=img, prompt=PROMPT, max_new_tokens=2)
+    assert [k.numel() for k in out.kept] == favoured
+    assert out.stats.visual_tokens_kept == n_keep(224, keep) == sum(favoured)
+
+
 def test_split_budget_is_proportional_and_exact():
     assert split_budget([64, 160], 0.1) == [6, 16] and sum(split_budget([64, 160], 0.1)) == n_keep(224, 0.1)
     assert split_budget([576, 2304], 0.25) == [144, 576]
@@ -115,3 +128,93 @@ def test_batch_with_left_padding_equals_alone(nxt, methods):
     batch = acc.generate(images=[i for i, _ in jobs], prompt=[p for _, p in jobs], max_new_tokens=5)
     assert [b.token_ids for b in batch] == [a.token_ids for a in alone]
     assert [b.stats.visual_tokens_kept for b in batch] == [a.stats.visual_tokens_kept for a in alone]
+
+
+@pytest.mark.parametrize("size, square", [((60, 40), (2, 24, 8, 32)), ((60, 40), (32, 4, 38, 10)),
+                                          ((48, 80), (30, 40, 36, 46))], ids=["left", "right", "bottom"])
+def test_the_high_resolution_region_is_where_the_processor_put_the_pixels(nxt, size, square):
+    """A white square on black: where the processor's tiles show it (the brightness centroid over the stitched
+    canvas) is read back through the unpadded grid and the view's region to the original image's pixels, and lands
+    on the square's centre. 60 x 40 px is resized to 43 x 64 and pasted at x = 10 in the 64 x 64 canvas, while the
+    model's unpadding keeps token columns 3..12 (canvas x 12..52): the grid covers x 0.047..0.977 of the image, so
+    reading it as the whole image would be 1.6 px off at the left."""
+    model, processor = nxt
+    adapter = adapter_for(model)
+    (h, w), (x0, y0, x1, y1) = size, square
+    pixels = np.zeros((h, w, 3), np.uint8)
+    pixels[y0:y1, x0:x1] = 255
+    inputs = adapter.prepare(processor, [[Image.fromarray(pixels)]], [PROMPT])
+    npw, rows, cols, index = adapter.layout(inputs["image_sizes"][0].tolist())
+    tiles = inputs["pixel_values"][0][1:adapter._n_crops(size)]  # the base crop first, then the tiles
+    nph, s = len(tiles) // npw, 32
+    canvas = tiles.view(nph, npw, 3, s, s).permute(2, 0, 3, 1, 4).reshape(3, nph * s, npw * s).mean(0)
+    bright = (canvas - canvas.min()) / (canvas.max() - canvas.min())
+    bright = torch.where(bright > 0.05, bright, 0.0)
+    ys, xs = torch.meshgrid(torch.arange(nph * s) + 0.5, torch.arange(npw * s) + 0.5, indexing="ij")
+    cx, cy = float((bright * xs).sum() / bright.sum()), float((bright * ys).sum() / bright.sum())
+    r0, c0 = divmod(int(index[0]), npw * 8)  # the grid's first token in the padded token grid (4 canvas px each)
+    tx, ty = (cx / 4 - c0) / cols, (cy / 4 - r0) / rows  # the centroid as a fraction of the unpadded grid
+    (_, hires), _ = adapter.visual_tokens(inputs, None)
+    f0, g0, f1, g1 = hires.region
+    assert (w * (f0 + tx * (f1 - f0)), h * (g0 + ty * (g1 - g0))) == pytest.approx(((x0 + x1) / 2, (y0 + y1) / 2),
+                                                                                 abs=0.1)
+
+
+BOX = (30, 6, 50, 18)  # x0, y0, x1, y1 in the 80 x 48 px image: under the two upper tiles, across their seam (x = 40)
+
+
+class _Planted:
+    """An attention capture whose every asked-for query row attends to the given sequence positions only."""
+
+    def __init__(self, n_layers: int, row: torch.Tensor):
+        self.n_layers, self.row, self.phi = n_layers, row, {}
+
+    def row_attention(self, b, positions, layers):
+        return self.row.expand(len(layers), len(positions), -1).clone()
+
+
+#: per planted view set, the map's centre of mass (x, y) in pixels: the base cells' centre (40, 12); the high-resolution
+#: rows 1..3 of 48 * 40/39 / 10 = 4.92 px each (its region reaches 40/39 of the height): y = 2.5 * 4.92 = 12.31; both:
+#: the mean weighted by the planted tokens, 4 base and 12 high-resolution ones
+CENTRES = {("base",): (40.0, 12.0), ("hires",): (40.0, 12.31), ("base", "hires"): (40.0, 0.25 * 12.0 + 0.75 * 12.31)}
+
+
+@pytest.mark.parametrize("views", list(CENTRES))
+def test_grounding_a_planted_map_over_two_tiles_lands_on_the_original_pixels(nxt, views):
+    """Attention planted on the tokens over BOX (base view: its 2 x 2 cells of 10 x 6 px exactly; high-resolution
+    view: the 3 x 4 tokens whose centres lie in it, half in each upper tile) becomes a map in the original image's
+    pixels centred where those tokens are, strong over BOX on both sides of the tiles' seam; the positive point
+    lands in BOX and SAM's mask covers the red rectangle drawn there."""
+    from vlmfast.grounding.pipeline import ground_sample, phrase_maps
+
+    pixels = np.full((48, 80, 3), 230, np.uint8)
+    x0, y0, x1, y1 = BOX
+    pixels[y0:y1, x0:x1] = (220, 30, 30)
+    cfg = GroundingConfig(prompt_rows="phrase", remove_sinks=False)
+    acc = VLMAccelerator(*nxt, policy=Policy(grounding=cfg))
+    acc.generate(images=[Image.fromarray(pixels)], prompt="where is the red square ?", max_new_tokens=1, ground=True,
+                 ground_phrases=["red square"])
+    reqs, ctx = acc.grounder.last_request.samples[0]  # the request's real views, kept tokens and regions
+    tokens = {"base": [r * 8 + c for r in (1, 2) for c in (3, 4)],
+              "hires": [64 + r * 16 + c for r in (1, 2, 3) for c in range(6, 10)]}
+    cols = (ctx.image_mask[0] & ctx.valid[0]).nonzero().flatten()  # the image's 64 + 160 tokens in the sequence
+    row = torch.zeros(ctx.valid.shape[1])
+    for name in views:
+        row[cols[tokens[name]]] = 1.0
+    planted = _Planted(acc.adapter.info().num_layers, row)
+    ((i, heat),) = phrase_maps(planted, cfg, reqs[:1], ctx)
+    assert i == 0 and heat.shape == (48, 80) and float(heat.max()) == pytest.approx(1.0)
+    ys, xs = torch.meshgrid(torch.arange(48) + 0.5, torch.arange(80) + 0.5, indexing="ij")
+    centre = (float((heat * xs).sum() / heat.sum()), float((heat * ys).sum() / heat.sum()))
+    assert centre == pytest.approx(CENTRES[views], abs=0.1)
+    (top, left), (bottom, right) = (heat >= 0.5).nonzero().min(0).values, (heat >= 0.5).nonzero().max(0).values
+    assert x0 - 2 <= left and right < x1 + 2 and y0 - 2 <= top and bottom < y1 + 2  # within BOX, up to 2 px
+    assert float(heat[:, x0:40].max()) > 0.5 and float(heat[:, 40:x1].max()) > 0.5  # on both sides of the seam
+    (g,) = ground_sample(planted, cfg, reqs[:1], ctx, acc.grounder.predictor, acc.grounder.embeddings)
+    (px, py), label = g.points[0], g.point_labels[0]
+    assert label == 1 and x0 <= px < x1 and y0 <= py < y1
+    truth = np.zeros((48, 80), bool)
+    truth[y0:y1, x0:x1] = True
+    # tiny-sam-shapes covers the rectangle, and spills over the few rows above it to the image's edge
+    assert g.mask.shape == (48, 80) and (g.mask & truth).sum() >= 0.9 * truth.sum()
+    assert (g.mask & truth).sum() >= 0.6 * g.mask.sum()

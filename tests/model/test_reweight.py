@@ -134,20 +134,18 @@ def test_var_acts_and_keeps_row_sums_in_the_model(tiny, monkeypatch):
 
 
 def test_var_batch_equals_alone_and_composes_with_fopru(tiny, family):
-    acc = _acc(tiny, FoPru(keep=0.5), VAR(**LOW))
+    # tau 1.5, not LOW's 1.0: on LLaVA-NeXT's random weights 57-97% of the visual tokens pass phi > 1 in every layer,
+    # already at the input of layer 0, where phi reads each token's own embedding (the newline tokens play no part),
+    # so no head-row keeps the visual non-sink share rho = 0.5 needs and VAR changes nothing; at 1.5 it acts in
+    # every family (docs/methods/var.md)
+    acc = _acc(tiny, FoPru(keep=0.5), VAR(**{**LOW, "tau": 1.5}))
     imgs = [make_image(7), make_image(8, size=96)]
     prompts = [PROMPT, "is there a red circle ?"]
     outs = acc.generate(images=[[im] for im in imgs], prompt=prompts, max_new_tokens=6)
     for im, p, o in zip(imgs, prompts, outs):
         assert acc.generate(images=[im], prompt=p, max_new_tokens=6).token_ids == o.token_ids
     var = [s for s in outs[0].stats.stages if s["method"] == "var"]
-    if family in ("llava_next", "llava_onevision"):  # a finding, open in issue 20: on the tiny random LLaVA-NeXT VAR
-        # marks ~85% of the visual tokens as sinks (LLaVA-OneVision: 60-85%) and redistributes nothing (0.0% of
-        # head-rows: no row keeps a non-sink visual share >= rho; with rho = min_visual = 0 OneVision's are all
-        # redistributed); the invariant above still holds
-        assert var and var[0]["rows_changed_share"] == 0.0
-    else:
-        assert var and var[0]["rows_changed_share"] > 0
+    assert var and var[0]["rows_changed_share"] > 0
 
 
 # --------------------------------------------------------------------------- DAMRO

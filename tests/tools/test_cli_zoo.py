@@ -31,11 +31,13 @@ def test_from_pretrained_zoo_name_and_local_folder(name):
         == out.token_ids
 
 
-@pytest.mark.parametrize("name, folder, policy", [("tiny-random-qwen2.5-vl", "Qwen2.5-VL-7B-Instruct", "qwen2.5-vl-7b"),
-                                                  ("tiny-random-qwen3-vl", "Qwen3-VL-8B-Instruct", "qwen3-vl-8b"),
-                                                  ("tiny-random-llava-onevision", "llava-onevision-qwen2-7b-ov-hf",
-                                                   "llava-onevision-qwen2-7b"),
-                                                  ("tiny-random-internvl", "InternVL3-8B-hf", "internvl3-8b")])
+@pytest.mark.parametrize("name, folder, policy", [
+    ("tiny-random-qwen2.5-vl", "Qwen2.5-VL-7B-Instruct", "qwen2.5-vl-7b"),
+    ("tiny-random-qwen3-vl", "Qwen3-VL-8B-Instruct", "qwen3-vl-8b"),
+    ("tiny-random-llava-next", "llava-v1.6-mistral-7b-hf", "llava-v1.6-mistral-7b"),  # the image's 25%, over 2 views
+    ("tiny-random-llava-onevision", "llava-onevision-qwen2-7b-ov-hf", "llava-onevision-qwen2-7b"),
+    ("tiny-random-internvl", "InternVL3-8B-hf", "internvl3-8b"),
+])
 def test_cli_generate_on_a_folder_picks_the_shipped_policy_by_name(name, folder, policy, tmp_path, capsys):
     """A folder named like the hub checkpoint (a copy of the tiny model) gets that checkpoint's shipped policy
     (FoPru keeping 25%) from ``--policy auto``, through the CLI."""

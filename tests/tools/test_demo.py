@@ -6,6 +6,7 @@ messages), and the page in headless Chromium (Debian's package driven by Playwri
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import socket
@@ -72,17 +73,6 @@ def test_shipped_examples_are_the_shapesworld_scenes():
         assert prompt.endswith("?")
 
 
-def test_model_view_box_from_processor_settings():
-    clip = SimpleNamespace(do_center_crop=True, size={"shortest_edge": 168}, crop_size={"height": 168, "width": 168})
-    assert render.model_view_box(clip, 400, 200) == (100.0, 0.0, 300.0, 200.0)  # centred square of the short side
-    assert render.model_view_box(clip, 336, 336) == (0.0, 0.0, 336.0, 336.0)
-    fixed = SimpleNamespace(do_center_crop=True, size={"height": 100, "width": 200},
-                            crop_size={"height": 50, "width": 100})
-    assert render.model_view_box(fixed, 400, 200) == (100.0, 50.0, 300.0, 150.0)
-    assert render.model_view_box(SimpleNamespace(do_center_crop=False), 400, 200) == (0.0, 0.0, 400.0, 200.0)
-    assert render.model_view_box(None, 30, 20) == (0.0, 0.0, 30.0, 20.0)
-
-
 def test_token_grid_overlay_darkens_exactly_the_dropped_cells():
     img = Image.new("RGB", (40, 20), (200, 200, 200))
     # a 2x2 grid over the box x in [10, 30): cells of 10x10 px; keep tokens 0 (top-left) and 3 (bottom-right)
@@ -95,6 +85,16 @@ def test_token_grid_overlay_darkens_exactly_the_dropped_cells():
     assert 120 < outside[0] < 200
     with pytest.raises(ValueError, match=r"\[0, 4\)"):
         render.token_grid_overlay(img, (1, 2, 2), [4])
+
+
+def test_side_by_side_puts_labelled_pictures_in_a_row():
+    red, blue = Image.new("RGB", (10, 8), (255, 0, 0)), Image.new("RGB", (12, 6), (0, 0, 255))
+    out = np.asarray(render.side_by_side([red, blue], ["base", "high-res"], gap=6))
+    assert out.shape == (14 + 8, 10 + 6 + 12, 3)  # a 14 px label strip over the taller picture
+    assert tuple(out[14, 0]) == (255, 0, 0) and tuple(out[21, 9]) == (255, 0, 0)
+    assert tuple(out[14, 16]) == (0, 0, 255) and tuple(out[19, 27]) == (0, 0, 255)
+    assert (out[14:, 10:16] == 255).all() and (out[20:, 16:] == 255).all()  # the gap, and below the shorter one
+    assert (out[:14, :10] < 128).any() and (out[:14, 16:] < 128).any()  # each label's dark text
 
 
 class FakeGrounding(SimpleNamespace):
@@ -171,36 +171,48 @@ def test_engine_answers_like_generate_with_the_models_grid(tiny_engine, tiny, fa
     model, processor = tiny
     img = Image.fromarray((np.random.default_rng(0).random((60, 90, 3)) * 255).astype("uint8"))
     policy = Policy([FoPru(keep=0.5)])
-    views = {"llava_next": 2, "llava_onevision": 2, "internvl": 5}.get(family, 1)  # base + high-res; InternVL:
-    if views > 1:  # 2 x 2 + thumbnail. The demo's token grid shows one grid per image; multi-view is refused by name
-        with pytest.raises(InputError, match=f"the model made {views} token grids from one image"):
-            tiny_engine.run(img, "what is in the image ?", policy, ground=False, max_new_tokens=4)
-        return
     res = tiny_engine.run(img, "what is in the image ?", policy, ground=False, max_new_tokens=4)
-    t, h, w = res.grid
-    assert t * h * w == res.full.output.stats.visual_tokens_in == res.tuned.output.stats.visual_tokens_in
-    assert res.tuned.output.stats.visual_tokens_kept == n_keep(t * h * w, 0.5)
+    n = sum(math.prod(v.grid) for v in res.views)
+    assert n == res.full.output.stats.visual_tokens_in == res.tuned.output.stats.visual_tokens_in
+    assert res.tuned.output.stats.visual_tokens_kept == n_keep(n, 0.5)
     for side, pol in ((res.full, None), (res.tuned, policy)):
         ref = VLMAccelerator(model, processor, policy=pol).generate([img], "what is in the image ?", max_new_tokens=4)
         assert side.output.token_ids == ref.token_ids
     overlay = np.asarray(res.token_overlay(res.tuned))
-    assert overlay.shape == (60, 90, 3)
+    if family == "llava_next":  # two views: the base grid over the whole image, the high-resolution one beside it
+        (base, hires), kept = res.views, res.tuned.output.kept
+        assert (base.label, base.grid, base.box) == ("base", (1, 8, 8), (0.0, 0.0, 90.0, 60.0))
+        # 90 x 60 px: resized to 64 x 43 at y = 10 in the 64 x 64 canvas; unpadding keeps token rows 3..12
+        assert (hires.label, hires.grid) == ("high-res", (1, 10, 16))
+        assert hires.box == pytest.approx((0.0, 60 * 2 / 43, 90.0, 60 * 42 / 43))
+        assert overlay.shape == (14 + 60, 90 + 6 + 90, 3)
+        for x, v, k in ((0, base, kept[0]), (96, hires, kept[1])):
+            assert np.array_equal(overlay[14:, x:x + 90], np.asarray(render.token_grid_overlay(img, v.grid, k, v.box)))
+        assert [k.numel() for k in kept] == [32, 80]  # the image's 112 of 224, split by size
+    else:
+        assert [v.label for v in res.views] == [""] and overlay.shape == (60, 90, 3)
+        assert np.array_equal(overlay, np.asarray(render.token_grid_overlay(img, res.views[0].grid,
+                                                                            res.tuned.output.kept[0],
+                                                                            res.views[0].box)))
     assert res.speedup is not None and res.speedup > 0
     md = E.stats_markdown(res.tuned, res.full)
-    assert f"{n_keep(t * h * w, 0.5)} / {t * h * w}" in md and "speed-up vs full" in md and "KV cache vs full" in md
+    assert f"{n_keep(n, 0.5)} / {n}" in md and "speed-up vs full" in md and "KV cache vs full" in md
     assert tiny_engine.accelerator(policy) is tiny_engine.accelerator(Policy([FoPru(keep=0.5)]))  # reused
 
 
-@pytest.mark.parametrize("name, stem", [("Qwen/Qwen2.5-VL-7B-Instruct", "qwen2.5-vl-7b"),
-                                        ("Qwen/Qwen3-VL-8B-Instruct", "qwen3-vl-8b")])
-def test_the_demo_lists_and_defaults_to_the_newer_qwen_policies(models, name, stem):
-    model, processor = models["qwen3_vl" if "Qwen3" in name else "qwen2_5_vl"]
+@pytest.mark.parametrize("name, stem, family", [("Qwen/Qwen2.5-VL-7B-Instruct", "qwen2.5-vl-7b", "qwen2_5_vl"),
+                                                ("Qwen/Qwen3-VL-8B-Instruct", "qwen3-vl-8b", "qwen3_vl"),
+                                                ("llava-hf/llava-v1.6-mistral-7b-hf", "llava-v1.6-mistral-7b",
+                                                 "llava_next")])
+def test_the_demo_lists_and_defaults_to_the_newer_policies(models, name, stem, family):
+    model, processor = models[family]
     engine = E.DemoEngine(VLMAccelerator(model, processor, policy=None), name, warmup=False)
     assert stem in engine.policy_choices() and engine._default_policy_name("auto") == stem
     img = Image.fromarray((np.random.default_rng(1).random((64, 96, 3)) * 255).astype("uint8"))
     res = engine.run(img, "what is in the image ?", engine.resolve_policy(stem), ground=False, max_new_tokens=3)
-    t, h, w = res.grid
-    assert res.tuned.output.stats.visual_tokens_kept == n_keep(t * h * w, 0.25)
+    n = sum(math.prod(v.grid) for v in res.views)  # LLaVA-NeXT: its two views
+    assert len(res.views) == (2 if family == "llava_next" else 1)
+    assert res.tuned.output.stats.visual_tokens_kept == n_keep(n, 0.25)
 
 
 def test_the_demo_lists_and_defaults_to_the_onevision_policy(models):

@@ -302,11 +302,12 @@ def test_generate_until_truncates_at_stop_strings_and_attaches_stats(chat_lm):
 @pytest.mark.parametrize("name, policy", [("tiny-random-qwen2.5-vl", "qwen2.5-vl-7b"),
                                           ("tiny-random-qwen3-vl", "qwen3-vl-8b"),
                                           ("tiny-random-llava-onevision", "llava-onevision-qwen2-7b"),
-                                          ("tiny-random-internvl", "internvl3-8b")])
+                                          ("tiny-random-internvl", "internvl3-8b"),
+                                          ("tiny-random-llava-next", "llava-v1.6-mistral-7b")])
 def test_the_newer_families_and_their_shipped_policies(name, policy, patched):
-    """Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision and InternVL (tiles + thumbnail, the budget split over them) through the
-    plugin, batched, with their shipped policies: the answers of the model class equal the accelerator's, and the
-    stats show FoPru's 25%."""
+    """Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision, InternVL and LLaVA-NeXT (several views per image, the budget split
+    over them) through the plugin, batched, with their shipped policies: the answers of the model class equal the
+    accelerator's, and the stats show FoPru's 25%."""
     from vlmfast.integrations.lmms_eval.model import VlmfastChat
 
     lm = VlmfastChat(pretrained=name, policy=policy, batch_size=3, device="cpu")

@@ -28,8 +28,9 @@ MODEL = "tiny-random-llava"
 BASELINES = ["divprune", "cdpruner", "fopru", "vflowopt", "fastervlm", "visionzip"]  # --baselines' default
 
 
-def _ctx(n_layers=8, budget=0.25, tokens=64):
-    return SpaceContext(budget=budget, n_layers=n_layers, n_vision_layers=4, feature_layer=2, tokens_per_image=tokens)
+def _ctx(n_layers=8, budget=0.25, tokens=64, multi_view=False):
+    return SpaceContext(budget=budget, n_layers=n_layers, n_vision_layers=4, feature_layer=2, tokens_per_image=tokens,
+                        multi_view=multi_view)
 
 
 def _trial(seed=0):
@@ -79,6 +80,17 @@ def test_cdpruner_and_downsample_are_choices_that_spend_the_budget():
         m = space_for(name).suggest(_trial(), _ctx(budget=0.1))
         assert type(m) is cls and m.keep == 0.1
     assert space_for("cdpruner").fixed(_ctx()) == ["theta"]  # None: the paper's kernel
+
+
+@pytest.mark.parametrize("method", ["fopru", "divprune", "vflowopt"])
+def test_view_budget_is_searched_only_where_images_are_several_views(method):
+    one, several = _ctx(), _ctx(multi_view=True)
+    assert "view_budget" not in {d.name for d in space_for(method).dims(one)}
+    assert space_for(method).suggest(_trial(), one).view_budget == "proportional"
+    dims = {d.name: d for d in space_for(method).dims(several)}
+    assert dims["view_budget"].choices == ("proportional", "base")
+    picked = {space_for(method).suggest(_trial(seed), several).view_budget for seed in range(8)}
+    assert picked == {"proportional", "base"}  # the trial's choice reaches the method
 
 
 # -- the objective's pieces ---------------------------------------------------------------------------------------
@@ -369,3 +381,10 @@ def test_dry_run_prints_the_space(capsys):
                  "--methods", "fopru,fastv", "--dry-run", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "fopru:" in out and "strategy: one of rank, row" in out and "fastv: left out" in out
+
+
+@pytest.mark.parametrize("model, searched", [(MODEL, False), ("tiny-random-llava-next", True)])
+def test_dry_run_searches_view_budget_on_multi_view_models_only(capsys, model, searched):
+    assert main(["search", "--model", model, "--budget", "0.25", "--data", "shapes:dev:2", "--out", "x.yaml",
+                 "--methods", "fopru", "--dry-run", "--no-progress"]) == 0
+    assert ("view_budget: one of proportional, base" in capsys.readouterr().out) == searched

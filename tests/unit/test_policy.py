@@ -12,8 +12,8 @@ from vlmfast.policy import default_policy_for, shipped_policies
 
 
 def test_shipped_policies_load_and_are_fopru_rank_25():
-    shipped = ("llava-1.5-7b", "llava-onevision-qwen2-7b", "qwen2-vl-7b", "qwen2.5-vl-7b", "qwen3-vl-8b",
-               "internvl3-8b")
+    shipped = ("llava-1.5-7b", "llava-v1.6-mistral-7b", "llava-onevision-qwen2-7b", "qwen2-vl-7b", "qwen2.5-vl-7b",
+               "qwen3-vl-8b", "internvl3-8b")
     assert set(shipped) <= set(shipped_policies())
     for name in shipped:
         pol = load_policy(name)
@@ -37,7 +37,9 @@ def test_default_policy_matches_hub_ids():
                          "'qwen3-vl-8b'"), ("/ckpt/qwen3-vl-8b-thinking", "'qwen3-vl-8b'"),
                          ("llava-hf/llava-onevision-qwen2-7b-ov-hf", "'llava-onevision-qwen2-7b'"),
                          ("/models/llava-onevision-qwen2-7b-si-hf", "'llava-onevision-qwen2-7b'"),
-                         ("OpenGVLab/InternVL3-8B-hf", "'internvl3-8b'"), ("/ckpt/InternVL3-8B-hf", "'internvl3-8b'")):
+                         ("OpenGVLab/InternVL3-8B-hf", "'internvl3-8b'"), ("/ckpt/InternVL3-8B-hf", "'internvl3-8b'"),
+                         ("llava-hf/llava-v1.6-mistral-7b-hf", "'llava-v1.6-mistral-7b'"),
+                         ("/models/llava-v1.6-mistral-7b-hf", "'llava-v1.6-mistral-7b'")):
         pol, why = default_policy_for(hub_id)
         assert pol.methods and stem in why, (hub_id, why)
     pol, why = default_policy_for("someone/other-model")

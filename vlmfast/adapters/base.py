@@ -93,6 +93,13 @@ class ImageTokens:
         a = self.attention.float()
         return a.mean(-2).reshape(-1), a.mean(-1).reshape(-1)
 
+    def pixel_box(self, image_box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+        """The pixels (x0, y0, x1, y1) this view covers, given the box its image's grids cover
+        (``Adapter.grid_region``)."""
+        x0, y0, x1, y1 = image_box
+        f0, g0, f1, g1 = self.region
+        return x0 + f0 * (x1 - x0), y0 + g0 * (y1 - y0), x0 + f1 * (x1 - x0), y0 + g1 * (y1 - y0)
+
     def frame_groups(self) -> list["ImageTokens"]:
         """One ImageTokens of grid (1, h, w) per frame group, each with its own features, attention block, keys,
         grey values and DeepStack rows (an image is its own single group). Vision pruners see a video this way."""
@@ -158,6 +165,8 @@ class Adapter(ABC):
     """why :meth:`resampled_features` cannot serve this family, or "" when it can"""
     video_unsupported: str = ""
     """without ``supports_video``: why ``videos=`` is refused (default: the family has no video input)"""
+    multi_view: bool = False
+    """does the family make an image several views (``ImageTokens.view``: LLaVA-NeXT's base and high-res grids)"""
 
     def __init__(self, model: nn.Module):
         # a transformers model of the family: its submodules and config are the family's own (nn.Module's

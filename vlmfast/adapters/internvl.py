@@ -34,6 +34,7 @@ class InternVLAdapter(LlavaAdapter):
     model_classes: tuple[str, ...] = ("InternVLForConditionalGeneration",)
     resample_unsupported = ("an image is tiles of the tower's fixed crop plus a thumbnail; resizing it changes how "
                             "many tiles the processor cuts, not the tokens per tile")
+    multi_view = True
     video_unsupported = ("vlmfast does not take InternVL's videos yet (transformers' InternVL reads each frame as "
                          "one tile between text frame labels)")
 

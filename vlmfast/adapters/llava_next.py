@@ -17,6 +17,7 @@ between tokens of different tiles; its [CLS] attention is each tile's own [CLS] 
 from __future__ import annotations
 
 import inspect
+import math
 import time
 
 import torch
@@ -34,6 +35,7 @@ class LlavaNextAdapter(LlavaAdapter):
                             "stitched and unpadded, so no single resize yields the budget's grid; downsample supports "
                             "LLaVA-1.5, Qwen2-VL and Qwen2.5-VL")
     resampled_features = Adapter.resampled_features  # refuses, naming the reason above
+    multi_view = True
 
     def __init__(self, model) -> None:
         super().__init__(model)
@@ -61,6 +63,28 @@ class LlavaNextAdapter(LlavaAdapter):
         index = torch.arange(nph * s * npw * s).view(1, nph * s, npw * s)
         kept = mod.unpad_image(index, image_size)[0]  # the padded grid's flat indices that survive unpadding
         return npw, int(kept.shape[0]), int(kept.shape[1]), kept.reshape(-1)
+
+    def hires_region(self, image_size) -> tuple[float, float, float, float]:
+        """The part of the image (fractions (x0, y0, x1, y1) of its width and height) the unpadded high-resolution
+        grid covers. The processor resizes the image into the pinpoint's canvas keeping its aspect ratio (the short
+        side rounded up, ``get_patch_output_size``) and centres it; the model's ``unpad_image`` keeps whole token
+        rows or columns by its own rounding, so the grid may start or end a fraction of a token inside or outside
+        the image (60 x 40 px on 2 x 2 crops of 32 px: x from 0.047 to 0.977)."""
+        h, w = image_size
+        mod = self._modeling()
+        crop = self.model.config.vision_config.image_size
+        nph, npw = mod.get_anyres_image_grid_shape(image_size, self.model.config.image_grid_pinpoints, crop)
+        ch, cw = nph * crop, npw * crop
+        if cw / w < ch / h:
+            nw, nh = cw, min(math.ceil(h * cw / w), ch)
+        else:
+            nw, nh = min(math.ceil(w * ch / h), cw), ch
+        py, px = (ch - nh) // 2, (cw - nw) // 2  # where the resized image sits in the canvas
+        _, rows, cols, index = self.layout(image_size)
+        cell = crop / self.side  # canvas pixels per token
+        r0, c0 = divmod(int(index[0]), npw * self.side)  # the first kept token's place in the padded grid
+        y0, x0 = r0 * cell, c0 * cell
+        return ((x0 - px) / nw, (y0 - py) / nh, (x0 + cols * cell - px) / nw, (y0 + rows * cell - py) / nh)
 
     def _sizes(self, inputs) -> list[list[int]]:
         return [[int(h), int(w)] for h, w in inputs["image_sizes"].tolist()]
@@ -135,7 +159,8 @@ class LlavaNextAdapter(LlavaAdapter):
         return out
 
     def grid_region(self, processor, size):
-        """Both views cover the whole image (the base crop squashes it; the tiles are unpadded back to it)."""
+        """The whole image: the base crop squashes it (its view's region is the whole box); the high-resolution view's
+        region is what its unpadded tiles cover of it (:meth:`hires_region`)."""
         return Adapter.grid_region(self, processor, size)
 
     def _n_crops(self, size) -> int:
@@ -184,7 +209,7 @@ class LlavaNextAdapter(LlavaAdapter):
         return [
             ImageTokens(features=packed[:base_n], grid=(1, s, s), view=0, **base),
             ImageTokens(features=hires[:, :cols].reshape(rows * cols, -1), grid=(1, rows, cols), view=1,
-                        fixed=hires[:, cols], **hi),
+                        region=self.hires_region(size), fixed=hires[:, cols], **hi),
         ]
 
 

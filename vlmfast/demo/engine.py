@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -172,12 +173,22 @@ class Side:
     """the output's grounding (None when grounding was off or is not available)"""
 
 
+class TokenView(NamedTuple):
+    """One token grid the model makes of an image (an image of several views makes several: LLaVA-NeXT's base
+    and high-resolution grids)."""
+
+    label: str
+    """"" for the only grid of an image; "base", "high-res" (or "view k") for the views of a multi-view image"""
+    grid: tuple[int, int, int]
+    box: tuple[float, float, float, float]
+    """the part of the image this grid covers (x0, y0, x1, y1 pixels; may reach past the image)"""
+
+
 @dataclass
 class DemoResult:
     image: Image.Image
-    grid: tuple[int, int, int]
-    box: tuple[float, float, float, float]
-    """the part of the image the vision tower sees (x0, y0, x1, y1)"""
+    views: list[TokenView]
+    """the image's token grids, in the order of the model's visual inputs"""
     full: Side
     tuned: Side
     notes: list[str] = field(default_factory=list)
@@ -189,8 +200,15 @@ class DemoResult:
         return a / b if a > 0 and b > 0 else None
 
     def token_overlay(self, side: Side) -> Image.Image:
-        kept = side.output.kept[0] if side.output.kept else torch.arange(self.grid[0] * self.grid[1] * self.grid[2])
-        return render.token_grid_overlay(self.image, self.grid, kept, self.box)
+        """The image with each token grid drawn over the part it covers (kept cells clear, dropped ones dark); an
+        image of several views shows one such picture per view, side by side, each labelled with its kept / all tokens
+        ("base 28/64")."""
+        pics, labels = [], []
+        for k, v in enumerate(self.views):
+            kept = side.output.kept[k] if len(side.output.kept) > k else torch.arange(math.prod(v.grid))
+            pics.append(render.token_grid_overlay(self.image, v.grid, kept, v.box))
+            labels.append(f"{v.label} {kept.numel()}/{math.prod(v.grid)}")
+        return pics[0] if len(pics) == 1 else render.side_by_side(pics, labels)
 
     def grounding_view(self, side: Side) -> tuple[Image.Image, list, dict[str, str]]:
         """(base image with heat map and point prompts, [(mask, label)], {label: colour}) for AnnotatedImage."""
@@ -306,7 +324,7 @@ class DemoEngine:
         self.can_ground_phrases = "ground_phrases" in _generate_params(acc)
         self._accs: OrderedDict[str, VLMAccelerator] = OrderedDict()  # policy (as YAML) -> accelerator
         self._predictors: dict[tuple, Any] = {}  # (sam_type, checkpoint) -> SAM predictor, shared by policies
-        self._grids: dict[tuple[int, int], tuple[int, int, int]] = {}
+        self._grids: dict[tuple[int, int], list[TokenView]] = {}
         self.default_policy = self._default_policy_name(default_policy)
         if warmup:  # lazy initialisation (torch, transformers, SAM) must not be timed in the first request
             self.run(Image.new("RGB", (64, 64), (128, 128, 128)), "warm up", self.resolve_policy(self.default_policy),
@@ -381,18 +399,20 @@ class DemoEngine:
         if min(w, h) < 1:
             raise InputError(f"the image is empty ({w}x{h})")
 
-    def token_grid(self, image: Image.Image) -> tuple[int, int, int]:
-        """(t, h, w) of the image's visual tokens as the model builds them (cached per image size)."""
+    def token_views(self, image: Image.Image) -> list[TokenView]:
+        """The image's token grids as the model builds them, each with the pixels it covers (cached per image
+        size): one for most families, a base and a high-resolution view for LLaVA-NeXT."""
         key = image.size
         if key not in self._grids:
             acc = self.acc
             with torch.inference_mode(), acc.adapter.preserved_state():
                 inputs = acc.adapter.prepare(acc.processor, [[image]], [""])
                 tokens = acc.adapter.image_tokens(inputs, None)
-            if len(tokens) != 1:
-                raise InputError(f"the model made {len(tokens)} token grids from one image")
-            t, h, w = tokens[0].grid
-            self._grids[key] = (int(t), int(h), int(w))
+            box = acc.adapter.grid_region(acc.processor, image.size)
+            names = [""] if len(tokens) == 1 else ["base", "high-res"] if len(tokens) == 2 else \
+                [f"view {k}" for k in range(len(tokens))]
+            self._grids[key] = [TokenView(name, (int(v.grid[0]), int(v.grid[1]), int(v.grid[2])), v.pixel_box(box))
+                                for name, v in zip(names, tokens)]
         return self._grids[key]
 
     # -- one request -----------------------------------------------------------------------------------------
@@ -450,9 +470,8 @@ class DemoEngine:
         elif ground and phrases and not self.can_ground_phrases:
             notes.append("phrases to ground: not supported by this vlmfast build (answer object words only)")
         with self.lock:
-            grid = self.token_grid(img)
+            views = self.token_views(img)
             full = self._side("full model", Policy(source="<none>"), img, prompt.strip(), ground, max_new_tokens,
                               phrases)
             tuned = self._side("with policy", policy, img, prompt.strip(), ground, max_new_tokens, phrases)
-        box = render.model_view_box(getattr(self.acc.processor, "image_processor", None), *img.size)
-        return DemoResult(img, grid, box, full, tuned, notes)
+        return DemoResult(img, views, full, tuned, notes)

@@ -14,37 +14,6 @@ from PIL import Image, ImageDraw
 _HEAT = np.array([[0.0, 20, 20, 120], [0.35, 0, 170, 220], [0.65, 250, 230, 40], [1.0, 220, 20, 20]])
 
 
-def model_view_box(image_processor: Any, width: int, height: int) -> tuple[float, float, float, float]:
-    """The part of a ``width`` x ``height`` image the vision tower sees, as (x0, y0, x1, y1) pixels.
-
-    Read from the image processor's own settings: a processor that resizes the shortest edge and then
-    centre-crops (CLIP's, as LLaVA-1.5 uses) sees a centred square; one that resizes the whole image
-    (Qwen2-VL's) sees all of it.
-    """
-    full = (0.0, 0.0, float(width), float(height))
-    if not getattr(image_processor, "do_center_crop", False):
-        return full
-    crop = getattr(image_processor, "crop_size", None) or {}
-    size = getattr(image_processor, "size", None) or {}
-    if not isinstance(crop, dict):
-        crop = dict(crop)
-    if not isinstance(size, dict):
-        size = dict(size)
-    ch, cw = crop.get("height"), crop.get("width")
-    if not ch or not cw:
-        return full
-    if size.get("shortest_edge"):
-        scale_x = scale_y = size["shortest_edge"] / min(width, height)
-    elif size.get("height") and size.get("width"):
-        scale_x, scale_y = size["width"] / width, size["height"] / height
-    else:
-        return full
-    rw, rh = width * scale_x, height * scale_y
-    vw, vh = min(cw, rw) / scale_x, min(ch, rh) / scale_y  # the crop, in original pixels
-    x0, y0 = (width - vw) / 2, (height - vh) / 2
-    return (x0, y0, x0 + vw, y0 + vh)
-
-
 def token_grid_overlay(image: Image.Image, grid: Sequence[int], kept: Any,
                        box: tuple[float, float, float, float] | None = None) -> Image.Image:
     """``image`` with the model's visual-token grid drawn over the part it sees (``box``): kept tokens
@@ -84,6 +53,21 @@ def token_grid_overlay(image: Image.Image, grid: Sequence[int], kept: Any,
         x = x0 + (x1 - x0) * c / w
         draw.line([(x, y0), (x, y1)], fill=line, width=1)
     return pic
+
+
+def side_by_side(pictures: Sequence[Image.Image], labels: Sequence[str], gap: int = 6) -> Image.Image:
+    """``pictures`` in a row, ``gap`` white pixels apart, each under a white strip with its label (a multi-view
+    image's token grids: base, high-res)."""
+    strip = 14
+    width = sum(p.width for p in pictures) + gap * (len(pictures) - 1)
+    out = Image.new("RGB", (width, strip + max(p.height for p in pictures)), (255, 255, 255))
+    draw = ImageDraw.Draw(out)
+    x = 0
+    for pic, label in zip(pictures, labels):
+        out.paste(pic.convert("RGB"), (x, strip))
+        draw.text((x + 2, 1), label, fill=(0, 0, 0))
+        x += pic.width + gap
+    return out
 
 
 def heat_colors(heat: np.ndarray) -> np.ndarray:

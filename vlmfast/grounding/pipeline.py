@@ -165,9 +165,7 @@ def _view_density(ctx: SampleContext, v: int, i: int, vals: torch.Tensor, cells:
     so views of different resolutions add up as densities)."""
     view = ctx.images[v]
     _, h, w = view.grid
-    x0, y0, x1, y1 = ctx.regions[i]
-    f0, g0, f1, g1 = view.region
-    box = (x0 + f0 * (x1 - x0), y0 + g0 * (y1 - y0), x0 + f1 * (x1 - x0), y0 + g1 * (y1 - y0))
+    box = view.pixel_box(ctx.regions[i])
     area = max(1e-6, (box[2] - box[0]) * (box[3] - box[1]))
     return maps.grid_to_pixels(maps.grid_map(vals, cells, view.grid) * (h * w / area), box, ctx.pil_images[i].size)
 

@@ -13,12 +13,13 @@ Scoring and selecting are separate functions so a new method is usually one ``sc
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 import torch
 
 from ..adapters.base import ImageTokens, ModelInfo
-from ..budget import n_keep  # noqa: F401  (re-exported: the pruners count with it)
+from ..budget import ViewBudget, n_keep  # noqa: F401  (n_keep re-exported: the pruners count with it)
 from ..errors import PolicyError
 from ..method import Method, Run, method_dataclass
 
@@ -57,6 +58,9 @@ class VisionPruner(Method):
     needs_instruction: ClassVar[bool] = False
     #: does it call ``ImageTokens.resample`` (the tower on the image resized: downsample)? Set only then
     needs_resample: ClassVar[bool] = False
+    view_budget: ViewBudget = dataclasses.field(default="proportional", kw_only=True)
+    """how a multi-view image's budget (``keep`` of all its views' tokens) is split over its views: "proportional" to
+    their sizes, or "base": the base view keeps half (``budget.split_budget``); no effect on one-view images"""
 
     def attention_layer(self) -> int | None:
         return getattr(self, "layer", None)

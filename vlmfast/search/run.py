@@ -186,7 +186,8 @@ def _storage(optuna, url: str | None):
 def _context(acc, budget: float, reference_tokens: int) -> SpaceContext:
     info = acc.adapter.info()
     return SpaceContext(budget=budget, n_layers=info.num_layers, n_vision_layers=info.num_vision_layers,
-                        feature_layer=acc.adapter.resolve_vision_layer(None), tokens_per_image=reference_tokens)
+                        feature_layer=acc.adapter.resolve_vision_layer(None), tokens_per_image=reference_tokens,
+                        multi_view=acc.adapter.multi_view)
 
 
 def describe_space(ctx: SpaceContext, methods: list[str]) -> dict:

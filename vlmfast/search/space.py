@@ -8,13 +8,16 @@ a formula of its fields the field that sets the count is *solved* from B instead
 * vision pruners (FoPru, FasterVLM, VisionZip, DivPrune, CDPruner, downsample, random): ``keep = B``; their other
   fields come from the dataclass's pydantic schema (``Literal`` -> categorical, a float bounded on both sides -> a
   range), with explicit ranges where the schema has none (VisionZip's ``contextual``) and the vision ``layer`` chosen
-  among the upper half of the tower;
+  among the upper half of the tower; ``view_budget`` (how a multi-view image's budget splits over its views) only
+  on models whose images are several views (LLaVA-NeXT, LLaVA-OneVision, InternVL), fixed at its default on the
+  others;
 * FastV: layer ``K`` in ``1 .. ceil(B * L) - 1`` (layers before K see every token), ``keep`` solved from
   ``(K + (L - K) * keep) / L = B``;
 * PyramidDrop: 1-3 stages evenly spaced from a first to a last layer, ``ratio`` solved by bisection;
 * VFlowOpt: VFlowOpt's own space (arXiv 2508.05211 code: ``t`` in [0, 50], ``alpha`` in [-1, 1], recycling
-  cell ``m`` scaled to the token grid), 0-2 LLM stages, ``r_v`` (``keep``) in [B, min(1, 2B)] when there are
-  stages, ``r_1`` searched and the last stage's ratio solved from the budget, as VFlowOpt solves ``r_2``;
+  cell ``m`` scaled to the token grid; ``view_budget`` on multi-view models), 0-2 LLM stages, ``r_v`` (``keep``)
+  in [B, min(1, 2B)] when there are stages, ``r_1`` searched and the last stage's ratio solved from the budget,
+  as VFlowOpt solves ``r_2``;
 * ZipVL: ``tau`` (searched as ``1 - tau`` on a log scale), ``probe``, ``first_layer``; its share of important
   tokens is data-dependent, so the budget is a constraint checked on the measured share. ``kv``, bit widths
   and group size only change the cache after prefill, not the objective, and stay at their defaults.
@@ -26,10 +29,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, get_args
 
 from pydantic import TypeAdapter
 
+from ..budget import ViewBudget
 from ..errors import InputError
 from ..pruners import (
     CDPruner,
@@ -60,6 +64,8 @@ class SpaceContext:
     feature_layer: int
     """absolute index of the vision layer whose output feeds the language model"""
     tokens_per_image: int
+    multi_view: bool = False
+    """does the model make an image several views (the pruners' ``view_budget`` is searched only then)"""
 
     @property
     def grid_side(self) -> float:
@@ -143,8 +149,10 @@ class SchemaSpace(MethodSpace):
         self.cls, self.name = cls, cls.method_name
         self.ranges, self._fixed = ranges or {}, set(fixed)
 
-    def _fields(self) -> dict[str, dict]:
-        return TypeAdapter(self.cls).json_schema().get("properties", {})
+    def _fields(self, ctx: SpaceContext) -> dict[str, dict]:
+        """The fields besides ``keep`` (solved), without ``view_budget`` where it has no effect (one view per image)."""
+        props = TypeAdapter(self.cls).json_schema().get("properties", {})
+        return {n: p for n, p in props.items() if n != "keep" and (n != "view_budget" or ctx.multi_view)}
 
     def _dim(self, name: str, prop: dict, ctx: SpaceContext) -> Dim | None:
         if name in self._fixed:
@@ -166,9 +174,7 @@ class SchemaSpace(MethodSpace):
 
     def dims(self, ctx):
         out = []
-        for name, prop in self._fields().items():
-            if name == "keep":
-                continue
+        for name, prop in self._fields(ctx).items():
             d = self._dim(name, prop, ctx)
             if d is not None:
                 out.append(d)
@@ -179,7 +185,7 @@ class SchemaSpace(MethodSpace):
 
     def fixed(self, ctx):
         searched = {d.name for d in self.dims(ctx)}
-        return [n for n in self._fields() if n != "keep" and n not in searched]
+        return [n for n in self._fields(ctx) if n not in searched]
 
     def suggest(self, trial, ctx):
         values = {d.name: d.suggest(trial, self.name) for d in self.dims(ctx)}
@@ -261,6 +267,8 @@ class VFlowOptSpace(MethodSpace):
                Dim("alpha", "float", -1.0, 1.0, note="VFlowOpt's range (released configs: 0)"),
                Dim("m", "float", 1.0, max(1.0, g), note="recycling cell in tokens (VFlowOpt: 3..24 on a 27-grid)"),
                Dim("layer", "cat", choices=ctx.vision_layer_choices(), note="None = the layer feeding the LLM")]
+        if ctx.multi_view:
+            out.append(Dim("view_budget", "cat", choices=get_args(ViewBudget), note="the budget's split over views"))
         if self._max_stages(ctx):
             out += [Dim("stages", "cat", choices=tuple(range(self._max_stages(ctx) + 1)), note="LLM stages"),
                     Dim("k1", "int", 1, ctx.n_layers - 1, note="LLM stage layers (sorted, duplicates merged)"),
@@ -276,6 +284,8 @@ class VFlowOptSpace(MethodSpace):
         dims = {d.name: d for d in self.dims(ctx)}
         v = {n: dims[n].suggest(trial, self.name) for n in ("t", "alpha", "m", "layer")}
         base = dict(t=round(v["t"], 4), alpha=round(v["alpha"], 4), m=round(v["m"], 4), layer=v["layer"])
+        if "view_budget" in dims:
+            base["view_budget"] = dims["view_budget"].suggest(trial, self.name)
         stages = dims["stages"].suggest(trial, self.name) if "stages" in dims else 0
         if stages == 0:
             return VFlowOpt(keep=ctx.budget, **base)
