@@ -189,6 +189,15 @@ def test_engine_answers_like_generate_with_the_models_grid(tiny_engine, tiny, fa
         for x, v, k in ((0, base, kept[0]), (96, hires, kept[1])):
             assert np.array_equal(overlay[14:, x:x + 90], np.asarray(render.token_grid_overlay(img, v.grid, k, v.box)))
         assert [k.numel() for k in kept] == [32, 80]  # the image's 112 of 224, split by size
+    elif len(res.views) > 1:  # OneVision: base + high-res; InternVL: its tiles + thumbnail; one panel each
+        if family == "llava_onevision":
+            assert [v.label for v in res.views] == ["base", "high-res"]
+        kept = res.tuned.output.kept
+        assert overlay.shape == (14 + 60, len(res.views) * 96 - 6, 3)
+        for i, (v, k) in enumerate(zip(res.views, kept)):
+            assert v.label
+            assert np.array_equal(overlay[14:, 96 * i:96 * i + 90],
+                                  np.asarray(render.token_grid_overlay(img, v.grid, k, v.box)))
     else:
         assert [v.label for v in res.views] == [""] and overlay.shape == (60, 90, 3)
         assert np.array_equal(overlay, np.asarray(render.token_grid_overlay(img, res.views[0].grid,
@@ -235,7 +244,7 @@ def test_the_demo_lists_and_defaults_to_the_internvl3_policy(models):
     img = Image.fromarray((np.random.default_rng(1).random((40, 40, 3)) * 255).astype("uint8"))
     res = engine.run(img, "what is in the image ?", engine.resolve_policy("internvl3-8b"), ground=False,
                      max_new_tokens=3)
-    assert res.grid == (1, 4, 4) and res.tuned.output.stats.visual_tokens_kept == n_keep(16, 0.25)
+    assert [v.grid for v in res.views] == [(1, 4, 4)] and res.tuned.output.stats.visual_tokens_kept == n_keep(16, 0.25)
 
 
 def test_engine_reads_a_16_bit_upload_by_its_range(tiny_engine, tmp_path):
