@@ -146,7 +146,7 @@ def qwen3_vl_proxy(spec: TinySpec = QWEN3_VL_PROXY):
     :data:`QWEN3_VL_PROXY`, on one 1,024 x 1,024 image (Qwen3-VL's processor makes a 1,008 px image 1,024 px, a
     multiple of 32: 64 x 64 = 4,096 patches -> 1,024 LLM tokens) and :data:`PROMPT`: 9 blocks of width 128 (2 heads
     of 64, MLP 478; DeepStack from blocks 2, 5, 8); a Qwen3 decoder at a quarter of Qwen3-8B's width (1024, 8
-    heads / 2 KV heads of 128, MLP 3072) and 9 layers. Its tower's FLOP share is within 1.5 points of 8B's
+    heads / 2 KV heads of 128, MLP 3072) and 9 layers. Its tower's FLOP share is 27.8%, 8B's 27.3%
     (``tests/tools/test_bench_prefill.py``); as for Qwen2.5-VL, the N^2 terms weigh far more at this width (every
     block attends over 4,096 patches), so the tower's attention is most of its FLOPs here and FoPru's scoring is a
     larger share than at 8B."""
@@ -166,8 +166,8 @@ def llava_next_proxy(spec: TinySpec = LLAVA_NEXT_PROXY):
     """A random-weight ``LlavaNextForConditionalGeneration`` and its processor with LLaVA-v1.6-7B's layout at the
     LLaVA-1.5 proxy's sizes (:data:`PROXY`: CLIP width 384, 5 layers; Llama width 1536, 8 layers). Benched on a
     672 x 672 image: the 336 px base crop and the 2 x 2 tiles, 5 x 576 = 2,880 visual tokens and 48
-    ``image_newline`` tokens (never pruned). The tower runs once per crop, so its FLOP share (~4.5% at 7B: 5 CLIP-L
-    passes against Vicuna-7B on ~2,990 tokens) stays near LLaVA-1.5's."""
+    ``image_newline`` tokens (never pruned). The tower runs once per crop: its FLOP share is 3.4% here, 4.2% for
+    LLaVA-v1.6-Mistral-7B on the same 2,989 tokens (5 CLIP-L passes up to layer -2 against Mistral-7B)."""
     return tiny_llava_next(spec)
 
 
