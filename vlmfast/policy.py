@@ -202,7 +202,7 @@ class Policy:
             out["description"] = self.description
         if self.models:
             out["models"] = self.models
-        out["methods"] = [{"method": m.method_name, **dataclasses.asdict(m)} for m in self.methods]
+        out["methods"] = [method_dict(m) for m in self.methods]
         if self.grounding is not None:
             out["grounding"] = dataclasses.asdict(self.grounding)
         return out
@@ -280,3 +280,19 @@ def default_policy_for(model_name: str) -> tuple[Policy, str]:
             if name and fnmatch.fnmatch(name, pattern.lower()):
                 return pol, f"shipped policy '{stem}' (matches {pattern!r})"
     return Policy(source="<none>"), f"no shipped policy matches {model_name or 'this model'!r}: no methods"
+
+
+def method_dict(m) -> dict:
+    """A method as a policy file writes it: its name, then its fields; the keyword-only fields every method of a
+    stage shares (a vision pruner's ``view_budget``) come last, and only when not at their default."""
+    out: dict[str, Any] = {"method": m.method_name}
+    shared = {}
+    values = dataclasses.asdict(m)
+    for f in dataclasses.fields(m):
+        value = values[f.name]
+        if f.kw_only:
+            if value != f.default:
+                shared[f.name] = value
+        else:
+            out[f.name] = value
+    return {**out, **shared}

@@ -41,6 +41,9 @@ def test_view_budget_is_a_field_of_every_vision_pruner_and_of_the_policy_file():
                                         {"method": "divprune", "keep": 0.5}]})
     assert pol.methods[0].view_budget == "base" and pol.methods[1].view_budget == "proportional"
     assert Policy.from_dict(pol.to_dict()) == pol
+    # written last, and only where it is not the default (policy files of one-view models stay as they were)
+    assert pol.to_dict()["methods"] == [{"method": "fopru", "keep": 0.25, "strategy": "rank", "layer": None,
+                                         "view_budget": "base"}, {"method": "divprune", "keep": 0.5}]
     assert FoPru(0.3).keep == 0.3  # keyword-only: positional fields stay the method's own
     with pytest.raises(PolicyError, match=r"methods\[0\] \(fopru\)\.view_budget: Input should be 'proportional' or "
                                           r"'base' \(got 'global'\)"):
