@@ -77,9 +77,15 @@ def method_dataclass(cls: _C) -> _C:
         except ValidationError as e:
             raise _field_error(type(self), e) from None
 
+    def __repr__(self) -> str:  # the method's own fields; the shared keyword-only ones (view_budget) when set
+        fields = [f for f in dataclasses.fields(self) if not f.kw_only or getattr(self, f.name) != f.default]
+        fields.sort(key=lambda f: f.kw_only is True)
+        return f"{type(self).__name__}({', '.join(f'{f.name}={getattr(self, f.name)!r}' for f in fields)})"
+
     __init__.__wrapped__ = init  # type: ignore[attr-defined]  # a function attribute: inspect.signature shows the fields
     dc.__init__ = __init__
     dc.__setattr__ = __setattr__
+    dc.__repr__ = __repr__
     return dc
 
 
